@@ -1,0 +1,28 @@
+"""Shared test setup: 8 fake CPU devices, a persistent compilation cache.
+
+The environment is set before JAX initialises its backend, so every test in
+the session sees 8 CPU devices and can build real meshes (1x8x1, 2x2x2, ...).
+Subprocesses started by tests (CLI and multi-process tests) inherit the same
+variables and share the compilation cache.
+"""
+
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+_CACHE = pathlib.Path(__file__).resolve().parents[1] / ".jax_cache"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import jax  # noqa: E402  (after the environment is set)
+
+jax.config.update("jax_threefry_partitionable", True)
+
+# Real tokenizer files and math benchmarks, copied from ../shared/data so a
+# clean clone has them (provenance in each folder's README).
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
