@@ -26,3 +26,33 @@ jax.config.update("jax_threefry_partitionable", True)
 # Real tokenizer files and math benchmarks, copied from ../shared/data so a
 # clean clone has them (provenance in each folder's README).
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+  """The one shared tiny model config (real classes, toy size), f32."""
+  from brorl_jax.model.config import model_config
+  return model_config("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tiny_cfg):
+  from brorl_jax.model.transformer import Policy
+  return Policy.create(tiny_cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_params(tiny_policy):
+  """Random tiny parameters on one device (non-zero biases and norms)."""
+  import jax.numpy as jnp
+  import numpy as np
+  params = tiny_policy.init(jax.random.key(0))
+  rng = np.random.default_rng(0)
+  def perturb(path, x):
+    name = jax.tree_util.keystr(path)
+    if "bias" in name or "scale" in name:
+      return x + jnp.asarray(rng.normal(0, 0.1, x.shape), x.dtype)
+    return x
+  return jax.tree_util.tree_map_with_path(perturb, params)

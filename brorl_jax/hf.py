@@ -1,0 +1,464 @@
+"""Hugging Face interchange: safetensors + config.json import and export.
+
+  python -m brorl_jax.hf import --hf-dir HF_DIR --out runs/x/init
+  python -m brorl_jax.hf export --workdir runs/demo [--step S] --out HF_DIR
+
+One table (`_MAPPING`) maps every Hugging Face tensor name to our parameter
+path and gives the layout transform both ways. Import reads one tensor at a
+time (safetensors memory-maps the file) and writes it straight into its
+target sharding, so a checkpoint never needs twice its size in host RAM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import shutil
+import sys
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from brorl_jax.model.config import ModelConfig
+
+SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json",
+                   "merges.txt", "special_tokens_map.json",
+                   "chat_template.jinja", "tokenizer.model",
+                   "added_tokens.json")
+MAX_SHARD_BYTES = 5 * 1024**3
+MODEL_CONFIG_FILE = "model_config.json"
+
+
+class CheckpointFormatError(ValueError):
+  """A Hugging Face checkpoint that does not match the expected layout."""
+
+
+# ---- the name-mapping table ------------------------------------------------
+# (HF regex, our path template, HF -> ours, ours -> HF). `c` is the
+# ModelConfig; transforms take and return numpy arrays.
+
+def _t(x, c):  # [out, in] <-> [in, out]
+  return x.T
+
+
+def _q_in(x, c):  # [N*H, D] -> [D, N, H]
+  return x.T.reshape(c.embed_dim, -1, c.head_dim)
+
+
+def _kv_in(x, c):
+  return x.T.reshape(c.embed_dim, -1, c.head_dim)
+
+
+def _proj_out(x, c):  # [D, N, H] -> [N*H, D]
+  return x.reshape(c.embed_dim, -1).T
+
+
+def _bias_in(x, c):  # [N*H] -> [N, H]
+  return x.reshape(-1, c.head_dim)
+
+
+def _bias_out(x, c):
+  return x.reshape(-1)
+
+
+def _o_in(x, c):  # [D, N*H] -> [N, H, D]
+  return x.T.reshape(-1, c.head_dim, c.embed_dim)
+
+
+def _o_out(x, c):
+  return x.reshape(-1, c.embed_dim).T
+
+
+def _id(x, c):
+  return x
+
+
+_L = r"model\.layers\.(\d+)\."
+_MAPPING: tuple[tuple[str, str, Callable, Callable], ...] = (
+    (r"model\.embed_tokens\.weight", "embedder/embedding", _id, _id),
+    (_L + r"input_layernorm\.weight", "layer_{0}/attn_norm/scale", _id, _id),
+    (_L + r"self_attn\.q_proj\.weight", "layer_{0}/attn/q_proj", _q_in,
+     _proj_out),
+    (_L + r"self_attn\.k_proj\.weight", "layer_{0}/attn/k_proj", _kv_in,
+     _proj_out),
+    (_L + r"self_attn\.v_proj\.weight", "layer_{0}/attn/v_proj", _kv_in,
+     _proj_out),
+    (_L + r"self_attn\.q_proj\.bias", "layer_{0}/attn/q_bias", _bias_in,
+     _bias_out),
+    (_L + r"self_attn\.k_proj\.bias", "layer_{0}/attn/k_bias", _bias_in,
+     _bias_out),
+    (_L + r"self_attn\.v_proj\.bias", "layer_{0}/attn/v_bias", _bias_in,
+     _bias_out),
+    (_L + r"self_attn\.o_proj\.weight", "layer_{0}/attn/o_proj", _o_in,
+     _o_out),
+    (_L + r"post_attention_layernorm\.weight", "layer_{0}/mlp_norm/scale",
+     _id, _id),
+    (_L + r"mlp\.gate_proj\.weight", "layer_{0}/mlp/gate_proj", _t, _t),
+    (_L + r"mlp\.up_proj\.weight", "layer_{0}/mlp/up_proj", _t, _t),
+    (_L + r"mlp\.down_proj\.weight", "layer_{0}/mlp/down_proj", _t, _t),
+    (r"model\.norm\.weight", "final_norm/scale", _id, _id),
+    (r"lm_head\.weight", "lm_head/kernel", _t, _t),
+)
+
+
+def hf_to_ours(name: str) -> tuple[str, Callable, Callable] | None:
+  """Our path and the two transforms for an HF tensor name (None: unknown)."""
+  for pattern, template, to_ours, to_hf in _MAPPING:
+    m = re.fullmatch(pattern, name)
+    if m:
+      return template.format(*m.groups()), to_ours, to_hf
+  return None
+
+
+def ours_to_hf(path: str) -> tuple[str, Callable]:
+  """The HF tensor name and the ours -> HF transform for one of our paths."""
+  for pattern, template, _, to_hf in _MAPPING:
+    tmpl = re.escape(template).replace(r"\{0\}", r"(\d+)")
+    m = re.fullmatch(tmpl, path)
+    if m:
+      name = pattern.replace(r"(\d+)", "{0}").replace("\\.", ".")
+      return name.format(*m.groups()), to_hf
+  raise KeyError(f"parameter {path!r} has no Hugging Face name")
+
+
+# ---- config.json -----------------------------------------------------------
+
+def config_from_hf(hf_config: dict[str, Any], *, param_dtype: str = "float32",
+                   dtype: str = "float32") -> ModelConfig:
+  """A `ModelConfig` from a Hugging Face config.json dict."""
+  archs = hf_config.get("architectures") or [hf_config.get("model_type", "?")]
+  if archs[0] not in SUPPORTED_ARCHITECTURES:
+    raise CheckpointFormatError(
+        f"unsupported architecture {archs[0]!r} in config.json; supported: "
+        f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+  if hf_config.get("use_sliding_window"):
+    raise CheckpointFormatError(
+        "config.json sets use_sliding_window=true; sliding-window attention "
+        "is not implemented (Qwen2 checkpoints ship it disabled)")
+  rope = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
+  if rope.get("rope_type", rope.get("type", "default")) not in ("default",):
+    raise CheckpointFormatError(
+        f"config.json rope scaling {rope} is not supported (only default RoPE)")
+  theta = rope.get("rope_theta", hf_config.get("rope_theta", 10_000.0))
+  n = hf_config["num_attention_heads"]
+  d = hf_config["hidden_size"]
+  qwen = archs[0] == "Qwen2ForCausalLM"
+  return ModelConfig(
+      vocab_size=hf_config["vocab_size"], embed_dim=d,
+      num_layers=hf_config["num_hidden_layers"], num_heads=n,
+      num_kv_heads=hf_config.get("num_key_value_heads", n),
+      head_dim=hf_config.get("head_dim") or d // n,
+      mlp_dim=hf_config["intermediate_size"], rope_theta=float(theta),
+      rms_norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
+      tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+      qkv_bias=qwen or bool(hf_config.get("attention_bias", False)),
+      max_position_embeddings=hf_config.get("max_position_embeddings", 32768),
+      param_dtype=param_dtype, dtype=dtype,
+      bos_id=hf_config.get("bos_token_id"),
+      eos_id=_first(hf_config.get("eos_token_id")))
+
+
+def _first(x):
+  return x[0] if isinstance(x, (list, tuple)) else x
+
+
+def config_to_hf(cfg: ModelConfig, torch_dtype: str) -> dict[str, Any]:
+  """A config.json that transformers (v4 and v5) and vLLM load as Qwen2."""
+  return {
+      "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+      "vocab_size": cfg.vocab_size, "hidden_size": cfg.embed_dim,
+      "intermediate_size": cfg.mlp_dim,
+      "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads,
+      "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+      "hidden_act": "silu", "max_position_embeddings":
+          cfg.max_position_embeddings,
+      "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
+      "rope_parameters": {"rope_theta": cfg.rope_theta,
+                          "rope_type": "default"},
+      "tie_word_embeddings": cfg.tie_embeddings,
+      "use_sliding_window": False, "sliding_window": None,
+      "attention_dropout": 0.0, "initializer_range": 0.02,
+      "use_cache": True, "bos_token_id": cfg.bos_id,
+      "eos_token_id": cfg.eos_id, "torch_dtype": torch_dtype,
+      "dtype": torch_dtype,
+  }
+
+
+# ---- reading safetensors ---------------------------------------------------
+
+def _safetensor_files(hf_dir: pathlib.Path) -> list[pathlib.Path]:
+  index = hf_dir / "model.safetensors.index.json"
+  if index.exists():
+    names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return [hf_dir / n for n in names]
+  single = hf_dir / "model.safetensors"
+  if single.exists():
+    return [single]
+  raise CheckpointFormatError(
+      f"{hf_dir} has neither model.safetensors nor "
+      "model.safetensors.index.json (convert .bin checkpoints with "
+      "transformers' save_pretrained(safe_serialization=True))")
+
+
+def iter_hf_tensors(hf_dir: pathlib.Path) -> Iterator[tuple[str, Any]]:
+  """Yields (name, lazy slice) for every tensor, without loading any."""
+  from safetensors import safe_open
+  for path in _safetensor_files(hf_dir):
+    with safe_open(str(path), framework="numpy") as f:
+      for name in f.keys():
+        yield name, f.get_slice(name)
+
+
+def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    path = f"{prefix}/{k}" if prefix else str(k)
+    if isinstance(v, dict):
+      out.update(_leaves(v, path))
+    else:
+      out[path] = v
+  return out
+
+
+def _set(tree: dict[str, Any], path: str, value: Any) -> None:
+  *parents, last = path.split("/")
+  for p in parents:
+    tree = tree.setdefault(p, {})
+  tree[last] = value
+
+
+def load_hf_params(hf_dir: str | os.PathLike, cfg: ModelConfig,
+                   shardings: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Loads HF safetensors into our parameter tree, tensor by tensor.
+
+  Args:
+    hf_dir: a directory with model.safetensors (or a sharded index).
+    cfg: the model config (from `config_from_hf`).
+    shardings: our NamedShardings tree; None puts arrays on the default
+      device.
+
+  Returns:
+    The parameter tree, in `cfg.param_dtype`.
+
+  Raises:
+    CheckpointFormatError: naming the tensor, on a missing, unexpected or
+      wrongly shaped tensor.
+  """
+  import jax
+  from brorl_jax.model.transformer import Policy
+  expected = {p: a for p, a in _leaves(Policy.create(cfg).abstract_params()
+                                       ).items()}
+  flat_shardings = _leaves(shardings) if shardings is not None else {}
+  dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
+  params: dict[str, Any] = {}
+  seen = set()
+  for name, tensor in iter_hf_tensors(pathlib.Path(hf_dir)):
+    if cfg.tie_embeddings and name == "lm_head.weight":
+      continue  # some tied checkpoints still store the (identical) head
+    mapped = hf_to_ours(name)
+    if mapped is None or mapped[0] not in expected:
+      raise CheckpointFormatError(
+          f"unexpected tensor {name!r} with shape {tensor.get_shape()} in "
+          f"{hf_dir}: it has no place in a {cfg.num_layers}-layer Qwen2 "
+          "model (wrong architecture or config.json?)")
+    path, to_ours, _ = mapped
+    value = to_ours(tensor[:], cfg)
+    want = expected[path].shape
+    if tuple(value.shape) != tuple(want):
+      raise CheckpointFormatError(
+          f"tensor {name!r} has shape {tuple(tensor.get_shape())}, which maps "
+          f"to {tuple(value.shape)}; expected {tuple(want)} for {path} under "
+          "config.json")
+    value = np.ascontiguousarray(value.astype(dtype))
+    sharding = flat_shardings.get(path)
+    if sharding is None:
+      array = jax.device_put(value)
+    else:
+      array = jax.make_array_from_callback(value.shape, sharding,
+                                           lambda idx, v=value: v[idx])
+    _set(params, path, array)
+    seen.add(path)
+    del value
+  missing = sorted(set(expected) - seen)
+  if missing:
+    name, _ = ours_to_hf(missing[0])
+    raise CheckpointFormatError(
+        f"tensor {name!r} (shape {tuple(expected[missing[0]].shape)} as "
+        f"{missing[0]}) is missing from {hf_dir}; {len(missing)} missing in "
+        "all")
+  return params
+
+
+def copy_tokenizer_files(src: pathlib.Path, dst: pathlib.Path) -> list[str]:
+  """Copies the tokenizer files found in `src` into `dst`."""
+  dst.mkdir(parents=True, exist_ok=True)
+  copied = []
+  for name in TOKENIZER_FILES:
+    if (src / name).exists():
+      shutil.copy2(src / name, dst / name)
+      copied.append(name)
+  return copied
+
+
+# ---- writing safetensors ---------------------------------------------------
+
+def save_hf(params: dict[str, Any], cfg: ModelConfig,
+            out_dir: str | os.PathLike, *, dtype: str = "float32",
+            tokenizer_dir: pathlib.Path | None = None,
+            stop_ids: tuple[int, ...] = (),
+            max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+  """Writes a transformers-loadable checkpoint (only on process 0).
+
+  Args:
+    params: our parameter tree (any sharding; gathered tensor by tensor).
+    cfg: its model config.
+    out_dir: output directory.
+    dtype: "float32" or "bfloat16".
+    tokenizer_dir: tokenizer files to copy alongside.
+    stop_ids: extra eos ids for generation_config.json.
+    max_shard_bytes: shard size limit (5 GB, as transformers).
+  """
+  import jax
+  import ml_dtypes
+  from jax.experimental import multihost_utils
+  from safetensors.numpy import save_file
+  np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
+  out = pathlib.Path(out_dir)
+  writer = jax.process_index() == 0
+  if writer:
+    out.mkdir(parents=True, exist_ok=True)
+  shards: list[dict[str, np.ndarray]] = [{}]
+  size = 0
+  weight_map = {}
+
+  def flush():
+    nonlocal size
+    idx = len(shards)
+    name = f"model-{idx:05d}.safetensors"
+    if writer:
+      save_file(shards[-1], str(out / name), metadata={"format": "pt"})
+    for k in shards[-1]:
+      weight_map[k] = name
+    shards.append({})
+    size = 0
+
+  for path, array in sorted(_leaves(params).items()):
+    if jax.process_count() > 1:
+      array = multihost_utils.process_allgather(array, tiled=True)
+    name, to_hf = ours_to_hf(path)
+    value = np.ascontiguousarray(to_hf(np.asarray(array), cfg)
+                                 .astype(np_dtype))
+    if size and size + value.nbytes > max_shard_bytes:
+      flush()
+    shards[-1][name] = value
+    size += value.nbytes
+  flush()
+  n = len(shards) - 1
+  if not writer:
+    return
+  if n == 1:
+    os.replace(out / "model-00001.safetensors", out / "model.safetensors")
+  else:
+    for i in range(1, n + 1):
+      os.replace(out / f"model-{i:05d}.safetensors",
+                 out / f"model-{i:05d}-of-{n:05d}.safetensors")
+    weight_map = {k: v.replace(".safetensors", f"-of-{n:05d}.safetensors")
+                  for k, v in weight_map.items()}
+    total = sum(int(np.prod(np.shape(a))) * np.dtype(np_dtype).itemsize
+                for a in _leaves(params).values())
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map},
+        indent=2))
+  (out / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype),
+                                              indent=2))
+  eos = [cfg.eos_id] if cfg.eos_id is not None else []
+  eos += [i for i in stop_ids if i not in eos]
+  gen = {"bos_token_id": cfg.bos_id,
+         "eos_token_id": eos[0] if len(eos) == 1 else eos,
+         "do_sample": True, "temperature": 0.6, "top_p": 0.95}
+  (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+  if tokenizer_dir is not None:
+    copy_tokenizer_files(pathlib.Path(tokenizer_dir), out)
+
+
+# ---- workdir layout --------------------------------------------------------
+
+def save_model_config(cfg: ModelConfig, directory: pathlib.Path) -> None:
+  directory.mkdir(parents=True, exist_ok=True)
+  (directory / MODEL_CONFIG_FILE).write_text(
+      json.dumps(dataclasses.asdict(cfg), indent=2))
+
+
+def load_model_config(directory: pathlib.Path) -> ModelConfig:
+  path = directory / MODEL_CONFIG_FILE
+  if not path.exists():
+    raise FileNotFoundError(
+        f"{path} not found: {directory} is not a brorl_jax model directory "
+        "(create one with `python -m brorl_jax.hf import` or by training)")
+  return ModelConfig(**json.loads(path.read_text()))
+
+
+def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *,
+              param_dtype: str | None = None) -> ModelConfig:
+  """`hf import`: HF directory -> model dir (params, model config, tokenizer).
+
+  The output directory holds `params/` (an orbax checkpoint),
+  `model_config.json` and `tokenizer/`; the train loop's `init.path` and
+  `export` read it.
+  """
+  from brorl_jax import checkpointing
+  hf_dir, out = pathlib.Path(hf_dir), pathlib.Path(out)
+  hf_config = json.loads((hf_dir / "config.json").read_text())
+  source = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"
+  cfg = config_from_hf(hf_config, param_dtype=param_dtype or source,
+                       dtype=param_dtype or source)
+  params = load_hf_params(hf_dir, cfg)
+  checkpointing.save_params(out / "params", params)
+  save_model_config(cfg, out)
+  copy_tokenizer_files(hf_dir, out / "tokenizer")
+  return cfg
+
+
+def export_hf(workdir: str | os.PathLike, out: str | os.PathLike, *,
+              step: int | None = None, dtype: str | None = None) -> None:
+  """`hf export`: a model dir or training workdir -> HF directory."""
+  from brorl_jax import checkpointing
+  workdir = pathlib.Path(workdir)
+  cfg, params, tokenizer_dir = checkpointing.load_policy_params(workdir, step)
+  save_hf(params, cfg, out, dtype=dtype or cfg.param_dtype,
+          tokenizer_dir=tokenizer_dir)
+
+
+def run(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(prog="python -m brorl_jax.hf",
+                                   description=__doc__.split("\n\n")[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+  imp = sub.add_parser("import", help="HF directory -> brorl_jax model dir")
+  imp.add_argument("--hf-dir", required=True)
+  imp.add_argument("--out", required=True)
+  imp.add_argument("--param-dtype", choices=("float32", "bfloat16"))
+  exp = sub.add_parser("export", help="brorl_jax workdir -> HF directory")
+  exp.add_argument("--workdir", required=True)
+  exp.add_argument("--step", type=int)
+  exp.add_argument("--out", required=True)
+  exp.add_argument("--dtype", choices=("float32", "bfloat16"))
+  args = parser.parse_args(argv)
+  try:
+    if args.command == "import":
+      cfg = import_hf(args.hf_dir, args.out, param_dtype=args.param_dtype)
+      print(f"imported {cfg.num_params():,} parameters into {args.out}")
+    else:
+      export_hf(args.workdir, args.out, step=args.step, dtype=args.dtype)
+      print(f"exported to {args.out}")
+  except (CheckpointFormatError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,1 @@
+"""The policy: Qwen2-family decoder (NNX), attention/KV cache, sharding."""

@@ -1,0 +1,188 @@
+"""Attention math and the ways keys/values are cached.
+
+The decoder computes queries, keys and values (RoPE applied) and hands them to
+an *attention strategy* (a pytree, so it can cross `jax.checkpoint`), which
+owns the cache layout:
+
+  * `FullAttention`: no cache; a causal (and padding) mask over the given
+    sequence. Used for training forwards and for the sampler's prefill, where
+    it also returns the fresh keys/values so the prompt's KV can be stored.
+  * `CachedAttention`: a plain `[B, S, K, H]` cache written at a shared end
+    index (left-padded prompts keep every row aligned).
+  * `SharedPrefixAttention` (rollout/): the prompt's KV kept once per prompt
+    and the rollouts' own KV per rollout, merged by log-sum-exp.
+
+All strategies compute scores and softmax in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+# Finite, so a fully masked row gives exp(0) instead of nan; masked
+# probabilities are zeroed explicitly.
+NEG_INF = -1e30
+
+
+class AttentionFn(Protocol):
+
+  def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array,
+               cache: Any) -> tuple[jax.Array, Any]:
+    """Attends; returns `(out [B, T, N, H], new layer cache)`."""
+
+
+def _group(q: jax.Array, num_kv_heads: int) -> jax.Array:
+  """[..., T, N, H] -> [..., T, K, Q, H]."""
+  *lead, t, n, h = q.shape
+  return q.reshape(*lead, t, num_kv_heads, n // num_kv_heads, h)
+
+
+def masked_softmax_lse(scores: jax.Array, mask: jax.Array
+                       ) -> tuple[jax.Array, jax.Array]:
+  """Softmax over the last axis restricted to `mask`, with its log-sum-exp.
+
+  Args:
+    scores: [..., S] float32 scaled scores.
+    mask: bool, broadcastable to scores.
+
+  Returns:
+    probs: [..., S] float32 (all zero where no key is visible).
+    lse: [...] float32 (NEG_INF where no key is visible).
+  """
+  scores = jnp.where(mask, scores, NEG_INF)
+  m = jnp.max(scores, axis=-1, keepdims=True)
+  p = jnp.where(mask, jnp.exp(scores - m), 0.0)
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  safe = jnp.maximum(denom, 1e-30)
+  lse = jnp.where(denom > 0, m + jnp.log(safe), NEG_INF)[..., 0]
+  return p / safe, lse
+
+
+def attend_lse(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
+               ) -> tuple[jax.Array, jax.Array]:
+  """Softmax attention that also returns the log-sum-exp of the scores.
+
+  Args:
+    q: [B, T, N, H] queries.
+    k: [B, S, K, H] keys.
+    v: [B, S, K, H] values.
+    mask: [B, T, S] bool, True where a query may attend to a key.
+
+  Returns:
+    out: [B, T, N, H] normalized attention output, in q's dtype (rows with no
+      visible key give 0).
+    lse: [B, T, N] float32 log-sum-exp of the scaled scores (NEG_INF where no
+      key is visible), for merging with attention over other keys.
+  """
+  b, t, n, h = q.shape
+  qg = _group(q, k.shape[-2])                               # [B, T, K, Q, H]
+  scores = jnp.einsum("btkqh,bskh->bkqts", qg, k,
+                      preferred_element_type=jnp.float32) * h ** -0.5
+  probs, lse = masked_softmax_lse(scores, mask[:, None, None, :, :])
+  out = jnp.einsum("bkqts,bskh->btkqh", probs.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(b, t, n)
+  return out.reshape(b, t, n, h).astype(q.dtype), lse
+
+
+def merge_lse(out_a: jax.Array, lse_a: jax.Array, out_b: jax.Array,
+              lse_b: jax.Array) -> jax.Array:
+  """Merges two normalized attention outputs over disjoint key sets.
+
+  softmax over A ∪ B = w_a * softmax_A + w_b * softmax_B with
+  w = exp(lse - logaddexp(lse_a, lse_b)): the cascade/Hydragen identity.
+
+  Args:
+    out_a, out_b: [..., N, H] outputs over key sets A and B.
+    lse_a, lse_b: [..., N] their log-sum-exps.
+
+  Returns:
+    [..., N, H] attention output over the union, in out_a's dtype.
+  """
+  lse = jnp.logaddexp(lse_a, lse_b)
+  w_a = jnp.exp(lse_a - lse)[..., None]
+  w_b = jnp.exp(lse_b - lse)[..., None]
+  out = w_a * out_a.astype(jnp.float32) + w_b * out_b.astype(jnp.float32)
+  return out.astype(out_a.dtype)
+
+
+def causal_mask(valid: jax.Array) -> jax.Array:
+  """[B, T] validity -> [B, T, T] causal mask that hides padding keys."""
+  t = valid.shape[-1]
+  causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+  return causal[None] & valid[:, None, :]
+
+
+@struct.dataclass
+class FullAttention:
+  """Attention over the given sequence only (training, prefill).
+
+  Attributes:
+    mask: [B, T, T] bool.
+    return_kv: return `(k, v)` as the "cache" so a prefill can keep them.
+  """
+
+  mask: jax.Array
+  return_kv: bool = struct.field(pytree_node=False, default=False)
+
+  def __call__(self, q, k, v, cache):
+    del cache
+    out, _ = attend_lse(q, k, v, self.mask)
+    return out, ((k, v) if self.return_kv else None)
+
+
+@struct.dataclass
+class KVCache:
+  """A plain per-row KV cache.
+
+  Attributes:
+    k: per layer [B, S, K, H].
+    v: per layer [B, S, K, H].
+    valid: [B, S] bool, slots holding a real (non-padding) token.
+    end: int32 scalar, next slot to write (shared by all rows).
+  """
+
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  valid: jax.Array
+  end: jax.Array
+
+  @classmethod
+  def zeros(cls, num_layers: int, batch: int, length: int, num_kv_heads: int,
+            head_dim: int, dtype: Any) -> "KVCache":
+    shape = (batch, length, num_kv_heads, head_dim)
+    return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+               v=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+               valid=jnp.zeros((batch, length), bool),
+               end=jnp.zeros((), jnp.int32))
+
+
+@struct.dataclass
+class CachedAttention:
+  """Writes the new keys/values at `end` and attends over the whole cache.
+
+  Attributes:
+    valid: [B, S] bool, slot validity *after* this write.
+    end: int32 scalar, slot where the first new token is written.
+  """
+
+  valid: jax.Array
+  end: jax.Array
+
+  def __call__(self, q, k, v, cache):
+    k_cache, v_cache = cache
+    k_cache = jax.lax.dynamic_update_slice_in_dim(
+        k_cache, k.astype(k_cache.dtype), self.end, axis=1)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(
+        v_cache, v.astype(v_cache.dtype), self.end, axis=1)
+    t, s = q.shape[1], k_cache.shape[1]
+    # Query i sits at slot end + i and sees valid slots up to its own.
+    q_slot = self.end + jnp.arange(t)
+    mask = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & \
+        self.valid[:, None, :]
+    out, _ = attend_lse(q, k_cache, v_cache, mask)
+    return out, (k_cache, v_cache)
