@@ -1,0 +1,350 @@
+"""The in-mesh group sampler: prefill each prompt once, decode G rollouts.
+
+  prompts [P, Lp] --prefill (jit)--> prompt KV [P, Lp, K, H] per layer,
+                                     first-token distribution [P, V]
+  for each decode chunk of Pc prompts x Gc rollouts (Pc * Gc <= max_decode_rows):
+    decode (jit, lax.while_loop) with shared-prefix attention -> tokens,
+    log-probs [Pc, Gc, T]; stops early once every row of the chunk is done.
+
+Chunks are dispatched asynchronously, so the host can score chunk i while the
+device decodes chunk i + 1 (`Sampler.chunks`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from brorl_jax.config import check
+from brorl_jax.model import attention as attn_lib
+from brorl_jax.model.sharding import MeshRules, activation_rules, constrain
+from brorl_jax.model.transformer import Policy, positions_from_valid
+from brorl_jax.rollout import sampling
+from brorl_jax.rollout.shared_prefix import SharedPrefixAttention
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+  """Sampling settings (config section `rollout`, or `eval` for evaluation).
+
+  Attributes:
+    n: G, rollouts per prompt (the paper's N).
+    max_prompt_len: Lp; prompts are left-padded to it. Longer prompts are an
+      error here (the data pipeline filters and counts them first).
+    max_new_tokens: T, the response length limit.
+    max_decode_rows: most rollout rows decoded at once (P*G is split into
+      chunks of at most this many rows; size it to the KV memory).
+    temperature: softmax temperature (0 = greedy).
+    top_p: nucleus mass in (0, 1].
+    top_k: keep the k most likely tokens (0 = no limit).
+    greedy: argmax decoding.
+    early_stop: end the decode loop once every row of a chunk is done (turn
+      off to time a fixed number of tokens).
+  """
+
+  n: int = 16
+  max_prompt_len: int = 256
+  max_new_tokens: int = 1024
+  max_decode_rows: int = 4096
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = 0
+  greedy: bool = False
+  early_stop: bool = True
+  section: str = dataclasses.field(default="rollout", compare=False)
+
+  def __post_init__(self):
+    s = self.section
+    check(isinstance(self.n, int) and self.n >= 1, f"{s}.n",
+          f"must be an integer >= 1, got {self.n!r}")
+    check(self.max_prompt_len >= 1, f"{s}.max_prompt_len", "must be >= 1")
+    check(self.max_new_tokens >= 1, f"{s}.max_new_tokens", "must be >= 1")
+    check(self.max_decode_rows >= 1, f"{s}.max_decode_rows", "must be >= 1")
+    check(self.temperature >= 0, f"{s}.temperature",
+          f"must be >= 0 (0 = greedy), got {self.temperature}")
+    check(0 < self.top_p <= 1, f"{s}.top_p",
+          f"must be in (0, 1], got {self.top_p}")
+    check(isinstance(self.top_k, int) and self.top_k >= 0, f"{s}.top_k",
+          f"must be an integer >= 0 (0 = no limit), got {self.top_k!r}")
+
+  @property
+  def is_greedy(self) -> bool:
+    return self.greedy or self.temperature == 0
+
+
+@struct.dataclass
+class Prefill:
+  """The prompts' shared state after one prefill.
+
+  Attributes:
+    k, v: per layer [P, Lp, K, H], RoPE applied.
+    valid: [P, Lp] bool, real prompt tokens (left padding False).
+    lengths: [P] int32 prompt lengths.
+    logits: [P, V] float32 next-token logits at the last prompt position.
+  """
+
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  valid: jax.Array
+  lengths: jax.Array
+  logits: jax.Array
+
+
+@struct.dataclass
+class Rollouts:
+  """Sampled rollouts.
+
+  Attributes:
+    tokens: [P, G, T] int32; `pad_id` after a row's end.
+    logprobs: [P, G, T] float32 log-probs of the sampled tokens under
+      softmax(logits / temperature); 0 after a row's end.
+    lengths: [P, G] int32 generated tokens, the stop token included.
+    stopped: [P, G] bool, ended by a stop token (False: truncated at T).
+    first_probs: [P, V] float32 pre-update distribution of the first
+      response token, softmax(logits / temperature) (mass-balance input).
+    finished_slots: int32, decode row-steps spent on rows already done.
+    total_slots: int32, all decode row-steps executed.
+  """
+
+  tokens: jax.Array
+  logprobs: jax.Array
+  lengths: jax.Array
+  stopped: jax.Array
+  first_probs: jax.Array
+  finished_slots: jax.Array
+  total_slots: jax.Array
+
+
+@struct.dataclass
+class _DecodeState:
+  t: jax.Array                    # index of the last sampled token
+  tokens: jax.Array               # [Pc, Gc, T]
+  logprobs: jax.Array             # [Pc, Gc, T]
+  lengths: jax.Array              # [Pc, Gc]
+  done: jax.Array                 # [Pc, Gc]
+  suffix_k: tuple[jax.Array, ...]  # per layer [Pc, Gc, T, K, H]
+  suffix_v: tuple[jax.Array, ...]
+  finished_slots: jax.Array
+
+
+def plan_chunks(num_prompts: int, group: int, max_rows: int
+                ) -> tuple[int, int]:
+  """(prompts, rollouts) per decode chunk: equal chunks of <= max_rows rows.
+
+  Whole groups are kept together when they fit (chunking over prompts);
+  otherwise one prompt at a time with the group split.
+  """
+  if num_prompts * group <= max_rows:
+    return num_prompts, group
+  if group <= max_rows:
+    pc = max(d for d in range(1, num_prompts + 1)
+             if num_prompts % d == 0 and d * group <= max_rows)
+    return pc, group
+  return 1, max(d for d in range(1, group + 1)
+                if group % d == 0 and d <= max_rows)
+
+
+class Sampler:
+  """Generates G rollouts per prompt with shared-prefix decoding.
+
+  Args:
+    policy: the model definition.
+    cfg: sampling settings.
+    stop_ids: token ids that end a rollout (eos, end-of-turn, ...).
+    pad_id: id written after a rollout's end (masks come from lengths).
+    mesh_rules: mesh + sampling rule table (None: single device).
+  """
+
+  def __init__(self, policy: Policy, cfg: SamplerConfig, *,
+               stop_ids: Sequence[int], pad_id: int,
+               mesh_rules: MeshRules | None = None):
+    check(len(stop_ids) > 0, f"{cfg.section}.stop_ids",
+          "at least one stop token is needed")
+    total = cfg.max_prompt_len + cfg.max_new_tokens
+    check(total <= policy.cfg.max_position_embeddings,
+          f"{cfg.section}.max_new_tokens",
+          f"max_prompt_len + max_new_tokens = {total} exceeds the model's "
+          f"max_position_embeddings {policy.cfg.max_position_embeddings}")
+    self.policy = policy
+    self.cfg = cfg
+    self.stop_ids = tuple(int(i) for i in stop_ids)
+    self.pad_id = int(pad_id)
+    self.mesh_rules = mesh_rules
+    self._prefill = jax.jit(self._prefill_fn)
+    self._decode = jax.jit(self._decode_fn, static_argnames=("group",))
+
+  # ---- device code ---------------------------------------------------------
+
+  def _prefill_fn(self, params, tokens, lengths) -> Prefill:
+    with activation_rules(self.mesh_rules):
+      model = self.policy.bind(params)
+      lp = tokens.shape[1]
+      valid = jnp.arange(lp)[None, :] >= (lp - lengths)[:, None]
+      hidden, kv = model(
+          tokens, positions_from_valid(valid),
+          attn_lib.FullAttention(attn_lib.causal_mask(valid), return_kv=True))
+      # Left padding puts every prompt's last token at position Lp - 1.
+      logits = model.logits(hidden[:, -1:])[:, 0]            # [P, V]
+      return Prefill(k=tuple(c[0] for c in kv), v=tuple(c[1] for c in kv),
+                     valid=valid, lengths=lengths.astype(jnp.int32),
+                     logits=logits)
+
+  def _sample(self, logits, keys, step):
+    c = self.cfg
+    return sampling.sample(logits, keys, step, temperature=c.temperature,
+                           top_k=c.top_k, top_p=c.top_p, greedy=c.greedy)
+
+  def _decode_fn(self, params, prefill: Prefill, keys, group: int):
+    """Decodes `group` rollouts for every prompt of `prefill`."""
+    with activation_rules(self.mesh_rules):
+      return self._decode_traced(params, prefill, keys, group)
+
+  def _decode_traced(self, params, prefill, keys, group):
+    cfg, mcfg = self.cfg, self.policy.cfg
+    model = self.policy.bind(params)
+    pc, t_max = prefill.logits.shape[0], cfg.max_new_tokens
+    stop = jnp.asarray(self.stop_ids, jnp.int32)
+    first = jnp.broadcast_to(prefill.logits[:, None, :],
+                             (pc, group, prefill.logits.shape[-1]))
+    tok0, lp0 = self._sample(first, keys, jnp.int32(0))       # [Pc, Gc]
+    tokens = jnp.full((pc, group, t_max), self.pad_id, jnp.int32)
+    tokens = constrain(tokens.at[:, :, 0].set(tok0), ("batch", "group", None))
+    logprobs = jnp.zeros((pc, group, t_max), jnp.float32).at[:, :, 0].set(lp0)
+    cache_shape = (pc, group, t_max, mcfg.num_kv_heads, mcfg.head_dim)
+    zeros = lambda: jnp.zeros(cache_shape, model.dtype)     # noqa: E731
+    state = _DecodeState(
+        t=jnp.int32(0), tokens=tokens, logprobs=logprobs,
+        lengths=jnp.ones((pc, group), jnp.int32), done=jnp.isin(tok0, stop),
+        suffix_k=tuple(zeros() for _ in range(mcfg.num_layers)),
+        suffix_v=tuple(zeros() for _ in range(mcfg.num_layers)),
+        finished_slots=jnp.int32(0))
+
+    def cond(s: _DecodeState):
+      more = s.t < t_max - 1
+      return more & ~jnp.all(s.done) if cfg.early_stop else more
+
+    def body(s: _DecodeState) -> _DecodeState:
+      x = jax.lax.dynamic_index_in_dim(s.tokens, s.t, 2, keepdims=False)
+      positions = jnp.broadcast_to((prefill.lengths + s.t)[:, None],
+                                   (pc, group))
+      caches = tuple(zip(prefill.k, prefill.v, s.suffix_k, s.suffix_v))
+      hidden, caches = model(
+          x.reshape(pc * group, 1), positions.reshape(pc * group, 1),
+          SharedPrefixAttention(prefix_valid=prefill.valid, step=s.t),
+          caches)
+      logits = model.logits(hidden)[:, 0].reshape(pc, group, -1)
+      tok, lp = self._sample(logits, keys, s.t + 1)
+      tok = jnp.where(s.done, self.pad_id, tok)
+      lp = jnp.where(s.done, 0.0, lp)
+      return _DecodeState(
+          t=s.t + 1,
+          tokens=jax.lax.dynamic_update_index_in_dim(s.tokens, tok, s.t + 1,
+                                                     2),
+          logprobs=jax.lax.dynamic_update_index_in_dim(s.logprobs, lp,
+                                                       s.t + 1, 2),
+          lengths=s.lengths + (~s.done).astype(jnp.int32),
+          done=s.done | jnp.isin(tok, stop),
+          suffix_k=tuple(c[2] for c in caches),
+          suffix_v=tuple(c[3] for c in caches),
+          finished_slots=s.finished_slots + jnp.sum(s.done, dtype=jnp.int32))
+
+    s = jax.lax.while_loop(cond, body, state)
+    return dict(tokens=s.tokens, logprobs=s.logprobs, lengths=s.lengths,
+                stopped=s.done, finished_slots=s.finished_slots,
+                total_slots=s.t * pc * group)
+
+  # ---- host API ------------------------------------------------------------
+
+  def check_prompts(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+    """Raises ValueError naming the first prompt that does not fit."""
+    lp = self.cfg.max_prompt_len
+    if tokens.shape[1] != lp:
+      raise ValueError(
+          f"prompt batch is {tokens.shape[1]} tokens wide; the sampler needs "
+          f"prompts left-padded to {self.cfg.section}.max_prompt_len={lp}")
+    bad = np.flatnonzero((lengths > lp) | (lengths < 1))
+    if bad.size:
+      i = int(bad[0])
+      raise ValueError(
+          f"prompt {i} has {int(lengths[i])} tokens; allowed 1..{lp} "
+          f"({self.cfg.section}.max_prompt_len). Prompts are never "
+          "truncated: filter them in the data pipeline (it counts them) or "
+          "raise max_prompt_len")
+
+  def prefill(self, params, tokens, lengths) -> Prefill:
+    """Runs the prompts once (async; returns device arrays)."""
+    if isinstance(lengths, np.ndarray):
+      self.check_prompts(np.asarray(tokens), lengths)
+    return self._prefill(params, jnp.asarray(tokens, jnp.int32),
+                         jnp.asarray(lengths, jnp.int32))
+
+  def chunks(self, params, prefill: Prefill, rng: jax.Array, *,
+             n: int | None = None, prompt_offset: int = 0
+             ) -> Iterator[tuple[slice, slice, dict]]:
+    """Dispatches the decode chunks one by one.
+
+    Yields `(prompt slice, rollout slice, outputs)` as soon as each chunk is
+    dispatched (outputs are device arrays still being computed), so a caller
+    can fetch and score chunk i while chunk i + 1 decodes.
+
+    Args:
+      params: parameters in the sampling layout.
+      prefill: output of `prefill`.
+      rng: the iteration's sampling key.
+      n: rollouts per prompt (default `cfg.n`).
+      prompt_offset: global index of prompt 0 (keys are per global prompt).
+    """
+    n = self.cfg.n if n is None else n
+    num_prompts = prefill.logits.shape[0]
+    pc, gc = plan_chunks(num_prompts, n, self.cfg.max_decode_rows)
+    for p0 in range(0, num_prompts, pc):
+      part = jax.tree.map(lambda x: x[p0:p0 + pc], prefill)
+      for g0 in range(0, n, gc):
+        keys = sampling.row_keys(
+            rng, jnp.arange(prompt_offset + p0, prompt_offset + p0 + pc),
+            jnp.arange(g0, g0 + gc))
+        yield (slice(p0, p0 + pc), slice(g0, g0 + gc),
+               self._decode(params, part, keys, group=gc))
+
+  def first_probs(self, prefill: Prefill) -> jax.Array:
+    """[P, V] softmax(logits / T) of the first response token."""
+    t = 1.0 if self.cfg.is_greedy else self.cfg.temperature
+    return jax.nn.softmax(prefill.logits / t, axis=-1)
+
+  def generate(self, params, tokens, lengths, rng: jax.Array, *,
+               n: int | None = None, prompt_offset: int = 0) -> Rollouts:
+    """Prefill + all decode chunks; returns the assembled rollouts.
+
+    Args:
+      params: parameters in the sampling layout.
+      tokens: [P, Lp] int32 prompts, left-padded to max_prompt_len.
+      lengths: [P] prompt lengths.
+      rng: the iteration's sampling key.
+      n: rollouts per prompt (default `cfg.n`).
+      prompt_offset: global index of prompt 0.
+    """
+    prefill = self.prefill(params, tokens, lengths)
+    outs = list(self.chunks(params, prefill, rng, n=n,
+                            prompt_offset=prompt_offset))
+    return self.assemble(prefill, outs)
+
+  def assemble(self, prefill: Prefill, outs) -> Rollouts:
+    """Concatenates chunk outputs (in `chunks` order) into `Rollouts`."""
+    rows: dict[int, list[dict]] = {}
+    for p_slice, _, out in outs:
+      rows.setdefault(p_slice.start, []).append(out)
+    def cat(key, axis_g):
+      per_p = [jnp.concatenate([o[key] for o in row], axis=axis_g)
+               for _, row in sorted(rows.items())]
+      return jnp.concatenate(per_p, axis=0)
+    return Rollouts(
+        tokens=cat("tokens", 1), logprobs=cat("logprobs", 1),
+        lengths=cat("lengths", 1), stopped=cat("stopped", 1),
+        first_probs=self.first_probs(prefill),
+        finished_slots=sum(o["finished_slots"] for _, _, o in outs),
+        total_slots=sum(o["total_slots"] for _, _, o in outs))

@@ -1,0 +1,97 @@
+"""Sampling rules: temperature, top-k, top-p, greedy; per-row random keys.
+
+The log-prob recorded for a sampled token is always taken under the full
+temperature-scaled distribution softmax(logits / T), the distribution the
+policy loss uses, not the top-p/top-k truncated one: so the sampler's
+log-probs serve as the PPO "old" log-probs without a recompute. With greedy
+decoding (or T = 0) tokens are argmax and log-probs are under T = 1.
+
+Randomness is keyed per rollout row: row key = fold_in(fold_in(rng, prompt),
+rollout), step key = fold_in(row key, step). With `jax_threefry_partitionable`
+the draws then depend neither on the mesh layout nor on how a group is split
+into decode chunks.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30
+
+
+def scaled_logits(logits: jax.Array, temperature: float) -> jax.Array:
+  """logits / T in float32 (T = 0 means greedy: logits unscaled)."""
+  logits = logits.astype(jnp.float32)
+  return logits / temperature if temperature > 0 else logits
+
+
+def truncate(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
+  """Masks logits outside the top-k and the top-p nucleus with NEG_INF.
+
+  Args:
+    logits: [B, V] float32, already temperature-scaled.
+    top_k: keep the k largest (0: no limit).
+    top_p: keep the smallest set of largest-probability tokens whose mass
+      reaches top_p (1.0: no limit). The token that crosses top_p is kept.
+
+  Returns:
+    [B, V] float32 with excluded entries set to NEG_INF.
+  """
+  vocab = logits.shape[-1]
+  if top_k <= 0 and top_p >= 1.0:
+    return logits
+  k = min(top_k, vocab) if top_k > 0 else vocab
+  # Sorted candidates: top_k bounds the sort; top-p alone sorts the vocab.
+  values, _ = jax.lax.top_k(logits, k)                       # [B, k] desc
+  threshold = values[:, -1:]                                 # k-th largest
+  if top_p < 1.0:
+    probs = jax.nn.softmax(values, axis=-1)
+    # Mass strictly before each candidate; keep while it is below top_p.
+    before = jnp.cumsum(probs, axis=-1) - probs
+    keep = before < top_p
+    last = jnp.sum(keep, axis=-1, keepdims=True) - 1         # >= 0
+    threshold = jnp.take_along_axis(values, last, axis=-1)
+  # Ties at the threshold are all kept (a superset by measure zero).
+  return jnp.where(logits >= threshold, logits, NEG_INF)
+
+
+def row_keys(rng: jax.Array, prompt_ids: jax.Array, rollout_ids: jax.Array
+             ) -> jax.Array:
+  """Per-row keys [P, G] from global prompt and rollout indices."""
+  def one(p, g):
+    return jax.random.fold_in(jax.random.fold_in(rng, p), g)
+  return jax.vmap(jax.vmap(one, (None, 0)), (0, None))(prompt_ids,
+                                                       rollout_ids)
+
+
+def sample(logits: jax.Array, keys: jax.Array, step: jax.Array, *,
+           temperature: float, top_k: int, top_p: float, greedy: bool
+           ) -> tuple[jax.Array, jax.Array]:
+  """Samples one token per row.
+
+  Args:
+    logits: [..., V] raw logits (any float dtype).
+    keys: [...] per-row PRNG keys.
+    step: int32 scalar decode step, folded into each row key.
+    temperature / top_k / top_p / greedy: the sampling rule.
+
+  Returns:
+    tokens: [...] int32.
+    logprobs: [...] float32, log softmax(logits / T) of the chosen tokens.
+  """
+  lead = logits.shape[:-1]
+  flat = logits.reshape(-1, logits.shape[-1])
+  if greedy or temperature == 0:
+    scaled = scaled_logits(flat, 1.0)
+    tokens = jnp.argmax(scaled, axis=-1).astype(jnp.int32)
+  else:
+    scaled = scaled_logits(flat, temperature)
+    masked = truncate(scaled, top_k, top_p)
+    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(
+        keys.reshape(-1))
+    tokens = jax.vmap(jax.random.categorical)(step_keys, masked)
+    tokens = tokens.astype(jnp.int32)
+  logz = jax.nn.logsumexp(scaled, axis=-1)
+  chosen = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
+  return tokens.reshape(lead), (chosen - logz).reshape(lead)
