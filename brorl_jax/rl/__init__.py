@@ -1,0 +1,1 @@
+"""RL on device: advantages, shaping, log-probs, losses, the update."""

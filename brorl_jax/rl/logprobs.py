@@ -1,0 +1,132 @@
+"""Token log-probs and entropies without materializing [B, T, V] logits.
+
+logits = hidden @ w_unembed / temperature is computed one [B, tc, vc] tile
+at a time: an outer `lax.map` over sequence chunks of tc positions, and an
+inner `lax.scan` over vocabulary chunks of vc entries that keeps an online
+log-sum-exp per position,
+
+  m = running max of z,  s = sum exp(z - m),  t = sum exp(z - m) (z - m),
+
+so that log Z = m + log s and the entropy H = log Z - E[z] = log s - t/s
+(t is rescaled with s whenever m grows; keeping it relative to m avoids
+the cancellation of m + log s - E[z] when the logits are large).
+The target's logit is picked from the one chunk that owns it.
+
+The vocabulary step is wrapped in `jax.checkpoint`: its residuals are its
+inputs (the [B, tc] running statistics), and the backward pass recomputes
+the tile's logits, so neither pass holds more than one [B, tc, vc] f32 tile
+(plus nV x [B, T] statistics) however large V is. The cost is one extra
+hidden @ w per tile in the backward pass, as in any fused cross-entropy.
+
+When V is not a multiple of vc the last chunk is slid back to end at V and
+the columns that an earlier chunk already owns are masked to -inf, so `w`
+is never padded or copied.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def _vocab_step(carry, chunk, hidden, targets, w, inv_temp, vocab_chunk,
+                with_entropy):
+  """One [B, tc, vc] tile: updates the online statistics of every position."""
+  m, s, t, z_target = carry  # each [B, tc] f32
+  vocab = w.shape[1]
+  owned_start = chunk * vocab_chunk
+  # The last chunk slides back to stay inside [0, V); see module docstring.
+  start = jnp.minimum(owned_start, vocab - vocab_chunk)
+  w_tile = jax.lax.dynamic_slice_in_dim(w, start, vocab_chunk, axis=1)
+  z = jnp.einsum("btd,dv->btv", hidden, w_tile.astype(hidden.dtype),
+                 preferred_element_type=jnp.float32) * inv_temp  # [B, tc, vc]
+  owned = start + jnp.arange(vocab_chunk) >= owned_start  # [vc]
+  z = jnp.where(owned, z, -jnp.inf)
+  # log Z does not depend on the shift m, so no gradient flows through it;
+  # this also keeps ties in the max from producing odd gradients.
+  m_new = jnp.maximum(m, jax.lax.stop_gradient(z.max(-1)))
+  e = jnp.exp(z - m_new[..., None])  # [B, tc, vc], 0 where not owned
+  scale = jnp.exp(m - m_new)
+  s_new = s * scale + e.sum(-1)
+  if with_entropy:
+    # t is kept relative to the shift, t = sum exp(z - m) (z - m) <= 0, so
+    # H = log s - t / s adds two non-negative terms (no cancellation).
+    shift = jnp.where(jnp.isfinite(m), m - m_new, 0.0)  # <= 0
+    rel = jnp.where(owned, z - m_new[..., None], 0.0)
+    t = scale * (t + shift * s) + (e * rel).sum(-1)
+  s = s_new
+  hit = ((targets >= owned_start) & (targets < owned_start + vocab_chunk)
+         & (targets < vocab))
+  local = jnp.clip(targets - start, 0, vocab_chunk - 1)
+  z_hit = jnp.take_along_axis(z, local[..., None], axis=-1)[..., 0]
+  z_target = z_target + jnp.where(hit, z_hit, 0.0)
+  return (m_new, s, t, z_target), None
+
+
+def token_logprobs(
+    hidden: jax.Array,
+    w_unembed: jax.Array,
+    targets: jax.Array,
+    temperature: float | jax.Array = 1.0,
+    *,
+    vocab_chunk: int = 8192,
+    seq_chunk: int = 512,
+    return_entropy: bool = True,
+) -> tuple[jax.Array, jax.Array | None]:
+  """log softmax(hidden @ w / temperature)[target] and entropy, chunked.
+
+  Args:
+    hidden: [B, T, D] final hidden states (after the last norm); the matmul
+      runs in this dtype with f32 accumulation.
+    w_unembed: [D, V] unembedding (the transposed embedding when tied). Each
+      tile is cast to `hidden.dtype`, so passing f32 master weights keeps
+      the accumulated gradient of `w` in f32.
+    targets: [B, T] int token ids whose log-prob is wanted. Ids outside
+      [0, V) (e.g. padding -1) give logp = -log Z: mask them in the loss.
+    temperature: the sampler's temperature, so these are the log-probs of
+      the distribution the rollouts were sampled from.
+    vocab_chunk: vc, vocabulary entries per tile (clipped to V).
+    seq_chunk: tc, positions per tile (clipped to T; T is padded up to a
+      multiple internally).
+    return_entropy: also compute the entropy of each position's
+      distribution (one more multiply-add per logit).
+
+  Returns:
+    (logp [B, T] f32, entropy [B, T] f32 or None).
+  """
+  batch, length, _ = hidden.shape
+  vocab = w_unembed.shape[1]
+  vc = min(vocab_chunk, vocab)
+  tc = min(seq_chunk, length)
+  num_vocab_chunks = math.ceil(vocab / vc)
+  num_seq_chunks = math.ceil(length / tc)
+  pad = num_seq_chunks * tc - length
+  inv_temp = 1.0 / jnp.asarray(temperature, jnp.float32)
+
+  # [nT, B, tc, ...]: sequence chunks lead so lax.map can walk them.
+  hidden_c = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+  hidden_c = hidden_c.reshape(batch, num_seq_chunks, tc, -1).swapaxes(0, 1)
+  targets_c = jnp.pad(targets, ((0, 0), (0, pad)))
+  targets_c = targets_c.reshape(batch, num_seq_chunks, tc).swapaxes(0, 1)
+
+  step = jax.checkpoint(_vocab_step, static_argnums=(6, 7))
+
+  def seq_chunk_fn(xs):
+    h, tgt = xs  # [B, tc, D], [B, tc]
+    zeros = jnp.zeros((batch, tc), jnp.float32)
+    init = (jnp.full((batch, tc), -jnp.inf), zeros, zeros, zeros)
+    body = lambda carry, i: step(carry, i, h, tgt, w_unembed, inv_temp, vc,
+                                 return_entropy)
+    (m, s, t, z_target), _ = jax.lax.scan(
+        body, init, jnp.arange(num_vocab_chunks))
+    log_s = jnp.log(s)
+    logp = z_target - m - log_s
+    entropy = log_s - t / s if return_entropy else zeros
+    return logp, entropy
+
+  logp, entropy = jax.lax.map(seq_chunk_fn, (hidden_c, targets_c))
+  # [nT, B, tc] -> [B, T]
+  unchunk = lambda x: x.swapaxes(0, 1).reshape(batch, -1)[:, :length]
+  return unchunk(logp), (unchunk(entropy) if return_entropy else None)
