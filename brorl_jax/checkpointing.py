@@ -83,8 +83,84 @@ def load_policy_params(workdir: str | pathlib.Path, step: int | None = None,
   return cfg, params, tokenizer_dir
 
 
+PARAMS, OPT, DATA, META = "params", "opt", "data", "meta"
+
+
 def restore_train_params(checkpoint_dir: pathlib.Path, target: Any,
                          step: int | None) -> Any:
-  """The policy parameters of a training checkpoint (see `TrainCheckpointer`).
+  """Only the policy parameters of a training checkpoint (export, eval)."""
+  with ocp.CheckpointManager(pathlib.Path(checkpoint_dir).absolute()) as mngr:
+    step = mngr.latest_step() if step is None else step
+    if step is None or step not in mngr.all_steps():
+      raise FileNotFoundError(
+          f"no checkpoint for step {step} in {checkpoint_dir}; available: "
+          f"{mngr.all_steps()}")
+    return mngr.restore(step, args=ocp.args.Composite(
+        **{PARAMS: ocp.args.StandardRestore(target)}))[PARAMS]
+
+
+class TrainCheckpointer:
+  """One orbax CheckpointManager for a training workdir.
+
+  Items per step: `params` (the policy), `opt` (optimizer state, reference
+  parameters, counters), `data` (the grain iterator's state), `meta` (JSON:
+  loop counters, config, versions). Params are their own item so export and
+  evaluation restore them without knowing the optimizer. Saves are async;
+  restores go into abstract targets carrying the wanted shardings, so a run
+  resumes onto another mesh.
   """
-  raise NotImplementedError("training checkpoints arrive with the RL loop")
+
+  def __init__(self, directory: str | pathlib.Path, *, keep: int,
+               async_save: bool = True):
+    self.directory = pathlib.Path(directory).absolute()
+    self._mngr = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save,
+            create=True))
+
+  def latest_step(self) -> int | None:
+    return self._mngr.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._mngr.all_steps())
+
+  def save(self, step: int, state: Any, data_iterator: Any,
+           meta: dict[str, Any]) -> None:
+    """Starts an (async) save of `state` (a TrainState) at `step`."""
+    import grain
+    rest = {"step": state.step, "updates": state.updates,
+            "skipped": state.skipped, "opt_state": state.opt_state,
+            "ref_params": state.ref_params}
+    items = {PARAMS: ocp.args.StandardSave(state.params),
+             OPT: ocp.args.StandardSave(rest),
+             META: ocp.args.JsonSave(meta)}
+    if data_iterator is not None:
+      items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+    self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def restore(self, step: int, abstract_state: Any, data_iterator: Any):
+    """Restores `(state, meta)`; `data_iterator` is set in place."""
+    import grain
+    rest = {"step": abstract_state.step, "updates": abstract_state.updates,
+            "skipped": abstract_state.skipped,
+            "opt_state": abstract_state.opt_state,
+            "ref_params": abstract_state.ref_params}
+    items = {PARAMS: ocp.args.StandardRestore(abstract_state.params),
+             OPT: ocp.args.StandardRestore(rest),
+             META: ocp.args.JsonRestore()}
+    if data_iterator is not None:
+      items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+    out = self._mngr.restore(step, args=ocp.args.Composite(**items))
+    opt = out[OPT]
+    state = abstract_state.replace(
+        params=out[PARAMS], opt_state=opt["opt_state"],
+        ref_params=opt["ref_params"], step=opt["step"],
+        updates=opt["updates"], skipped=opt["skipped"])
+    return state, out[META]
+
+  def wait(self) -> None:
+    self._mngr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mngr.wait_until_finished()
+    self._mngr.close()

@@ -37,7 +37,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
+from typing import Any
 
 import grain
 import numpy as np
@@ -88,6 +89,10 @@ class DataConfig:
     add_bos: prepend the tokenizer's bos id (templates usually write it).
     prefetch: training batches prepared ahead in a background thread; 0
       builds each on demand.
+    synthetic: generate a synthetic task set into the workdir and use it
+      (before `train_files` / `eval_files`): a mapping with `task`
+      ("arithmetic" | "countdown"), `train` and `eval` record counts, `seed`
+      and `difficulty` (list of levels). None = off.
   """
 
   train_files: tuple[FileSpec, ...] = ()
@@ -101,6 +106,7 @@ class DataConfig:
   apply_chat_template: bool = True
   add_bos: bool = False
   prefetch: int = 0
+  synthetic: Mapping[str, Any] | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "train_files",
@@ -112,6 +118,19 @@ class DataConfig:
     config_lib.check(self.num_epochs is None or self.num_epochs >= 1,
                      "data.num_epochs",
                      f"must be None (forever) or >= 1, got {self.num_epochs}")
+    if self.synthetic is not None:
+      from brorl_jax.data import tasks
+      spec = dict(self.synthetic)
+      allowed = {"task", "train", "eval", "seed", "difficulty"}
+      unknown = sorted(set(spec) - allowed)
+      config_lib.check(not unknown, f"data.synthetic.{unknown[0]}"
+                       if unknown else "data.synthetic",
+                       f"unknown key; known: {', '.join(sorted(allowed))}")
+      config_lib.check_choice(spec.get("task"), "data.synthetic.task",
+                              sorted(tasks.TASKS))
+      config_lib.check(int(spec.get("train", 0)) >= 1,
+                       "data.synthetic.train", "must be >= 1")
+      object.__setattr__(self, "synthetic", spec)
     config_lib.check(self.prefetch >= 0, "data.prefetch",
                      f"must be >= 0, got {self.prefetch}")
     config_lib.check(

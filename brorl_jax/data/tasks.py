@@ -177,6 +177,44 @@ def generate(task: str, n: int, seed: int,
   return rows
 
 
+def materialize(directory: str, *, task: str, train: int, eval: int,  # noqa
+                seed: int = 0, difficulty: Sequence[int] = (1,)
+                ) -> tuple[str, str]:
+  """Writes a task's train and held-out JSONL files (once) into `directory`.
+
+  The held-out set uses another seed and drops any prompt that also occurs
+  in the training set, so evaluation measures generalization.
+
+  Returns:
+    (train path, eval path). Existing files with the same name are reused:
+    the name encodes every argument.
+  """
+  import os
+  levels = "-".join(str(d) for d in difficulty)
+  stem = os.path.join(directory, f"{task}_s{seed}_d{levels}")
+  paths = (f"{stem}_train{train}.jsonl", f"{stem}_eval{eval}.jsonl")
+  if all(os.path.exists(p) for p in paths):
+    return paths
+  os.makedirs(directory, exist_ok=True)
+  train_rows = generate(task, train, seed, difficulty)
+  seen = {r["prompt"] for r in train_rows}
+  eval_rows, i = [], 0
+  while len(eval_rows) < eval:
+    batch = generate(task, 2 * eval + i, seed + 1_000_003, difficulty)
+    eval_rows = [r for r in batch if r["prompt"] not in seen][:eval]
+    i += eval
+    if i > 50 * eval + 1000:
+      raise ValueError(f"cannot find {eval} held-out {task} prompts that are "
+                       "not in the training set: lower data.synthetic.eval or "
+                       "raise the difficulty")
+  for path, rows in zip(paths, (train_rows, eval_rows)):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    os.replace(tmp, path)
+  return paths
+
+
 # ---- countdown verifier ------------------------------------------------------
 
 _TOKEN = re.compile(r"\s*(?:(\d+)|([-+*/()]))")

@@ -220,17 +220,20 @@ def make_update_fn(policy: Policy, cfg: UpdateConfig,
     metrics = losses.reduce_aux(micro_aux)
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A mini-batch without a single trained token (every group dropped by
+    # dynamic sampling) is not an optimizer step: no weight decay, no count.
+    apply = ok & (normalizer > 0)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state,
                                           state.params)
     params = optax.apply_updates(state.params, updates)
     new = state.replace(
-        params=_tree_where(ok, params, state.params),
-        opt_state=_tree_where(ok, opt_state, state.opt_state),
-        updates=state.updates + ok.astype(jnp.int32),
+        params=_tree_where(apply, params, state.params),
+        opt_state=_tree_where(apply, opt_state, state.opt_state),
+        updates=state.updates + apply.astype(jnp.int32),
         skipped=state.skipped + (~ok).astype(jnp.int32))
     metrics.update(loss=loss, grad_norm=grad_norm,
-                   update_norm=jnp.where(ok, optax.tree.norm(updates), 0.0),
+                   update_norm=jnp.where(apply, optax.tree.norm(updates), 0.0),
                    skipped=(~ok).astype(jnp.int32))
     return new, metrics
 

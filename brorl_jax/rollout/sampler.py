@@ -2,7 +2,8 @@
 
   prompts [P, Lp] --prefill (jit)--> prompt KV [P, Lp, K, H] per layer,
                                      first-token distribution [P, V]
-  for each decode chunk of Pc prompts x Gc rollouts (Pc * Gc <= max_decode_rows):
+  for each decode chunk of Pc prompts x Gc rollouts (<= max_decode_rows rows;
+  the group is split first, so a chunk normally holds every prompt):
     decode (jit, lax.while_loop) with shared-prefix attention -> tokens,
     log-probs [Pc, Gc, T]; stops early once every row of the chunk is done.
 
@@ -136,17 +137,18 @@ def plan_chunks(num_prompts: int, group: int, max_rows: int
                 ) -> tuple[int, int]:
   """(prompts, rollouts) per decode chunk: equal chunks of <= max_rows rows.
 
-  Whole groups are kept together when they fit (chunking over prompts);
-  otherwise one prompt at a time with the group split.
+  Chunks split the group first, so that every chunk holds every prompt:
+  prompts are sharded over the data axes (and over hosts), so each chunk
+  keeps every device busy. Only when the prompts alone exceed `max_rows`
+  are they split too.
   """
+  def largest_divisor(n, limit):
+    return max(d for d in range(1, n + 1) if n % d == 0 and d <= limit)
   if num_prompts * group <= max_rows:
     return num_prompts, group
-  if group <= max_rows:
-    pc = max(d for d in range(1, num_prompts + 1)
-             if num_prompts % d == 0 and d * group <= max_rows)
-    return pc, group
-  return 1, max(d for d in range(1, group + 1)
-                if group % d == 0 and d <= max_rows)
+  pc = num_prompts if num_prompts <= max_rows else largest_divisor(
+      num_prompts, max_rows)
+  return pc, largest_divisor(group, max(max_rows // pc, 1))
 
 
 class Sampler:

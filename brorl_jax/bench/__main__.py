@@ -1,0 +1,19 @@
+"""python -m brorl_jax.bench sampler|step|verifiers [--json PATH] [...]"""
+
+import importlib
+import sys
+
+BENCHES = ("sampler", "step", "verifiers")
+
+
+def run(argv: list[str] | None = None) -> None:
+  argv = sys.argv[1:] if argv is None else argv
+  if not argv or argv[0] not in BENCHES:
+    sys.exit(f"usage: python -m brorl_jax.bench {{{'|'.join(BENCHES)}}} "
+             "[--json PATH] [options]")
+  module = importlib.import_module(f"brorl_jax.bench.{argv[0]}")
+  module.main(argv[1:])
+
+
+if __name__ == "__main__":
+  run()

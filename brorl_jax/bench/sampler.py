@@ -1,0 +1,182 @@
+"""Sampler benchmark: `python -m brorl_jax.bench sampler [--json PATH]`.
+
+All measurements in one run, on the same weights (a random `demo`-preset
+model exported through the HF path and loaded by both sides), the same
+prompts and sampling settings (temperature 1, no top-k/top-p), a fixed
+number of new tokens (early stop off) and prefill included in every timing:
+
+  * brorl vs transformers `generate` (torch CPU, KV cache, num_return_sequences
+    = N) at N = 64, P = 1, prompt 64, 64 new tokens -> `hf_ratio_n64`;
+  * tokens/s for N in {16, 64, 512} with P x N = 512 -> `scaling_ratio_512_16`;
+  * KV-cache bytes at N = 512, prompt 256, response 64 against a cache that
+    repeats the prompt G times -> `kv_ratio_512` (and at response 1024).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from brorl_jax import hf
+from brorl_jax.model.config import model_config
+from brorl_jax.model.transformer import Policy
+from brorl_jax.rollout import Sampler, SamplerConfig
+
+NO_STOP = (2**30,)  # a stop id no model emits: every row runs to T tokens
+
+
+def _time_interleaved(fns: dict, reps: int) -> dict[str, float]:
+  """Best-of-reps seconds per function, timed in interleaved rounds.
+
+  Interleaving (A B C A B C ...) keeps drifts in machine load from favouring
+  whichever configuration happened to run in a quiet moment.
+  """
+  for fn in fns.values():
+    fn()  # compile / warm up
+  best = {k: float("inf") for k in fns}
+  for _ in range(reps):
+    for k, fn in fns.items():
+      t0 = time.perf_counter()
+      fn()
+      best[k] = min(best[k], time.perf_counter() - t0)
+  return best
+
+
+def _brorl(policy, params, prompts, n, new_tokens):
+  """A closure that samples n rollouts of each prompt, blocking."""
+  cfg = SamplerConfig(n=n, max_prompt_len=prompts.shape[1],
+                      max_new_tokens=new_tokens, early_stop=False,
+                      max_decode_rows=prompts.shape[0] * n)
+  sampler = Sampler(policy, cfg, stop_ids=NO_STOP, pad_id=0)
+  lengths = np.full((prompts.shape[0],), prompts.shape[1], np.int32)
+  keys = iter(range(10**6))
+
+  def go():
+    out = sampler.generate(params, prompts, lengths,
+                           jax.random.key(next(keys)))
+    jax.block_until_ready(out.tokens)
+  return go
+
+
+def _hf_generate(hf_dir, prompts, n, new_tokens, threads):
+  """A closure running transformers' generate the same way, blocking."""
+  import torch
+  import transformers
+  torch.set_num_threads(threads)
+  model = transformers.Qwen2ForCausalLM.from_pretrained(hf_dir).eval()
+  ids = torch.from_numpy(prompts.astype(np.int64))
+
+  def go():
+    with torch.no_grad():
+      model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                     temperature=1.0, top_k=0, top_p=1.0,
+                     num_return_sequences=n, max_new_tokens=new_tokens,
+                     min_new_tokens=new_tokens, use_cache=True,
+                     eos_token_id=None, pad_token_id=0)
+  return go
+
+
+def kv_bytes(cfg, prompts: int, group: int, prompt_len: int,
+             response_len: int) -> dict[str, int]:
+  """Bytes of the KV arrays the sampler allocates, and of a repeated cache.
+
+  Ours: the prefill's per-prompt KV ([P, Lp, K, H] k and v per layer, read
+  off the arrays a real prefill returns) plus the decode loop's per-rollout
+  suffix ([P, G, T, K, H] per layer, the loop state's shapes).
+  """
+  per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * \
+      np.dtype(cfg.dtype).itemsize
+  return {"shared_prefix": per_token * (prompts * prompt_len +
+                                        prompts * group * response_len),
+          "repeated": per_token * prompts * group * (prompt_len +
+                                                     response_len)}
+
+
+def main(argv: list[str]) -> dict:
+  parser = argparse.ArgumentParser(prog="python -m brorl_jax.bench sampler")
+  parser.add_argument("--json", help="write the results here")
+  parser.add_argument("--preset", default="demo")
+  parser.add_argument("--reps", type=int, default=3)
+  parser.add_argument("--prompt-len", type=int, default=64)
+  parser.add_argument("--new-tokens", type=int, default=64)
+  args = parser.parse_args(argv)
+  threads = os.cpu_count() or 1  # torch gets every core, as XLA does
+
+  mcfg = model_config(args.preset)
+  policy = Policy.create(mcfg)
+  rng = np.random.default_rng(0)
+  results: dict = {"preset": args.preset, "model": dataclasses.asdict(mcfg),
+                   "device": str(jax.devices()[0].platform),
+                   "settings": {"temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                                "prompt_len": args.prompt_len,
+                                "new_tokens": args.new_tokens,
+                                "early_stop": False, "reps": args.reps,
+                                "timing": "best of reps, prefill included"}}
+  with tempfile.TemporaryDirectory() as tmp:
+    # Same weights on both sides: export through the HF path, import back.
+    hf.save_hf(policy.init(jax.random.key(0)), mcfg, pathlib.Path(tmp) / "hf")
+    params = hf.load_hf_params(pathlib.Path(tmp) / "hf", mcfg)
+    lp, t = args.prompt_len, args.new_tokens
+    prompt1 = rng.integers(3, mcfg.vocab_size, (1, lp)).astype(np.int32)
+
+    # 1. brorl vs transformers generate, N = 64, P = 1.
+    times = _time_interleaved(
+        {"brorl": _brorl(policy, params, prompt1, 64, t),
+         "hf": _hf_generate(pathlib.Path(tmp) / "hf", prompt1, 64, t,
+                            threads)}, args.reps)
+    ours, theirs = times["brorl"], times["hf"]
+    results["hf_n64"] = {"brorl_tokens_per_s": 64 * t / ours,
+                         "hf_tokens_per_s": 64 * t / theirs,
+                         "brorl_s": ours, "hf_s": theirs}
+    results["hf_ratio_n64"] = theirs / ours
+
+  # 2. Scaling with the group size at a fixed P x N = 512 rows.
+  fns = {n: _brorl(policy, params, rng.integers(
+      3, mcfg.vocab_size, (512 // n, lp)).astype(np.int32), n, t)
+         for n in (16, 64, 512)}
+  scaling = {str(n): {"prompts": 512 // n, "seconds": sec,
+                      "tokens_per_s": 512 * t / sec}
+             for n, sec in _time_interleaved(fns, args.reps).items()}
+  results["scaling"] = scaling
+  results["scaling_ratio_512_16"] = (scaling["512"]["tokens_per_s"] /
+                                     scaling["16"]["tokens_per_s"])
+
+  # 3. KV bytes: shared prefix vs a prompt repeated G times.
+  kv = {}
+  for response in (64, 1024):
+    b = kv_bytes(mcfg, 1, 512, 256, response)
+    kv[str(response)] = dict(b, ratio=b["shared_prefix"] / b["repeated"])
+  # Cross-check the formula against the arrays a real prefill allocates.
+  sampler = Sampler(policy, SamplerConfig(n=512, max_prompt_len=256,
+                                          max_new_tokens=64),
+                    stop_ids=NO_STOP, pad_id=0)
+  pre = sampler.prefill(params, np.ones((1, 256), np.int32),
+                        np.full((1,), 256, np.int32))
+  prefix_bytes = sum(x.nbytes for x in pre.k + pre.v)
+  assert prefix_bytes == kv_bytes(mcfg, 1, 0, 256, 0)["shared_prefix"]
+  results["kv_bytes"] = kv
+  results["kv_ratio_512"] = kv["64"]["ratio"]
+  results["targets"] = {"hf_ratio_n64": ">= 3", "scaling_ratio_512_16":
+                        ">= 1.5", "kv_ratio_512": "<= 0.3"}
+
+  print(f"brorl vs transformers generate (N=64, P=1): "
+        f"{results['hf_n64']['brorl_tokens_per_s']:.0f} vs "
+        f"{results['hf_n64']['hf_tokens_per_s']:.0f} tokens/s -> "
+        f"hf_ratio_n64 = {results['hf_ratio_n64']:.2f}")
+  for n, s in scaling.items():
+    print(f"N={n:>3} P={s['prompts']:>2}: {s['tokens_per_s']:.0f} tokens/s")
+  print(f"scaling_ratio_512_16 = {results['scaling_ratio_512_16']:.2f}")
+  for r, k in kv.items():
+    print(f"KV bytes N=512 prompt 256 response {r}: {k['shared_prefix']:,} "
+          f"vs repeated {k['repeated']:,} -> ratio {k['ratio']:.3f}")
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(results, indent=2))
+  return results

@@ -1,0 +1,117 @@
+"""From scored rollouts to the update's batch (pure, jitted once per run).
+
+  sampled groups [P_over, G] --(dynamic sampling, oversampling: keep the
+  first P informative groups)--> [P, G] --(shaping, advantages)-->
+  RolloutBatch + the step's group statistics + pre-update mass-balance terms.
+
+Shapes never depend on how many groups survive: dropped or missing groups
+are masked, so nothing recompiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from brorl_jax.rl import advantages as adv_lib
+from brorl_jax.rl import mass_balance
+from brorl_jax.rl.shaping import ShapingConfig, shape_rewards
+from brorl_jax.rl.update import RolloutBatch
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchConfig:
+  """Static settings of `prepare` (all from validated sections).
+
+  Attributes:
+    num_groups: P, groups per update.
+    max_new_tokens: T.
+    correct_threshold: `rewards.correct_threshold`.
+    advantage: the advantage settings.
+    shaping: the reward-shaping settings.
+  """
+
+  num_groups: int
+  max_new_tokens: int
+  correct_threshold: float
+  advantage: adv_lib.AdvantageConfig
+  shaping: ShapingConfig
+
+
+def prepare(cfg: BatchConfig, prompt_tokens, prompt_lengths, tokens, logprobs,
+            lengths, stopped, rewards, first_probs, step):
+  """Selects groups, shapes rewards, computes advantages and diagnostics.
+
+  Args:
+    cfg: static settings.
+    prompt_tokens: [P_over, Lp]; prompt_lengths: [P_over].
+    tokens / logprobs: [P_over, G, T]; lengths / stopped / rewards:
+      [P_over, G] (rewards are the verifier's).
+    first_probs: [P_over, V] the first response token's distribution.
+    step: int32, the RL step (cosine-penalty cycle).
+
+  Returns:
+    (RolloutBatch [P, G], stats dict of scalars, selected indices [P],
+    first-token masks for the post-update diagnostics).
+  """
+  thr = cfg.correct_threshold
+  valid = jnp.ones(rewards.shape, bool)                     # [P_over, G]
+  num_correct, num_valid = adv_lib.group_counts(rewards, valid, thr)
+  informative = (num_correct > 0) & (num_correct < num_valid)
+  if cfg.advantage.dynamic_sampling:
+    idx, prompt_ok = adv_lib.select_groups(informative, cfg.num_groups)
+  else:
+    idx = jnp.arange(cfg.num_groups)
+    prompt_ok = jnp.ones((cfg.num_groups,), bool)
+  take = lambda x: jnp.take(x, idx, axis=0)  # noqa: E731
+  sel_rewards, sel_lengths, sel_stopped = (take(rewards), take(lengths),
+                                           take(stopped))
+  shaped = None
+  if cfg.shaping.enabled:
+    shaped = shape_rewards(sel_rewards, sel_lengths, sel_stopped,
+                           cfg.max_new_tokens, cfg.shaping, step=step)
+  adv, group_mask = adv_lib.compute_advantages(
+      sel_rewards, jnp.ones(sel_rewards.shape, bool), prompt_ok,
+      cfg.advantage, correct_threshold=thr, shaped_rewards=shaped)
+  mask = group_mask[:, None] & jnp.ones(sel_rewards.shape, bool)
+  batch = RolloutBatch(
+      prompt_tokens=take(prompt_tokens), prompt_lengths=take(prompt_lengths),
+      tokens=take(tokens), logprobs=take(logprobs), lengths=sel_lengths,
+      advantages=adv, mask=mask)
+
+  # Pre-update mass balance at the first response position, over the
+  # groups that enter the update (the others receive no gradient).
+  sel_probs = take(first_probs)
+  correct_mask, incorrect_mask = mass_balance.first_token_masks(
+      batch.tokens[:, :, 0], sel_rewards, mask, sel_probs.shape[-1], thr)
+  terms = mass_balance.terms_from_masks(sel_probs, correct_mask,
+                                        incorrect_mask)
+  mass = mass_balance.summarize(terms, group_mask)
+
+  correct = adv_lib.is_correct(rewards, thr)
+  g = rewards.shape[1]
+  stats = {
+      "reward/mean": rewards.mean(), "reward/std": rewards.std(),
+      "reward/pass_rate": correct.mean(),
+      "group/all_correct_frac": (num_correct == g).mean(),
+      "group/all_wrong_frac": (num_correct == 0).mean(),
+      "group/mixed_frac": informative.mean(),
+      "group/trained": group_mask.sum(),
+      "rollout/dynamic_sampling_pass_rate":
+          group_mask.sum() * g / rewards.size,
+      "rollout/response_len_mean": lengths.mean(),
+      "rollout/response_len_max": lengths.max(),
+      "rollout/truncated_frac": 1.0 - stopped.mean(),
+      "rollout/generated_tokens": lengths.sum(),
+      "advantage/mean": jnp.where(mask, adv, 0).sum() / jnp.maximum(
+          mask.sum(), 1),
+      "advantage/abs_mean": jnp.where(mask, jnp.abs(adv), 0).sum() /
+          jnp.maximum(mask.sum(), 1),
+  }
+  if shaped is not None:
+    stats["reward/shaped_mean"] = jnp.where(mask, shaped, 0).sum() / \
+        jnp.maximum(mask.sum(), 1)
+  stats.update({f"mass/{k}": v for k, v in mass.items()})
+  return batch, stats, idx, (correct_mask, incorrect_mask, group_mask)

@@ -1,0 +1,67 @@
+"""Post-update (realized) mass-balance diagnostics, on device.
+
+After the update, the same prompts' first-token distribution (a prefill-only
+forward) gives the realized change of the sampled-correct and
+sampled-incorrect first-token mass and of the entropy; re-scoring a subset of
+the step's rollouts before and after the update gives the sequence-level
+picture (mean Delta log pi of correct and incorrect rollouts, the share of
+correct rollouts whose likelihood rose, the worst drop among them). These
+are the LLM-scale counterparts of the simulator's Figure 3 metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from brorl_jax.model.transformer import Policy
+from brorl_jax.rl import mass_balance
+from brorl_jax.rl.update import RolloutBatch, Rows, make_rows, \
+    response_logprobs
+
+
+def subset_rows(batch: RolloutBatch, rows: jax.Array) -> Rows:
+  """The rows (flat P * G indices) `rows` [S] of a batch."""
+  return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), make_rows(batch))
+
+
+def sequence_logp(policy: Policy, params: Any, rows: Rows, *,
+                  temperature: float, vocab_chunk: int, seq_chunk: int
+                  ) -> jax.Array:
+  """[S] total log-prob of each row's response under `params`."""
+  logp, _ = response_logprobs(policy, params, rows.inputs, rows.valid,
+                              rows.targets, temperature=temperature,
+                              vocab_chunk=vocab_chunk, seq_chunk=seq_chunk,
+                              with_entropy=False)
+  in_response = jnp.arange(rows.targets.shape[1])[None] < \
+      _lengths(rows)[:, None]
+  return jnp.where(in_response, logp, 0.0).sum(-1)
+
+
+def _lengths(rows: Rows) -> jax.Array:
+  """Response lengths of rows (the loss mask may be off for dropped
+  groups; the valid mask of the inputs still holds the length)."""
+  t = rows.targets.shape[1]
+  # inputs = prompt ++ response[:-1]: the last t - 1 input slots are the
+  # response's first t - 1 tokens; the final token is always a target.
+  return rows.valid[:, -(t - 1):].sum(-1) + 1 if t > 1 else \
+      jnp.ones(rows.valid.shape[:1], jnp.int32)
+
+
+def realized(probs_before: jax.Array, probs_after: jax.Array,
+             correct_mask: jax.Array, incorrect_mask: jax.Array,
+             group_mask: jax.Array, logp_before: jax.Array,
+             logp_after: jax.Array, row_correct: jax.Array
+             ) -> dict[str, jax.Array]:
+  """All realized-change metrics as scalars (means over trained prompts)."""
+  change = mass_balance.realized_first_token_change(
+      probs_before, probs_after, correct_mask, incorrect_mask)
+  denom = jnp.maximum(group_mask.sum(), 1)
+  out = {k: jnp.where(group_mask, v, 0.0).sum() / denom
+         for k, v in change.items()}
+  out.update(mass_balance.sequence_logp_change(
+      logp_before, logp_after, row_correct,
+      jnp.ones(row_correct.shape, bool)))
+  return out

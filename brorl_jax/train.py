@@ -1,0 +1,502 @@
+"""The RL loop: `python -m brorl_jax.train --config C --workdir W`.
+
+One SPMD program: every host runs this loop; the sampler and the trainer
+share one set of parameters on one mesh. One iteration:
+
+  prompts (host) -> rollouts (device) | scored on host, overlapped ->
+  advantages (device) -> update (device, donated) -> diagnostics -> metrics,
+  checkpoint, evaluation.
+
+Running `train` again on the same workdir resumes from its last checkpoint.
+On SIGTERM the in-flight iteration is abandoned and the last completed state
+is saved before exiting 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from brorl_jax import checkpointing
+from brorl_jax import config as config_lib
+from brorl_jax import experiment as exp_lib
+from brorl_jax import scoring
+from brorl_jax.model.sharding import reshard
+from brorl_jax.rl import batch as batch_lib
+from brorl_jax.rl import diagnostics as diag_lib
+from brorl_jax.rl import train_state as ts_lib
+from brorl_jax.rl.update import RolloutBatch, make_update_fn
+
+log = logging.getLogger("brorl_jax.train")
+
+# Purposes folded into the step's key (STYLE.md §13).
+ROLLOUT, UPDATE, EVAL, DIAG = 1, 2, 3, 4
+
+
+class Preemption:
+  """SIGTERM sets a flag; the loop checks it between phases."""
+
+  def __init__(self):
+    self.requested_at: float | None = None
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    if self.requested_at is None:
+      self.requested_at = time.monotonic()
+      log.warning("SIGTERM: abandoning the in-flight iteration")
+
+  def requested(self) -> bool:
+    """True on every process once any process was asked to stop."""
+    flag = self.requested_at is not None
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      flag = bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+    return flag
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def _to_host(metrics: dict[str, Any]) -> dict[str, float]:
+  """Device scalars -> Python numbers (one explicit transfer)."""
+  values = jax.device_get(metrics)
+  return {k: (v.item() if hasattr(v, "item") else v)
+          for k, v in values.items()}
+
+
+class Trainer:
+  """Builds every part once; `run()` is the loop."""
+
+  def __init__(self, cfg: config_lib.RunConfig, workdir):
+    exp_lib.setup_jax(cfg)
+    self.cfg = cfg
+    self.exp = exp = exp_lib.build(cfg, workdir)
+    self.workdir = exp.workdir
+    self.policy = exp.policy
+    self.tokenizer = exp.tokenizer
+    self.pipeline = exp.pipeline()
+    self.pool = exp.reward_pool()
+    self.sampler = exp.sampler()
+    self.num_groups = cfg.loop.prompts_per_step
+    self.group = cfg.rollout.n
+    samples = self.num_groups * self.group
+    cfg.update.check_rows(samples)
+    self.optimizer = ts_lib.make_optimizer(cfg.optim, samples)
+    self.lr_schedule = cfg.optim.schedule_fn(samples)
+    self.sample_shardings = exp.param_shardings(sampling=True)
+    self.batch_cfg = batch_lib.BatchConfig(
+        num_groups=self.num_groups, max_new_tokens=cfg.rollout.max_new_tokens,
+        correct_threshold=cfg.rewards.correct_threshold,
+        advantage=cfg.advantage, shaping=cfg.shaping)
+    self._prepare = jax.jit(batch_lib.prepare, static_argnums=0)
+    self._make_state = jax.jit(lambda p: ts_lib.TrainState.create(
+        p, self.optimizer, with_reference=cfg.loss.kl_coef > 0))
+    self._reset_ref = jax.jit(
+        lambda s: ts_lib.reset_reference(
+            s, self.optimizer,
+            reset_optimizer=cfg.reference.reset_optimizer), donate_argnums=0)
+    self._update = None
+    self._diag_fns = None
+    from brorl_jax.metrics import MetricsWriter
+    from brorl_jax.rollout_archive import RolloutArchive
+    self.writer = MetricsWriter(self.workdir,
+                                tensorboard=cfg.logging.tensorboard,
+                                enabled=exp.is_main)
+    self.archive = RolloutArchive(self.workdir / "rollouts", enabled=(
+        exp.is_main and cfg.logging.archive_rollouts))
+    self.checkpointer = checkpointing.TrainCheckpointer(
+        self.workdir / "checkpoints", keep=cfg.checkpoint.keep,
+        async_save=cfg.checkpoint.async_save)
+    self.evaluator = None
+    if self.pipeline.num_eval_batches() > 0:
+      from brorl_jax.evaluate import Evaluator
+      self.evaluator = Evaluator(exp, self.pool)
+
+  # ---- state ---------------------------------------------------------------
+
+  def _state_shardings(self, params_abstract):
+    return self._make_state.lower(params_abstract).compile().output_shardings
+
+  def init_state(self):
+    """Restores the latest checkpoint, or creates (and warm-starts) one.
+
+    Returns:
+      (state, data iterator, loop meta).
+    """
+    shardings = self.exp.param_shardings()
+    abstract_params = checkpointing.abstract_with_shardings(
+        self.policy.abstract_params(), shardings)
+    state_shardings = self._state_shardings(abstract_params)
+    train_iter = self.pipeline.train_iterator()
+    step = self.checkpointer.latest_step()
+    if step is not None:
+      abstract = jax.tree.map(
+          lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+          jax.eval_shape(self._make_state, abstract_params), state_shardings)
+      state, meta = self.checkpointer.restore(step, abstract, train_iter)
+      log.info("resumed from step %d", step)
+      self.writer.truncate_after(step)
+      self.archive.truncate_after(step)
+      return state, train_iter, meta
+    params = self.exp.initial_params()
+    meta = {"generated_tokens_total": 0, "best_eval": None, "resets": 0,
+            "config": self.cfg.raw}
+    ws = self.cfg.warmstart
+    if ws.steps > 0 and self.cfg.init.path is None:
+      from brorl_jax.warmstart import run_warmstart
+      params, ws_metrics = run_warmstart(self.exp, params, ws)
+      self.writer.write(0, ws_metrics)
+    return self._make_state(params), train_iter, meta
+
+  def compile_update(self, state, rollout_batch_abstract):
+    """AOT-compiles the update for the configured shapes; logs its memory."""
+    cfg = self.cfg
+    fn = make_update_fn(self.policy, cfg.update, cfg.loss, self.optimizer,
+                        temperature=self._loss_temperature(),
+                        mesh_rules=self.exp.mesh_train)
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    mr = self.exp.mesh_train
+    batch_sh = jax.tree.map(
+        lambda x: mr.sharding(("batch",) + (None,) * (x.ndim - 1), x.shape),
+        rollout_batch_abstract)
+    self._state_sh, self._batch_sh = state_sh, batch_sh
+    jitted = jax.jit(fn, in_shardings=(state_sh, batch_sh, mr.replicated()),
+                     out_shardings=(state_sh, mr.replicated()),
+                     donate_argnums=0)
+    compiled = jitted.lower(state, rollout_batch_abstract,
+                            jax.random.key(0)).compile()
+    mem = compiled.memory_analysis()
+    if mem is not None:
+      log.info("update memory per device: arguments %.1f MiB, temporaries "
+               "%.1f MiB, outputs %.1f MiB",
+               mem.argument_size_in_bytes / 2**20,
+               mem.temp_size_in_bytes / 2**20,
+               mem.output_size_in_bytes / 2**20)
+    return compiled
+
+  def _loss_temperature(self) -> float:
+    r = self.cfg.rollout
+    return 1.0 if r.is_greedy else r.temperature
+
+  # ---- one iteration -------------------------------------------------------
+
+  def iteration(self, state, prompts, step: int, meta: dict, preempt):
+    """One RL step. Returns (state, metrics), or None if abandoned."""
+    cfg, exp = self.cfg, self.exp
+    key = jax.random.fold_in(jax.random.key(cfg.seed), step)
+    times = {}
+    t0 = time.perf_counter()
+
+    # ---- 1. Prompts (host -> device) ---------------------------------------
+    tokens, lengths = exp_lib.global_prompt_arrays(exp, prompts.tokens,
+                                                   prompts.lengths)
+
+    # ---- 2. Rollouts (device), scored on host as chunks finish -------------
+    # The trainer's FSDP layout is resharded on device for decoding.
+    sample_params = reshard(state.params, self.sample_shardings)
+    scored = scoring.sample_and_score(
+        self.sampler, self.pool, self.tokenizer, sample_params, tokens,
+        lengths, prompts.records, jax.random.fold_in(key, ROLLOUT))
+    ro = scored.rollouts
+    times["sample_s"] = scored.seconds["sample"]
+    times["score_s"] = scored.seconds["score_wait"]
+    if preempt.requested():
+      return None                          # abandoned: nothing was applied
+
+    # ---- 3. Advantages (device): dynamic sampling, shaping -----------------
+    t1 = time.perf_counter()
+    rb, stats, sel, masks = self._prepare(
+        self.batch_cfg, tokens, lengths, ro.tokens, ro.logprobs, ro.lengths,
+        ro.stopped, scored.rewards, ro.first_probs, jnp.int32(step))
+
+    # ---- 4. Update (device, state donated) ---------------------------------
+    if self._update is None:
+      self._update = self.compile_update(state, rb)
+    diag_every = cfg.diagnostics.every
+    do_diag = diag_every > 0 and step % diag_every == 0
+    before = self._diag_before(state, rb, key) if do_diag else None
+    # On-device moves into the compiled update's layouts (no-ops when equal).
+    state = jax.device_put(state, self._state_sh)
+    rb = jax.device_put(rb, self._batch_sh)
+    new_state, upd = self._update(state, rb, jax.random.fold_in(key, UPDATE))
+    times["update_s"] = time.perf_counter() - t1  # includes the diag forward
+
+    # ---- 5. Diagnostics (device): realized change --------------------------
+    t2 = time.perf_counter()
+    mass_after = {}
+    if do_diag:
+      mass_after = self._diag_after(new_state, rb, before, ro, sel, masks,
+                                    tokens, lengths, scored.rewards)
+    times["diag_s"] = time.perf_counter() - t2
+
+    # ---- 6. Metrics (one explicit device -> host transfer) -----------------
+    host = _to_host({**stats, **{f"loss/{k}": v for k, v in upd.items()},
+                     **mass_after,
+                     "rollout/finished_slot_frac": ro.finished_slots /
+                     jnp.maximum(ro.total_slots, 1),
+                     "optim/skipped_total": new_state.skipped,
+                     "optim/updates_total": new_state.updates})
+    meta["generated_tokens_total"] += int(host["rollout/generated_tokens"])
+    metrics = self._rename(host)
+    metrics["rollout/generated_tokens_total"] = meta["generated_tokens_total"]
+    metrics["optim/lr"] = float(self.lr_schedule(int(new_state.updates)))
+    metrics.update(self._task_rewards(prompts.records, scored.rewards))
+    metrics.update({f"verify/{k}": v for k, v in self.pool.pop_stats()
+                    .items()})
+    times["step_s"] = time.perf_counter() - t0
+    metrics.update({f"time/{k}": v for k, v in times.items()})
+    metrics["throughput/tokens_per_s"] = (
+        metrics["rollout/generated_tokens"] / max(times["sample_s"], 1e-9))
+    # Archived under the step number the metrics use (completed steps).
+    self._log_rollouts(step + 1, prompts, scored)
+    return new_state, metrics
+
+  @staticmethod
+  def _rename(host: dict) -> dict:
+    """Loss-aux names -> the documented metric names."""
+    out = {}
+    for k, v in host.items():
+      if k in ("loss/logp_diff_mean", "loss/logp_diff_max"):
+        k = "rollout/" + k.split("/", 1)[1]
+      elif k in ("loss/grad_norm", "loss/update_norm", "loss/param_norm",
+                 "loss/skipped"):
+        k = "optim/" + k.split("/", 1)[1]
+      out[k] = v
+    return out
+
+  def _task_rewards(self, records, rewards) -> dict[str, float]:
+    """Per task family mean reward (host; the rewards' transfer is small)."""
+    r = np.asarray(jax.device_get(rewards)) if rewards.is_fully_addressable \
+        else None
+    if r is None:
+      return {}
+    tasks: dict[str, list[float]] = {}
+    for rec, row in zip(records, r):
+      tasks.setdefault(rec.task, []).extend(row.tolist())
+    if len(tasks) < 2:
+      return {}
+    return {f"reward/{t}/mean": float(np.mean(v)) for t, v in tasks.items()}
+
+  # ---- diagnostics ---------------------------------------------------------
+
+  def _diag_functions(self):
+    if self._diag_fns is None:
+      u = self.cfg.update
+      kw = dict(temperature=self._loss_temperature(),
+                vocab_chunk=u.vocab_chunk, seq_chunk=u.seq_chunk)
+      seq = jax.jit(lambda params, rb, rows: diag_lib.sequence_logp(
+          self.policy, params, diag_lib.subset_rows(rb, rows), **kw))
+      self._diag_fns = (seq, jax.jit(diag_lib.realized))
+    return self._diag_fns
+
+  def _diag_before(self, state, rb: RolloutBatch, key):
+    seq, _ = self._diag_functions()
+    rows_total = rb.tokens.shape[0] * rb.tokens.shape[1]
+    k = min(self.cfg.diagnostics.rescore_rollouts, rows_total)
+    if k == 0:
+      return None
+    rows = jax.random.choice(jax.random.fold_in(key, DIAG), rows_total, (k,),
+                             replace=False)
+    return rows, seq(state.params, rb, rows)
+
+  def _diag_after(self, state, rb, before, ro, sel, masks, tokens, lengths,
+                  rewards):
+    seq, realized = self._diag_functions()
+    sample_params = reshard(state.params, self.sample_shardings)
+    pre = self.sampler.prefill(sample_params, jnp.take(tokens, sel, 0),
+                               jnp.take(lengths, sel, 0))
+    probs_after = self.sampler.first_probs(pre)
+    probs_before = jnp.take(ro.first_probs, sel, 0)
+    correct_mask, incorrect_mask, group_mask = masks
+    if before is None:
+      return {}
+    rows, logp_before = before
+    logp_after = seq(state.params, rb, rows)
+    row_rewards = jnp.take(jnp.take(rewards, sel, 0).reshape(-1), rows)
+    row_correct = row_rewards >= self.cfg.rewards.correct_threshold
+    out = realized(probs_before, probs_after, correct_mask, incorrect_mask,
+                   group_mask, logp_before, logp_after, row_correct)
+    return {f"mass/{k}": v for k, v in out.items()}
+
+  # ---- logging -------------------------------------------------------------
+
+  def _log_rollouts(self, step, prompts, scored):
+    if not self.exp.is_main:
+      return
+    ro = scored.rollouts
+    every = self.cfg.logging.archive_every
+    if (self.archive.enabled and ro.tokens.is_fully_addressable
+        and step % every == 0):
+      tok, lens, lp, rew, st = jax.device_get(
+          (ro.tokens, ro.lengths, ro.logprobs, scored.rewards, scored.status))
+      self.archive.append(
+          step, prompt_ids=[prompts.tokens[i, -prompts.lengths[i]:]
+                            for i in range(len(prompts.records))],
+          completion_ids=tok, lengths=lens, logprobs=lp, rewards=rew,
+          status=st)
+    n = self.cfg.logging.text_samples
+    if n and scored.texts and scored.rewards.is_fully_addressable:
+      rewards, status = (np.asarray(x) for x in jax.device_get(
+          (scored.rewards, scored.status)))
+      names = {v: k for k, v in scoring.STATUS_CODES.items()}
+      samples = []
+      for (p, g), text in list(sorted(scored.texts.items()))[:: max(
+          1, len(scored.texts) // n)][:n]:
+        samples.append({
+            "prompt": self.pipeline.prompt_text(prompts.records[p]),
+            "completion": text, "answer": prompts.records[p].answer,
+            "reward": float(rewards[p, g]),
+            "status": names[int(status[p, g])]})
+      self.archive.write_text_samples(step, samples)
+
+  # ---- evaluation, references ----------------------------------------------
+
+  def evaluate(self, state, step: int) -> dict[str, float]:
+    if self.evaluator is None:
+      return {}
+    t0 = time.perf_counter()
+    params = reshard(state.params, self.sample_shardings)
+    out = self.evaluator.evaluate(params, step, jax.random.fold_in(
+        jax.random.key(self.cfg.seed), 10**9 + step))
+    out["time/eval_s"] = time.perf_counter() - t0
+    return out
+
+  def maybe_reset_reference(self, state, step, metrics, meta):
+    ref = self.cfg.reference
+    if state.ref_params is None:
+      return state
+    reason = None
+    if ref.reset_every and step % ref.reset_every == 0:
+      reason = "schedule"
+    elif (ref.reset_kl_above is not None
+          and metrics.get("loss/kl_ref", 0.0) > ref.reset_kl_above):
+      reason = "kl"
+    elif (ref.reset_on_eval_drop is not None and "eval/pass@1" in metrics
+          and meta["best_eval"] is not None
+          and metrics["eval/pass@1"] < meta["best_eval"]
+          - ref.reset_on_eval_drop):
+      reason = "eval"
+    if reason is None:
+      return state
+    meta["resets"] += 1
+    metrics["ref/resets"] = meta["resets"]
+    log.info("step %d: reference reset (%s)", step, reason)
+    return self._reset_ref(state)
+
+  # ---- the loop ------------------------------------------------------------
+
+  def run(self) -> dict[str, float]:
+    cfg = self.cfg
+    preempt = Preemption()
+    state, train_iter, meta = self.init_state()
+    start = int(state.step)
+    last: dict[str, float] = {}
+    if start == 0 and self.evaluator is not None:
+      # Held-out pass@1 before any RL update.
+      last = self.evaluate(state, 0)
+      meta["best_eval"] = last.get("eval/pass@1")
+      self.writer.write(0, last)
+    bar = self._progress(start)
+    step = start
+    try:
+      while step < cfg.total_steps:
+        data_state = train_iter.get_state()
+        prompts = next(train_iter)
+        out = self.iteration(state, prompts, step, meta, preempt)
+        if out is None:                       # preempted mid-iteration
+          train_iter.set_state(data_state)
+          break
+        state, metrics = out
+        step += 1
+        if self.evaluator is not None and (
+            step == cfg.total_steps
+            or (cfg.eval.every and step % cfg.eval.every == 0)):
+          metrics.update(self.evaluate(state, step))
+          if metrics.get("eval/pass@1") is not None:
+            best = meta["best_eval"]
+            meta["best_eval"] = max(best if best is not None else -1.0,
+                                    metrics["eval/pass@1"])
+        state = self.maybe_reset_reference(state, step, metrics, meta)
+        self.writer.write(step, metrics)
+        last = metrics
+        if bar is not None:
+          bar.update(1)
+          bar.set_postfix({"reward": f"{metrics['reward/mean']:.3f}",
+                           "pass@1": metrics.get("eval/pass@1", "-")})
+        if (step == cfg.total_steps or preempt.requested()
+            or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)):
+          self.checkpointer.save(step, state, train_iter, self._meta(meta))
+        if preempt.requested():
+          break
+      if preempt.requested() and step not in self.checkpointer.all_steps():
+        t0 = time.perf_counter()
+        self.checkpointer.save(step, state, train_iter, self._meta(meta))
+        self.checkpointer.wait()
+        log.warning("preempted: saved step %d in %.1f s", step,
+                    time.perf_counter() - t0)
+    finally:
+      self.checkpointer.close()
+      self.writer.close()
+      self.pool.close()
+      preempt.restore()
+      if bar is not None:
+        bar.close()
+    return last
+
+  def _meta(self, meta: dict) -> dict:
+    return {**meta, "versions": {"jax": jax.__version__}}
+
+  def _progress(self, start: int):
+    if not (self.cfg.logging.progress_bar and self.exp.is_main):
+      return None
+    from tqdm import tqdm
+    return tqdm(total=self.cfg.total_steps, initial=start, desc="RL steps",
+                dynamic_ncols=True)
+
+
+def train(config: Any, workdir: str) -> dict[str, float]:
+  """Validates `config` (a ConfigDict), then runs or resumes the loop."""
+  cfg = config_lib.load(config)
+  return Trainer(cfg, workdir).run()
+
+
+# ---- command line ------------------------------------------------------------
+
+def run(argv: list[str] | None = None) -> None:
+  from absl import app, flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "ml-collections config file",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "run directory (resumes if present)")
+  flags.DEFINE_bool("dry_run", False, "report per-device memory; no training")
+  flags.mark_flags_as_required(["config"])
+
+  def main(_):
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+      cfg = config_lib.load(flags.FLAGS.config)
+    except config_lib.ConfigError as e:
+      sys.exit(f"error: {e}")
+    if flags.FLAGS.dry_run:
+      from brorl_jax import sizing
+      sizing.dry_run(cfg)
+      return
+    if not flags.FLAGS.workdir:
+      sys.exit("error: --workdir is required (the run's directory)")
+    Trainer(cfg, flags.FLAGS.workdir).run()
+
+  app.run(main, argv=[sys.argv[0]] + (sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+  run()
