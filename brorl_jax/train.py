@@ -365,9 +365,16 @@ class Trainer:
       return {}
     t0 = time.perf_counter()
     params = reshard(state.params, self.sample_shardings)
-    out = self.evaluator.evaluate(params, step, jax.random.fold_in(
-        jax.random.key(self.cfg.seed), 10**9 + step))
+    # The same key at every evaluation (common random numbers): pass@1
+    # differences between steps are then the policy's, not the draws'; the
+    # evaluate CLI on a checkpoint reproduces the loop's numbers.
+    from brorl_jax.evaluate import eval_key
+    out = self.evaluator.evaluate(params, step, eval_key(self.cfg.seed))
     out["time/eval_s"] = time.perf_counter() - t0
+    # The pool's counters belong to the evaluation, not the next RL step.
+    verify = self.pool.pop_stats()
+    out.update({f"eval/verify/{k}": verify[k] for k in ("timeouts", "errors")
+                if k in verify})
     return out
 
   def maybe_reset_reference(self, state, step, metrics, meta):

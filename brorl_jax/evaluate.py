@@ -1,0 +1,430 @@
+"""Held-out evaluation: pass@1 over n samples and unbiased pass@k.
+
+  python -m brorl_jax.evaluate --config configs/demo_cpu.py --workdir W \\
+      [--n 16] [--k 1,4,16] [--json PATH] [--greedy] [--step S] \\
+      [--hf-dir DIR] [--max-prompts M] [--config.eval.temperature=0.6 ...]
+
+Every held-out prompt (`data.eval_files`, or the `data.synthetic` held-out
+set) goes through the training stack's own sampler and verifiers
+(`scoring.sample_and_score`) with the config's `eval` sampling settings; a
+sample is correct when its reward reaches `rewards.correct_threshold`. With
+c of n samples correct, a prompt's pass@k is the unbiased estimator of Chen
+et al. (2021), 1 - C(n - c, k) / C(n, k); pass@1 is c / n. Both are averaged
+over prompts, overall and per task family (a record's `task`: the benchmark
+file's name for benchmark files). Greedy decoding forces n = 1.
+
+The policy comes from the workdir's latest (or `--step`) checkpoint, or from
+a Hugging Face / `hf import` directory (`--hf-dir`, with its tokenizer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import sys
+import tempfile
+import time
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from brorl_jax.config import check
+
+log = logging.getLogger(__name__)
+# Folded into the config seed: the loop and the CLI draw the same samples.
+_EVAL_PURPOSE = 0xE7A1
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+  """Unbiased pass@k of one prompt (Chen et al., 2021).
+
+  1 - C(n - c, k) / C(n, k), computed as the product
+  prod_{j = n - c + 1}^{n} (1 - k / j), which never forms a binomial.
+
+  Args:
+    n: samples drawn.
+    c: correct samples among them.
+    k: the k of pass@k (1 <= k <= n).
+
+  Returns:
+    The probability that at least one of k samples drawn without replacement
+    from the n is correct.
+  """
+  if not 0 <= c <= n or not 1 <= k <= n:
+    raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got "
+                     f"n={n}, c={c}, k={k}")
+  if n - c < k:
+    return 1.0
+  return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def pass_at_k_array(n: Any, c: Any, k: int) -> np.ndarray:
+  """`pass_at_k` over arrays of n and c (broadcast), vectorized.
+
+  Args:
+    n: samples per prompt, e.g. [P] or a scalar.
+    c: correct samples per prompt, e.g. [P].
+    k: the k of pass@k.
+
+  Returns:
+    [P] float64 per-prompt pass@k.
+  """
+  n, c = np.broadcast_arrays(np.asarray(n, np.int64), np.asarray(c, np.int64))
+  if (c < 0).any() or (c > n).any() or k < 1 or (n < k).any():
+    raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n (k={k})")
+  if n.size == 0:
+    return np.zeros(n.shape)
+  j = np.arange(1, int(n.max()) + 1)                      # [J]
+  # Factor (1 - k / j) for j in (n - c, n], 1 elsewhere.
+  inside = (j > (n - c)[..., None]) & (j <= n[..., None])  # [P, J]
+  factors = np.where(inside, 1.0 - k / j, 1.0)
+  return np.where(n - c < k, 1.0, 1.0 - factors.prod(-1))
+
+
+def eval_key(seed: int) -> jax.Array:
+  """The evaluation's sampling key for a run seed (loop and CLI share it)."""
+  return jax.random.fold_in(jax.random.key(seed), _EVAL_PURPOSE)
+
+
+@dataclasses.dataclass
+class EvalResult:
+  """Per-prompt outcomes of one evaluation.
+
+  Attributes:
+    n: samples per prompt.
+    ks: the pass@k values reported.
+    step: the policy's step (None: not a training checkpoint).
+    greedy: greedy decoding (then n = 1).
+    correct: [N] int, correct samples per held-out prompt.
+    tasks: [N] task family of each prompt.
+    reward_sum / length_sum / truncated: sums over all N * n samples of the
+      reward, the response length and "hit max_new_tokens".
+    seconds: wall time of the evaluation.
+  """
+
+  n: int
+  ks: tuple[int, ...]
+  step: int | None
+  greedy: bool
+  correct: np.ndarray
+  tasks: list[str]
+  reward_sum: float
+  length_sum: float
+  truncated: float
+  seconds: float
+
+  def summary(self, task: str | None = None) -> dict[str, Any]:
+    """`{"pass@1", "pass@k": {k: v}, "n_prompts"}` of one task or all."""
+    rows = np.asarray([task is None or t == task for t in self.tasks], bool)
+    c = self.correct[rows]
+    if not len(c):
+      return {"pass@1": float("nan"), "pass@k": {}, "n_prompts": 0}
+    return {"pass@1": float(np.mean(c / self.n)),
+            "pass@k": {k: float(pass_at_k_array(self.n, c, k).mean())
+                       for k in self.ks},
+            "n_prompts": int(len(c))}
+
+  def flat(self) -> dict[str, float]:
+    """Flat metric names: `eval/pass@1`, `eval/{task}/pass@4`, ..."""
+    samples = max(len(self.correct) * self.n, 1)
+    out = {"eval/num_prompts": len(self.correct),
+           "eval/reward_mean": self.reward_sum / samples,
+           "eval/response_len_mean": self.length_sum / samples,
+           "eval/truncated_frac": self.truncated / samples}
+    for task in [None] + sorted(set(self.tasks)):
+      s = self.summary(task)
+      prefix = "eval/" if task is None else f"eval/{task}/"
+      out[prefix + "pass@1"] = s["pass@1"]
+      for k, v in s["pass@k"].items():
+        out[f"{prefix}pass@{k}"] = v
+      if task is not None:
+        out[prefix + "num_prompts"] = s["n_prompts"]
+    return out
+
+  def report(self) -> dict[str, Any]:
+    """The `--json` document."""
+    def form(s):
+      return {"pass@1": s["pass@1"],
+              "pass@k": {str(k): v for k, v in s["pass@k"].items()},
+              "n_prompts": s["n_prompts"]}
+    overall = form(self.summary())
+    return {**overall, "n": self.n, "step": self.step, "greedy": self.greedy,
+            "per_task": {t: form(self.summary(t))
+                         for t in sorted(set(self.tasks))}}
+
+  def table(self) -> str:
+    """A plain-text table: overall and per task, prompts and pass@k."""
+    head = ["task", "prompts", "pass@1"] + [f"pass@{k}" for k in self.ks
+                                             if k != 1]
+    rows = []
+    for task in [None] + sorted(set(self.tasks)):
+      s = self.summary(task)
+      rows.append([task or "all", str(s["n_prompts"]), f"{s['pass@1']:.4f}"]
+                  + [f"{s['pass@k'][k]:.4f}" for k in self.ks if k != 1])
+    width = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+    fmt = lambda r: "  ".join(  # noqa: E731
+        x.ljust(w) if i == 0 else x.rjust(w)
+        for i, (x, w) in enumerate(zip(r, width)))
+    return "\n".join([fmt(head), fmt(["-" * w for w in width])]
+                     + [fmt(r) for r in rows])
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  """A global array's full value on every process."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+class Evaluator:
+  """Samples and scores the held-out prompts with the training stack."""
+
+  def __init__(self, exp: Any, pool: Any, *, sampler_cfg: Any = None,
+               ks: Sequence[int] | None = None,
+               max_prompts: int | None = None, greedy: bool = False,
+               pipeline: Any = None, batch_size: int | None = None):
+    """Builds the eval sampler and the held-out prompt set.
+
+    Args:
+      exp: the run's `experiment.Experiment`.
+      pool: the run's `rewards.RewardPool` (the same verifiers as training).
+      sampler_cfg: sampling settings (default `exp.cfg.eval_sampler()`).
+      ks: the pass@k values (default `exp.cfg.eval.k`); each <= n.
+      max_prompts: evaluate the first M held-out prompts (default
+        `exp.cfg.eval.max_prompts`; None = all).
+      greedy: argmax decoding (also when `sampler_cfg` is greedy): forces
+        n = 1 and drops every k > 1.
+      pipeline: the run's prompt pipeline (default `exp.pipeline()`).
+      batch_size: prompts per sampler call (default: the training step's).
+    """
+    from brorl_jax.data.prompts import PromptPipeline
+    sampler_cfg = sampler_cfg or exp.cfg.eval_sampler()
+    ks = tuple(exp.cfg.eval.k if ks is None else ks)
+    if greedy or sampler_cfg.is_greedy:
+      if sampler_cfg.n != 1 or any(k > 1 for k in ks):
+        log.info("greedy evaluation: n forced to 1 (was %d), pass@k only "
+                 "for k = 1", sampler_cfg.n)
+      sampler_cfg = dataclasses.replace(sampler_cfg, greedy=True, n=1)
+      ks = (1,)
+    check(all(1 <= k <= sampler_cfg.n for k in ks), "eval.k",
+          f"each k must be in 1..n={sampler_cfg.n}, got {ks}")
+    self.exp, self.pool = exp, pool
+    self.n, self.ks = sampler_cfg.n, tuple(sorted(set(ks)))
+    self.greedy = sampler_cfg.is_greedy
+    self.max_prompts = (exp.cfg.eval.max_prompts if max_prompts is None
+                        else max_prompts)
+    self.threshold = exp.cfg.rewards.correct_threshold
+    self.sampler = exp.sampler(sampler_cfg)
+    pipeline = pipeline or exp.pipeline()
+    self.batch_size = batch_size or pipeline.prompts_per_step
+    check(self.batch_size % jax.process_count() == 0, "eval.batch_size",
+          f"must be a multiple of the process count {jax.process_count()}")
+    # A one-process view of the same held-out set: every host needs the
+    # records of the whole global batch to score the rollouts it holds.
+    from brorl_jax import rewards
+    self._view = PromptPipeline(
+        pipeline.config, pipeline.tokenizer,
+        max_prompt_len=pipeline.max_prompt_len,
+        prompts_per_step=self.batch_size,
+        known_verifiers=set(rewards.VERIFIERS))
+
+  def evaluate(self, params: Any, step: int, rng: jax.Array
+               ) -> dict[str, float]:
+    """Flat `eval/*` metrics of `params` (in the sampling layout)."""
+    return self.run(params, step, rng).flat()
+
+  def run(self, params: Any, step: int | None, rng: jax.Array) -> EvalResult:
+    """Samples n completions per held-out prompt and scores them.
+
+    Args:
+      params: policy parameters in the sampling layout.
+      step: the policy's step (recorded only).
+      rng: sampling key; the same key gives the same samples (pass the same
+        one at every step for common random numbers across steps).
+
+    Returns:
+      The per-prompt outcomes.
+    """
+    from brorl_jax.experiment import global_prompt_arrays
+    from brorl_jax.rewards import is_correct
+    from brorl_jax.scoring import sample_and_score
+    t0 = time.perf_counter()
+    limit = self.max_prompts
+    per_process = self.batch_size // jax.process_count()
+    lo = jax.process_index() * per_process
+    correct, tasks = [], []
+    sums = np.zeros(3)  # reward, response length, truncated
+    for b, batch in enumerate(self._view.eval_batches(self.batch_size)):
+      first = b * self.batch_size
+      if limit is not None and first >= limit:
+        break
+      keep = batch.valid & (limit is None or
+                            first + np.arange(self.batch_size) < limit)
+      tokens, lengths = global_prompt_arrays(
+          self.exp, batch.tokens[lo:lo + per_process],
+          batch.lengths[lo:lo + per_process])
+      scored = sample_and_score(
+          self.sampler, self.pool, self.exp.tokenizer, params, tokens,
+          lengths, batch.records, jax.random.fold_in(rng, b), n=self.n,
+          keep_texts=False)
+      rewards = _to_host(scored.rewards)[keep]                 # [B', n]
+      resp_len = _to_host(scored.rollouts.lengths)[keep]       # [B', n]
+      stopped = _to_host(scored.rollouts.stopped)[keep]        # [B', n]
+      correct.append(is_correct(rewards, self.threshold).sum(-1))
+      tasks += [r.task for r, k in zip(batch.records, keep) if k]
+      sums += (rewards.sum(), resp_len.sum(), (~stopped).sum())
+    return EvalResult(
+        n=self.n, ks=self.ks, step=step, greedy=self.greedy,
+        correct=np.concatenate(correct) if correct else np.zeros(0, int),
+        tasks=tasks, reward_sum=float(sums[0]), length_sum=float(sums[1]),
+        truncated=float(sums[2]), seconds=time.perf_counter() - t0)
+
+
+# ---- command line ----------------------------------------------------------
+
+
+def _flags(argv: Sequence[str]):
+  from absl import flags
+  from ml_collections import config_flags
+  fv = flags.FlagValues()
+  # `sys_argv`: config_flags defines the `--config.a.b` override flags it
+  # finds there (by default it looks at sys.argv, not at `argv`).
+  config_flags.DEFINE_config_file("config", None, "Config file (get_config).",
+                                  flag_values=fv, lock_config=True,
+                                  sys_argv=list(argv))
+  flags.DEFINE_string("workdir", None, "Training workdir (or `hf import` "
+                      "model dir) to evaluate; unused with --hf-dir.",
+                      flag_values=fv)
+  flags.DEFINE_integer("n", None, "Samples per prompt (eval.n).",
+                       flag_values=fv)
+  flags.DEFINE_list("k", None, "pass@k values, e.g. 1,4,16 (eval.k).",
+                    flag_values=fv)
+  flags.DEFINE_string("json", None, "Write the results here.", flag_values=fv)
+  flags.DEFINE_bool("greedy", False, "Greedy decoding (n = 1).",
+                    flag_values=fv)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).",
+                       flag_values=fv)
+  flags.DEFINE_string("hf-dir", None, "Evaluate this Hugging Face (or `hf "
+                      "import`) directory instead of a checkpoint.",
+                      flag_values=fv)
+  flags.DEFINE_integer("max-prompts", None, "Evaluate at most M held-out "
+                       "prompts (eval.max_prompts).", flag_values=fv)
+  return fv
+
+
+def _apply_overrides(config: Any, fv: Any) -> None:
+  """--n / --k / --max-prompts into the ConfigDict (validated by load)."""
+  import ml_collections
+  # The flags may set keys a minimal config leaves to their defaults.
+  with config.unlocked():
+    if "eval" not in config:
+      config.eval = ml_collections.ConfigDict()
+    section = config.eval
+    if fv.n is not None:
+      section.n = fv.n
+      if fv.k is None:  # keep the config's k values that still fit
+        ks = section.get("k", (1,))
+        ks = ([int(x) for x in ks.split(",")] if isinstance(ks, str)
+              else [ks] if isinstance(ks, int) else ks)
+        section.k = tuple(k for k in ks if k <= fv.n) or (1,)
+    if fv.k is not None:
+      section.k = tuple(int(k) for k in fv.k)
+    if fv["max-prompts"].value is not None:
+      section.max_prompts = fv["max-prompts"].value
+
+
+def _load_policy(exp: Any, source: pathlib.Path, step: int | None,
+                 from_hf: bool) -> tuple[Any, int | None]:
+  """(params in the sampling layout, checkpoint step or None)."""
+  from brorl_jax import checkpointing, hf
+  shardings = exp.param_shardings(sampling=True)
+  if from_hf and not (source / hf.MODEL_CONFIG_FILE).exists():
+    return hf.load_hf_params(source, exp.model_cfg, shardings), None
+  if (source / "checkpoints").exists() and step is None:
+    ckpt = checkpointing.TrainCheckpointer(source / "checkpoints", keep=1,
+                                           async_save=False)
+    step = ckpt.latest_step()
+    ckpt.close()
+  _, params, _ = checkpointing.load_policy_params(source, step, shardings)
+  return params, step
+
+
+def main(argv: Sequence[str]) -> dict[str, Any]:
+  """Parses `argv` (program name first), evaluates, prints, writes JSON."""
+  from absl import app
+  from brorl_jax import config as config_lib
+  from brorl_jax import experiment, hf
+  fv = _flags(argv)
+  if any(a in ("-h", "--help") for a in argv[1:]):
+    print(__doc__ + "\nflags:\n" + fv.get_help())
+    return {}
+  fv(list(argv))
+  hf_dir = fv["hf-dir"].value
+  if fv.config is None or (fv.workdir is None and hf_dir is None):
+    raise app.UsageError("--config and --workdir (or --hf-dir) are required")
+  _apply_overrides(fv.config, fv)
+  cfg = config_lib.load(fv.config)
+  experiment.setup_jax(cfg)
+  with tempfile.TemporaryDirectory(prefix="brorl_eval_") as tmp:
+    if hf_dir is not None:
+      # The HF model's own config and tokenizer, built in a scratch
+      # directory: a training workdir's model_config.json would win over
+      # the HF config.json (experiment.model_config_for).
+      if fv.workdir is not None:
+        log.warning("--hf-dir given: --workdir %s is not used", fv.workdir)
+      source = pathlib.Path(hf_dir)
+      cfg = dataclasses.replace(cfg, init=dataclasses.replace(
+          cfg.init, path=str(source), tokenizer=None))
+      workdir = pathlib.Path(tmp)
+    else:
+      source = workdir = pathlib.Path(fv.workdir)
+      missing = [p for p in (hf.MODEL_CONFIG_FILE, "tokenizer")
+                 if not (workdir / p).exists()]
+      if missing:
+        raise FileNotFoundError(
+            f"--workdir {workdir} lacks {', '.join(missing)}: pass the "
+            "workdir of a training run (or an `hf import` directory), or "
+            "--hf-dir")
+    exp = experiment.build(cfg, workdir)
+    params, step = _load_policy(exp, source, fv.step, hf_dir is not None)
+    with exp.reward_pool() as pool:
+      evaluator = Evaluator(exp, pool, greedy=fv.greedy)
+      result = evaluator.run(params, step, eval_key(cfg.seed))
+  sampling = ("greedy" if result.greedy else
+              f"temperature {cfg.eval.temperature}, top-p {cfg.eval.top_p}")
+  which = f" (step {step})" if step is not None else ""
+  print(f"held-out evaluation of {hf_dir or fv.workdir}{which}: "
+        f"n={result.n} samples per prompt, {sampling}, "
+        f"{result.seconds:.1f} s")
+  print(result.table())
+  report = result.report()
+  if fv.json:
+    path = pathlib.Path(fv.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+  return report
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+  """Console entry point (`brorl-evaluate`)."""
+  from absl import app, flags
+  from brorl_jax.config import ConfigError
+  from brorl_jax.data.records import DataError
+  from brorl_jax.hf import CheckpointFormatError
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+  try:
+    main(sys.argv if argv is None else argv)
+  except (app.UsageError, flags.Error) as e:
+    sys.exit(f"usage error: {e}\nusage:\n" + "\n".join(
+        __doc__.splitlines()[2:5]))
+  except (ConfigError, DataError, CheckpointFormatError,
+          FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  run()
