@@ -100,45 +100,49 @@ def code_items(n: int, seed: int, tests_per_item: int = 5
 
 # ---------------------------------------------------------------- decode
 
-def matmul_decode(batch: int = 64, d_model: int = 512, d_ff: int = 2048,
-                  layers: int = 4, context: int = 256, seed: int = 0
+def matmul_decode(batch: int = 32, d_model: int = 512, d_ff: int = 2048,
+                  layers: int = 4, context: int = 128, seed: int = 0
                   ) -> Callable[[int], None]:
   """A stand-in decode: `steps` steps of a small transformer's matmuls.
 
   Each step and layer does what one decode step does per token row: an
   attention read over a `context`-long KV cache ([B, D] x [B, C, D]) and a
   SwiGLU MLP ([B, D] x [D, F] twice, [B, F] x [F, D]), with a data
-  dependence between steps, in one jitted `fori_loop`.
+  dependence between steps: one jitted `fori_loop` over steps of a `scan`
+  over layers.
 
   Returns:
     `decode(steps)`, which runs and blocks until the result is ready.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
 
-  keys = jax.random.split(jax.random.key(seed), 6)
-  scale = d_model ** -0.5
-  w_gate = jax.random.normal(keys[0], (layers, d_model, d_ff)) * scale
-  w_up = jax.random.normal(keys[1], (layers, d_model, d_ff)) * scale
-  w_down = jax.random.normal(keys[2], (layers, d_ff, d_model)) * d_ff ** -0.5
-  kv = jax.random.normal(keys[3], (2, layers, batch, context, d_model))
-  x0 = jax.random.normal(keys[4], (batch, d_model))  # [B, D]
+  rng = np.random.default_rng(seed)
+  def normal(shape, scale):
+    return jnp.asarray(rng.standard_normal(shape, np.float32) * scale)
+  params = {
+      "gate": normal((layers, d_model, d_ff), d_model ** -0.5),   # [L, D, F]
+      "up": normal((layers, d_model, d_ff), d_model ** -0.5),     # [L, D, F]
+      "down": normal((layers, d_ff, d_model), d_ff ** -0.5),      # [L, F, D]
+      "k": normal((layers, batch, context, d_model), 1.0),        # [L, B, C, D]
+      "v": normal((layers, batch, context, d_model), 1.0),        # [L, B, C, D]
+  }
+  x0 = normal((batch, d_model), 1.0)                              # [B, D]
+
+  def layer(x, p):
+    scores = jnp.einsum("bd,bcd->bc", x, p["k"]) * d_model ** -0.5  # [B, C]
+    x = x + jnp.einsum("bc,bcd->bd", jax.nn.softmax(scores), p["v"])
+    x = x + (jax.nn.silu(x @ p["gate"]) * (x @ p["up"])) @ p["down"]
+    return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6), None
 
   @jax.jit
-  def run(steps, x):
-    def step(_, x):
-      for layer in range(layers):
-        k, v = kv[0, layer], kv[1, layer]                      # [B, C, D]
-        scores = jnp.einsum("bd,bcd->bc", x, k) * scale        # [B, C]
-        x = x + jnp.einsum("bc,bcd->bd", jax.nn.softmax(scores), v)
-        h = jax.nn.silu(x @ w_gate[layer]) * (x @ w_up[layer])  # [B, F]
-        x = x + h @ w_down[layer]
-        x = x / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
-      return x
+  def run(steps, x, params):
+    step = lambda _, x: jax.lax.scan(layer, x, params)[0]  # noqa: E731
     return jax.lax.fori_loop(0, steps, step, x)
 
   def decode(steps: int) -> None:
-    jax.block_until_ready(run(steps, x0))
+    jax.block_until_ready(run(steps, x0, params))
 
   decode(1)  # compile
   return decode
@@ -279,13 +283,20 @@ def main(argv: Sequence[str], decode: Callable[[], Any] | None = None
   Returns:
     The report: throughput rows and overlap rows.
   """
-  parser = argparse.ArgumentParser(prog="python -m brorl_jax.bench verifiers")
+  parser = argparse.ArgumentParser(
+      prog="python -m brorl_jax.bench verifiers", description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--json", default=None, help="write the report here")
-  parser.add_argument("--workers", type=_ints, default=[1, 2, 4])
-  parser.add_argument("--overlap-workers", type=_ints, default=[1, 2])
-  parser.add_argument("--math-items", type=int, default=1500)
-  parser.add_argument("--code-items", type=int, default=48)
-  parser.add_argument("--overlap-items", type=int, default=800)
+  parser.add_argument("--workers", type=_ints, default=[1, 2, 4],
+                      help="pool sizes for throughput, e.g. 1,2,4")
+  parser.add_argument("--overlap-workers", type=_ints, default=[1, 2],
+                      help="pool sizes for the overlap measurement")
+  parser.add_argument("--math-items", type=int, default=1500,
+                      help="math items per throughput run")
+  parser.add_argument("--code-items", type=int, default=48,
+                      help="code items per throughput run")
+  parser.add_argument("--overlap-items", type=int, default=800,
+                      help="math items per overlap measurement")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(list(argv))
   report: dict[str, Any] = {"cores": len(os.sched_getaffinity(0)),

@@ -1,0 +1,338 @@
+"""The code sandbox: Linux namespaces, a read-only interpreter, rlimits.
+
+Model-written code runs in `sandbox_harness.py` inside (DESIGN.md §4):
+
+* bubblewrap (`bwrap`): new user, network, PID, mount, IPC, UTS and cgroup
+  namespaces (`--unshare-all`), no capabilities, a root that holds only
+  `/usr`, the interpreter's prefix (read-only), a minimal `/dev`, `/proc`
+  and a size-capped private tmpfs `/tmp` as the working directory; no home,
+  no `/etc`, an empty environment; `--die-with-parent` kills it all when
+  the worker dies.
+* util-linux `unshare` (fallback): the same namespaces and mounts, set up by
+  a small shell script inside a private mount namespace, then `chroot` and
+  `setpriv` to drop every capability.
+
+Either way: rlimits (CPU time, address space, file size, open files) are set
+in the launched process before exec and again, per test, by the harness;
+the output read back is capped; the whole PID namespace dies with its first
+process, which the worker kills (SIGKILL to the process group) at the end.
+As root, process-count rlimits and file permissions do not bind, so the
+namespaces are what isolates.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+import resource
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Sequence
+
+from brorl_jax.rewards.config import CodeConfig
+
+_HARNESS = pathlib.Path(__file__).with_name("sandbox_harness.py")
+_MB = 1 << 20
+# Start-up of the sandbox and the interpreter, on top of the tests' budget.
+STARTUP_SLACK_S = 2.0
+_DEVICES = ("null", "zero", "random", "urandom")
+# Loaded before any fork (for the fallback launcher): importing in a forked
+# child can deadlock.
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_PR_SET_PDEATHSIG = 1
+
+
+class SandboxUnavailable(RuntimeError):
+  """No isolation is available; the message says how to enable it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TestRun:
+  """What one test of a program produced.
+
+  Attributes:
+    status: "ok" (exited 0), "error" (non-zero exit or exception), "timeout",
+      "killed" (by a signal, e.g. the CPU rlimit), "output_limit", or
+      "not_run" (the sandbox ended before reaching this test).
+    stdout: the program's stdout (at most `max_output_bytes`).
+    value: the JSON text of the returned value (call-based tests).
+  """
+  status: str
+  stdout: str = ""
+  value: str = ""
+
+
+@functools.lru_cache(maxsize=8)
+def _interpreter(python: str | None) -> tuple[str, tuple[str, ...]]:
+  """The interpreter to run and the directories it needs (to bind)."""
+  if python is None:
+    prefix = sys.base_prefix
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    exe = os.path.join(prefix, "bin", version)
+    if not os.path.exists(exe):
+      exe = os.path.realpath(sys.executable)
+  else:
+    exe = os.path.realpath(python)
+    prefix = subprocess.run(
+        [exe, "-I", "-S", "-c", "import sys; print(sys.base_prefix)"],
+        capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+  roots = {os.path.realpath(prefix)}
+  roots.add(os.path.dirname(os.path.dirname(os.path.realpath(exe))))
+  binds = tuple(sorted(r for r in roots if not r.startswith("/usr/")
+                       and r != "/usr"))
+  return exe, binds
+
+
+def _bwrap_command(config: CodeConfig, exe: str,
+                   binds: Sequence[str]) -> list[str]:
+  cmd = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session",
+         "--cap-drop", "ALL", "--clearenv", "--setenv", "PATH", "/usr/bin",
+         "--hostname", "sandbox", "--ro-bind", "/usr", "/usr"]
+  for path in binds:
+    cmd += ["--ro-bind", path, path]
+  for link in ("lib", "lib64", "bin", "sbin"):
+    if os.path.islink(f"/{link}") or os.path.isdir(f"/usr/{link}"):
+      cmd += ["--symlink", f"usr/{link}", f"/{link}"]
+  cmd += ["--proc", "/proc", "--dev", "/dev",
+          "--size", str(config.tmpfs_mb * _MB), "--tmpfs", "/tmp",
+          "--remount-ro", "/", "--chdir", "/tmp"]
+  return cmd + [exe, "-I", "-S", "-c", _HARNESS.read_text()]
+
+
+@functools.lru_cache(maxsize=1)
+def _mount_point() -> str:
+  # An empty host directory that each sandbox's private mount namespace
+  # covers with its own tmpfs; nothing is ever written into it on the host,
+  # so one fixed path serves every process.
+  path = os.path.join(tempfile.gettempdir(), "brorl_sandbox_root")
+  try:
+    os.mkdir(path, 0o700)
+  except FileExistsError:
+    pass
+  if os.path.islink(path) or not os.path.isdir(path):
+    path = tempfile.mkdtemp(prefix="brorl_sandbox_root_")
+  return path
+
+
+def _unshare_command(config: CodeConfig, exe: str,
+                     binds: Sequence[str]) -> list[str]:
+  root = _mount_point()
+  lines = ["set -e", f'R="{root}"', 'mount -t tmpfs -o size=16m tmpfs "$R"',
+           'mkdir -p "$R/usr" "$R/proc" "$R/dev" "$R/tmp"']
+  for path in ("/usr",) + tuple(binds):
+    lines += [f'mkdir -p "$R{path}"', f'mount --bind "{path}" "$R{path}"',
+              f'mount -o remount,bind,ro "$R{path}"']
+  for link in ("lib", "lib64", "bin", "sbin"):
+    if os.path.islink(f"/{link}") or os.path.isdir(f"/usr/{link}"):
+      lines.append(f'ln -s "usr/{link}" "$R/{link}"')
+  for dev in _DEVICES:
+    lines += [f'touch "$R/dev/{dev}"',
+              f'mount --bind /dev/{dev} "$R/dev/{dev}"']
+  lines += ["mount -t proc proc \"$R/proc\"",
+            f'mount -t tmpfs -o size={config.tmpfs_mb}m tmpfs "$R/tmp"',
+            'mount -o remount,ro "$R"',
+            'exec chroot "$R" /usr/bin/env -i PATH=/usr/bin /usr/bin/setpriv '
+            "--no-new-privs --inh-caps=-all --ambient-caps=-all "
+            '--bounding-set=-all /bin/sh -c \'cd /tmp && exec "$0" "$@"\' '
+            f'"{exe}" -I -S -c "$HARNESS"']
+  return ["unshare", "--mount", "--net", "--pid", "--ipc", "--uts",
+          "--fork", "--kill-child", "--propagation", "private",
+          "sh", "-c", "\n".join(lines)]
+
+
+def _launcher(config: CodeConfig, cpu_s: float):
+  """What sets the rlimits and the parent-death signal before exec.
+
+  util-linux `prlimit` and `setpriv` apply them and exec the sandbox, so no
+  Python runs between fork and exec (a Python `preexec_fn` is unsafe in a
+  process with threads, e.g. JAX's). Without them, a `preexec_fn` does it.
+
+  Returns:
+    (command prefix, preexec_fn or None).
+  """
+  limits = {"cpu": int(cpu_s) + 1, "as": config.memory_mb * _MB,
+            "fsize": config.max_file_mb * _MB,
+            "nofile": max(64, config.max_open_files), "core": 0}
+  if _have_util_linux():
+    # SIGKILL on the worker's death, even when the worker is SIGKILLed.
+    return (["prlimit"] + [f"--{k}={v}" for k, v in limits.items()]
+            + ["--", "setpriv", "--pdeathsig", "KILL", "--"], None)
+  names = {"cpu": resource.RLIMIT_CPU, "as": resource.RLIMIT_AS,
+           "fsize": resource.RLIMIT_FSIZE, "nofile": resource.RLIMIT_NOFILE,
+           "core": resource.RLIMIT_CORE}
+
+  def preexec():
+    for key, value in limits.items():
+      resource.setrlimit(names[key], (value, value))
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+  return [], preexec
+
+
+@functools.lru_cache(maxsize=1)
+def _have_util_linux() -> bool:
+  return bool(shutil.which("prlimit") and shutil.which("setpriv"))
+
+
+def _command(config: CodeConfig, backend: str) -> list[str]:
+  exe, binds = _interpreter(config.python)
+  if backend == "bwrap":
+    return _bwrap_command(config, exe, binds)
+  if backend == "unshare":
+    return _unshare_command(config, exe, binds)
+  return [exe, "-I", "-S", "-c", _HARNESS.read_text()]
+
+
+def _launch(config: CodeConfig, backend: str, request: dict[str, Any],
+            timeout_s: float) -> tuple[list[dict[str, Any]], str]:
+  """Runs the harness; returns its JSON records and stderr (both capped)."""
+  env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+  if backend == "unshare":
+    env["HARNESS"] = _HARNESS.read_text()
+  data = json.dumps(request).encode()
+  limit = (len(request["inputs"]) + 1) * (2 * config.max_output_bytes + 4096)
+  prefix, preexec = _launcher(config, timeout_s)
+  with tempfile.TemporaryDirectory(prefix="brorl_code_") as workdir:
+    return _run_harness(prefix + _command(config, backend), data, env,
+                        workdir, preexec, timeout_s, limit)
+
+
+def _run_harness(cmd, data, env, cwd, preexec, timeout_s, limit):
+  """Feeds `data` to the harness, reads its output (capped) until done."""
+  proc = subprocess.Popen(
+      cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, env=env, cwd=cwd, preexec_fn=preexec,
+      start_new_session=True)
+  out, err = bytearray(), bytearray()
+  deadline = time.monotonic() + timeout_s
+  try:
+    pending = memoryview(data)
+    streams = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
+    while streams and time.monotonic() < deadline and len(out) <= limit:
+      writers = [proc.stdin.fileno()] if pending else []
+      readable, writable, _ = select.select(
+          list(streams), writers, [], max(0.0, deadline - time.monotonic()))
+      if writable:
+        try:
+          pending = pending[os.write(writers[0], pending[:65536]):]
+        except BrokenPipeError:
+          pending = pending[:0]
+        if not pending:
+          proc.stdin.close()
+      for fd in readable:
+        chunk = os.read(fd, 65536)
+        if chunk:
+          if len(streams[fd]) < limit:
+            streams[fd] += chunk
+        else:
+          del streams[fd]
+  finally:
+    # The whole sandbox dies with its first process (PID namespace, and
+    # --die-with-parent / --kill-child below it).
+    try:
+      os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+      if not stream.closed:
+        stream.close()
+    proc.wait()
+  records = []
+  for line in bytes(out).decode("utf-8", "replace").splitlines():
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      break  # a cut-off last line, or output the program forged
+    if isinstance(record, dict) and record.get("i") == len(records):
+      records.append(record)
+  return records, bytes(err[:4096]).decode("utf-8", "replace")
+
+
+@functools.lru_cache(maxsize=8)
+def _probe(backend: str, config: CodeConfig) -> str | None:
+  """Runs a trivial program in `backend`; returns None or the failure."""
+  if backend != "none" and shutil.which(backend) is None:
+    return f"'{backend}' is not installed"
+  request = {"program": "print(6 * 7)", "mode": "stdin", "fn_name": None,
+             "inputs": [""], "budget_s": 10.0, "pid_namespace": False,
+             "limits": _limits(config)}
+  try:
+    records, err = _launch(config, backend, request, 20.0)
+  except OSError as e:
+    return f"'{backend}' failed to start: {e}"
+  if records and records[0].get("stdout", "").strip() == "42":
+    return None
+  return f"'{backend}' failed: {err.strip()[-500:] or 'no output'}"
+
+
+def _limits(config: CodeConfig) -> dict[str, int]:
+  return {"memory_mb": config.memory_mb, "max_file_mb": config.max_file_mb,
+          "max_open_files": config.max_open_files,
+          "max_output_bytes": config.max_output_bytes}
+
+
+def backend_for(config: CodeConfig) -> str:
+  """The isolation backend to use: "bwrap", "unshare" or "none".
+
+  Args:
+    config: the `rewards.code` options.
+
+  Returns:
+    The first working backend ("none" only when `allow_unsandboxed`).
+
+  Raises:
+    SandboxUnavailable: no namespace backend works and unsandboxed runs are
+      not allowed; the message says how to enable one.
+  """
+  candidates = (("bwrap", "unshare") if config.sandbox == "auto"
+                else (config.sandbox,))
+  failures = []
+  for backend in candidates:
+    failure = _probe(backend, config)
+    if failure is None:
+      return backend
+    failures.append(failure)
+  if config.allow_unsandboxed:
+    return "none"
+  raise SandboxUnavailable(
+      "the code verifier runs model-written code only inside a sandbox, and "
+      f"none works here ({'; '.join(failures)}). Install bubblewrap "
+      "(e.g. `apt-get install bubblewrap`, which provides /usr/bin/bwrap) or "
+      "util-linux `unshare` with permission to create namespaces, or, in a "
+      "trusted setting only, set rewards.code.allow_unsandboxed=True.")
+
+
+def run_program(program: str, inputs: Sequence[Any], *, mode: str,
+                fn_name: str | None, config: CodeConfig) -> list[TestRun]:
+  """Runs `program` on each test input inside the sandbox.
+
+  Args:
+    program: Python source.
+    inputs: stdin strings (mode "stdin") or argument lists (mode "call").
+    mode: "stdin" or "call".
+    fn_name: the function to call in mode "call".
+    config: the `rewards.code` options (budget, limits, backend).
+
+  Returns:
+    One `TestRun` per input, in order.
+
+  Raises:
+    SandboxUnavailable: as `backend_for`.
+  """
+  backend = backend_for(config)
+  request = {"program": program, "mode": mode, "fn_name": fn_name,
+             "inputs": list(inputs), "budget_s": config.time_budget_s,
+             "pid_namespace": backend != "none", "limits": _limits(config)}
+  records, _ = _launch(config, backend, request,
+                       config.time_budget_s + STARTUP_SLACK_S)
+  runs = [TestRun(r.get("status", "error"), r.get("stdout", ""),
+                  r.get("value", "")) for r in records]
+  return runs + [TestRun("not_run")] * (len(inputs) - len(runs))

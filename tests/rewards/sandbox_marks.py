@@ -1,0 +1,22 @@
+"""Which sandbox backends work here, and the mark for tests that need one.
+
+CI sets BRORL_REQUIRE_SANDBOX=1: there a missing sandbox fails the tests
+instead of skipping them.
+"""
+
+import os
+
+import pytest
+
+from brorl_jax.rewards import sandbox
+from brorl_jax.rewards.config import CodeConfig
+
+# pylint: disable-next=protected-access
+FAILURES = {b: sandbox._probe(b, CodeConfig(sandbox=b))
+            for b in ("bwrap", "unshare")}
+BACKENDS = [b for b, failure in FAILURES.items() if failure is None]
+REQUIRED = os.environ.get("BRORL_REQUIRE_SANDBOX") == "1"
+
+needs_sandbox = pytest.mark.skipif(
+    not BACKENDS and not REQUIRED,
+    reason=f"no sandbox works here ({FAILURES}); install bubblewrap")
