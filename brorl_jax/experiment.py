@@ -114,7 +114,7 @@ class Experiment:
       data_cfg = dataclasses.replace(
           data_cfg, synthetic=None,
           train_files=(train,) + tuple(data_cfg.train_files),
-          eval_files=((held_out,) if spec.get("eval") else ()) +
+          eval_files=((held_out,) if held_out else ()) +
           tuple(data_cfg.eval_files))
     from brorl_jax import rewards
     # Every host reads the whole (small) prompt batch: whichever host a
@@ -156,10 +156,10 @@ def _training_lines(cfg: RunConfig, workdir: pathlib.Path) -> list[str]:
   specs = list(cfg.data.train_files) + list(cfg.data.eval_files)
   if cfg.data.synthetic is not None:
     s = cfg.data.synthetic
-    specs = list(tasks.materialize(
+    specs = [p for p in tasks.materialize(
         str(workdir / DATA_DIR), task=s["task"], train=int(s["train"]),
         eval=int(s.get("eval", 0)), seed=int(s.get("seed", 0)),
-        difficulty=tuple(s.get("difficulty", (1,))))) + specs
+        difficulty=tuple(s.get("difficulty", (1,)))) if p] + specs
   lines = []
   for spec in specs:
     result = records_lib.read_records(records_lib.FileSpec.parse(spec),

@@ -117,7 +117,7 @@ class Trainer:
         self.workdir / "checkpoints", keep=cfg.checkpoint.keep,
         async_save=cfg.checkpoint.async_save)
     self.evaluator = None
-    if self.pipeline.num_eval_batches() > 0:
+    if self.pipeline.config.eval_files:
       from brorl_jax.evaluate import Evaluator
       self.evaluator = Evaluator(exp, self.pool)
 
@@ -228,14 +228,17 @@ class Trainer:
     state = jax.device_put(state, self._state_sh)
     rb = jax.device_put(rb, self._batch_sh)
     new_state, upd = self._update(state, rb, jax.random.fold_in(key, UPDATE))
-    times["update_s"] = time.perf_counter() - t1  # includes the diag forward
+    # Host sync for an honest phase time (the metrics need it next anyway).
+    jax.block_until_ready(upd)
+    times["update_s"] = time.perf_counter() - t1  # incl. the diag forward
 
     # ---- 5. Diagnostics (device): realized change --------------------------
     t2 = time.perf_counter()
     mass_after = {}
     if do_diag:
-      mass_after = self._diag_after(new_state, rb, before, ro, sel, masks,
-                                    tokens, lengths, scored.rewards)
+      mass_after = jax.block_until_ready(self._diag_after(
+          new_state, rb, before, ro, sel, masks, tokens, lengths,
+          scored.rewards))
     times["diag_s"] = time.perf_counter() - t2
 
     # ---- 6. Metrics (one explicit device -> host transfer) -----------------

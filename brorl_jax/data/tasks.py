@@ -186,15 +186,15 @@ def materialize(directory: str, *, task: str, train: int, eval: int,  # noqa
   in the training set, so evaluation measures generalization.
 
   Returns:
-    (train path, eval path). Existing files with the same name are reused:
-    the name encodes every argument.
+    (train path, eval path or None when `eval` is 0). Existing files with
+    the same name are reused: the name encodes every argument.
   """
   import os
   levels = "-".join(str(d) for d in difficulty)
   stem = os.path.join(directory, f"{task}_s{seed}_d{levels}")
   paths = (f"{stem}_train{train}.jsonl", f"{stem}_eval{eval}.jsonl")
   if all(os.path.exists(p) for p in paths):
-    return paths
+    return paths if eval else (paths[0], None)
   os.makedirs(directory, exist_ok=True)
   train_rows = generate(task, train, seed, difficulty)
   seen = {r["prompt"] for r in train_rows}
@@ -212,7 +212,7 @@ def materialize(directory: str, *, task: str, train: int, eval: int,  # noqa
     with open(tmp, "w", encoding="utf-8") as f:
       f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     os.replace(tmp, path)
-  return paths
+  return paths if eval else (paths[0], None)
 
 
 # ---- countdown verifier ------------------------------------------------------

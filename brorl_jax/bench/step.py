@@ -1,0 +1,143 @@
+"""RL step benchmark: `python -m brorl_jax.bench step [--json PATH]`.
+
+Runs the demo config's RL iterations (warm start and evaluation off, a
+fresh model) and reports, from the same run:
+  * time per phase (sample, score wait, update, diagnostics) and tokens/s;
+  * the update's achieved FLOP/s (XLA's cost analysis of the compiled
+    update / its measured time) against a 1024^3 f32 matmul measured in the
+    same process -> `update_flops_ratio`;
+  * the diagnostics' cost: the same iterations with `diagnostics.every = 0`
+    (interleaved with the diagnostics-on run) -> `diag_overhead`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def _matmul_flops_per_s(reps: int = 20) -> float:
+  a = jnp.ones((1024, 1024), jnp.float32)
+  f = jax.jit(lambda x, y: x @ y)
+  for _ in range(3):
+    f(a, a).block_until_ready()
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    f(a, a).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return 2 * 1024**3 / statistics.median(times)
+
+
+class _Run:
+  """A Trainer driven one iteration at a time."""
+
+  def __init__(self, config_path: str, workdir: pathlib.Path, overrides):
+    from brorl_jax import config as config_lib
+    from brorl_jax.train import Preemption, Trainer
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_config",
+                                                  config_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    for key, value in overrides.items():
+      node = c
+      *parents, last = key.split(".")
+      for p in parents:
+        node = node[p]
+      node[last] = value
+    self.trainer = Trainer(config_lib.load(c), workdir)
+    self.state, self.iter, self.meta = self.trainer.init_state()
+    self.preempt = Preemption()
+    self.step = 0
+
+  def iterate(self) -> dict:
+    out = self.trainer.iteration(self.state, next(self.iter), self.step,
+                                 self.meta, self.preempt)
+    self.state, metrics = out
+    self.step += 1
+    return metrics
+
+  def close(self):
+    self.preempt.restore()
+    self.trainer.pool.close()
+    self.trainer.checkpointer.close()
+    self.trainer.writer.close()
+
+
+def main(argv: list[str]) -> dict:
+  parser = argparse.ArgumentParser(prog="python -m brorl_jax.bench step")
+  parser.add_argument("--json", help="write the results here")
+  parser.add_argument("--config", default="configs/demo_cpu.py")
+  parser.add_argument("--steps", type=int, default=6,
+                      help="timed iterations per arm (after 2 warm-up ones)")
+  args = parser.parse_args(argv)
+  base = {"warmstart.steps": 0, "logging.progress_bar": False,
+          "logging.tensorboard": False, "logging.archive_rollouts": False,
+          "data.synthetic.eval": 0}
+  results: dict = {"config": args.config, "device": jax.devices()[0].platform}
+  with tempfile.TemporaryDirectory() as tmp:
+    on = _Run(args.config, pathlib.Path(tmp) / "on", base)
+    off = _Run(args.config, pathlib.Path(tmp) / "off",
+               {**base, "diagnostics.every": 0})
+    for _ in range(2):                       # compile, warm up
+      on.iterate()
+      off.iterate()
+    rows_on, rows_off = [], []
+    for _ in range(args.steps):              # interleaved: same load
+      rows_on.append(on.iterate())
+      rows_off.append(off.iterate())
+    update = on.trainer._update
+    cost = update.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    update_flops = float(cost.get("flops", 0.0))
+    cfg = on.trainer.cfg
+    on.close()
+    off.close()
+
+  def med(rows, key):
+    return statistics.median(r[key] for r in rows)
+
+  phases = {k: med(rows_on, f"time/{k}") for k in
+            ("sample_s", "score_s", "update_s", "diag_s", "step_s")}
+  matmul = _matmul_flops_per_s()
+  achieved = update_flops / phases["update_s"]
+  results.update({
+      "phases_s": phases,
+      "step_s_without_diagnostics": med(rows_off, "time/step_s"),
+      "generated_tokens_per_step": med(rows_on, "rollout/generated_tokens"),
+      "sample_tokens_per_s": med(rows_on, "throughput/tokens_per_s"),
+      "step_tokens_per_s": med(rows_on, "rollout/generated_tokens")
+      / phases["step_s"],
+      "update_flops": update_flops,
+      "update_flops_per_s": achieved,
+      "matmul_flops_per_s": matmul,
+      "update_flops_ratio": achieved / matmul,
+      "settings": {"prompts_per_step": cfg.loop.prompts_per_step,
+                   "n": cfg.rollout.n,
+                   "max_new_tokens": cfg.rollout.max_new_tokens,
+                   "diagnostics_every": cfg.diagnostics.every,
+                   "timed_steps": args.steps},
+  })
+  results["diag_overhead"] = (phases["step_s"] /
+                              results["step_s_without_diagnostics"] - 1.0)
+  print(f"per phase (median of {args.steps} steps): " + ", ".join(
+      f"{k} {v:.3f}" for k, v in phases.items()))
+  print(f"tokens/s: sampling {results['sample_tokens_per_s']:.0f}, whole "
+        f"step {results['step_tokens_per_s']:.0f}")
+  print(f"update: {update_flops / 1e9:.1f} GFLOP in {phases['update_s']:.3f}"
+        f" s = {achieved / 1e9:.1f} GFLOP/s vs matmul {matmul / 1e9:.1f} "
+        f"GFLOP/s -> ratio {results['update_flops_ratio']:.2f}")
+  print(f"diagnostics overhead: {100 * results['diag_overhead']:+.1f}% of "
+        "the step")
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(results, indent=2))
+  return results
