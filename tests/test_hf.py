@@ -1,7 +1,6 @@
 """Hugging Face interchange: import/export round trips against transformers."""
 
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from brorl_jax import simulate
+from brorl_jax import simulate, simulator
 from brorl_jax.config import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -41,9 +41,9 @@ def _random_sets(key, vocab=40):
 def _linear_case(key):
   z, correct, rewards, n = _random_sets(key)
   probs = jax.nn.softmax(z)
-  terms = simulate.theorem1_terms(probs, correct, rewards)
-  _, linear = simulate.step_delta_q(z, correct, rewards, n, 0.1)
-  dz = -0.1 * jax.grad(simulate.set_surrogate)(z, rewards, n)
+  terms = simulator.theorem1_terms(probs, correct, rewards)
+  _, linear = simulator.step_delta_q(z, correct, rewards, n, 0.1)
+  dz = -0.1 * jax.grad(simulator.set_surrogate)(z, rewards, n)
   # The paper's logit update: dz_j = (eta/N) p_j (R_j - S_R).
   dz_paper = 0.1 / n * probs * (rewards - terms["s_r"])
   return linear, 0.1 / n * terms["bracket"], dz, dz_paper, terms
@@ -66,7 +66,7 @@ def test_linearized_step_matches_theorem1():
 
 def test_finite_step_error_falls_like_eta():
   etas = (1e-1, 1e-2, 1e-3, 1e-4)
-  errs = simulate.theorem_errors(jax.random.key(7), etas, n_values=(8,),
+  errs = simulator.theorem_errors(jax.random.key(7), etas, n_values=(8,),
                                  cases=16, vocab=30)
   finite = errs["finite"]                                     # [E, C]
   assert finite.shape == (4, 16) and np.all(np.isfinite(finite))
@@ -78,7 +78,7 @@ def test_finite_step_error_falls_like_eta():
 
 def test_sample_actions_follows_probs():
   probs = jnp.array([0.5, 0.0, 0.2, 0.25, 0.05])
-  draws = simulate.sample_actions(jax.random.key(0), probs, 200_000)
+  draws = simulator.sample_actions(jax.random.key(0), probs, 200_000)
   freq = np.bincount(np.asarray(draws), minlength=5) / draws.shape[0]
   assert freq[1] == 0.0                     # probability 0: never drawn
   np.testing.assert_allclose(freq, probs, atol=4e-3)
@@ -89,7 +89,7 @@ def test_sample_surrogate_gradient():
   z = jax.random.normal(jax.random.key(1), (10,))
   actions = jnp.array([2, 2, 5, 7])
   centred = jnp.array([0.5, 0.5, -1.5, 0.5])
-  grad = jax.jit(jax.grad(simulate.sample_surrogate))(z, actions, centred)
+  grad = jax.jit(jax.grad(simulator.sample_surrogate))(z, actions, centred)
   p = np.asarray(jax.nn.softmax(z), np.float64)
   want = np.zeros(10)
   for a, r in zip(np.asarray(actions), np.asarray(centred)):
@@ -99,14 +99,14 @@ def test_sample_surrogate_gradient():
 
 def test_config_validation():
   with pytest.raises(ConfigError, match="config.num_correct"):
-    simulate.SimulatorConfig(num_actions=10, num_correct=10)
+    simulator.SimulatorConfig(num_actions=10, num_correct=10)
   with pytest.raises(ConfigError, match="config.dtype"):
-    simulate.SimulatorConfig(dtype="bfloat16")
-  assert simulate.SimulatorConfig(n_values=[4, 8]).n_values == (4, 8)
+    simulator.SimulatorConfig(dtype="bfloat16")
+  assert simulator.SimulatorConfig(n_values=[4, 8]).n_values == (4, 8)
 
 
 def test_short_run_writes_csv_and_png(tmp_path, capsys):
-  cfg = simulate.SimulatorConfig(**SMALL, record_every=20)
+  cfg = simulator.SimulatorConfig(**SMALL, record_every=20)
   results = simulate.run_cli(cfg, str(tmp_path))
   assert "wall" in capsys.readouterr().out
   with open(tmp_path / "simulator.csv") as f:
@@ -134,13 +134,13 @@ def test_short_run_writes_csv_and_png(tmp_path, capsys):
 
 def test_default_initial_state():
   """PAPER.md §3: Q0 ~ 0.6301, p_anchor ~ 4.65e-4, p_correct ~ 6.30e-5."""
-  cfg = simulate.SimulatorConfig()
-  probs = np.asarray(jax.nn.softmax(simulate.initial_logits(cfg)))
+  cfg = simulator.SimulatorConfig()
+  probs = np.asarray(jax.nn.softmax(simulator.initial_logits(cfg)))
   assert probs.shape == (128_000,)
   np.testing.assert_allclose(probs[:10_000].sum(), 0.6301, atol=1e-4)
   np.testing.assert_allclose(probs[0], 4.65e-4, rtol=2e-3)
   np.testing.assert_allclose(probs[1], 6.30e-5, rtol=2e-3)
-  rewards = np.asarray(simulate.action_rewards(cfg))
+  rewards = np.asarray(simulator.action_rewards(cfg))
   assert (rewards[:10_000] == 1).all() and (rewards[10_000:] == -1).all()
 
 

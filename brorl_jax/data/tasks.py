@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import fractions
+import hashlib
 import json
 import random
 import re
@@ -177,13 +178,47 @@ def generate(task: str, n: int, seed: int,
   return rows
 
 
+HELDOUT_BUCKETS = 16  # 1/16 of the problem space is held out
+
+
+def is_heldout(prompt: str) -> bool:
+  """Whether a problem belongs to the held-out part of the problem space.
+
+  The split is by a hash of the problem text, so training and held-out
+  problems come from the same distribution (every difficulty level is split
+  alike) and never overlap.
+  """
+  digest = hashlib.sha256(prompt.encode("utf-8")).digest()
+  return digest[0] % HELDOUT_BUCKETS == 0
+
+
+def _take(task: str, n: int, seed: int, difficulty: Sequence[int],
+          heldout: bool) -> list[dict[str, Any]]:
+  """n problems from one side of the split; held-out ones are distinct."""
+  rows, start, seen = [], 0, set()
+  while len(rows) < n:
+    batch = generate(task, start + 4 * (n - len(rows)) + 64, seed,
+                     difficulty)[start:]
+    start += len(batch)
+    for r in batch:
+      if is_heldout(r["prompt"]) != heldout or (heldout and
+                                                 r["prompt"] in seen):
+        continue
+      seen.add(r["prompt"])
+      rows.append(r)
+    if start > 200 * n + 10_000:
+      raise ValueError(f"cannot find {n} {'held-out' if heldout else 'training'}"
+                       f" {task} problems at difficulty {list(difficulty)}")
+  return rows[:n]
+
+
 def materialize(directory: str, *, task: str, train: int, eval: int,  # noqa
                 seed: int = 0, difficulty: Sequence[int] = (1,)
-                ) -> tuple[str, str]:
+                ) -> tuple[str, str | None]:
   """Writes a task's train and held-out JSONL files (once) into `directory`.
 
-  The held-out set uses another seed and drops any prompt that also occurs
-  in the training set, so evaluation measures generalization.
+  Problems are split by `is_heldout` (a hash of the problem text): held-out
+  problems never appear in training and follow the same distribution.
 
   Returns:
     (train path, eval path or None when `eval` is 0). Existing files with
@@ -193,26 +228,19 @@ def materialize(directory: str, *, task: str, train: int, eval: int,  # noqa
   levels = "-".join(str(d) for d in difficulty)
   stem = os.path.join(directory, f"{task}_s{seed}_d{levels}")
   paths = (f"{stem}_train{train}.jsonl", f"{stem}_eval{eval}.jsonl")
-  if all(os.path.exists(p) for p in paths):
-    return paths if eval else (paths[0], None)
+  result = paths if eval else (paths[0], None)
+  if all(os.path.exists(p) for p in result if p):
+    return result
   os.makedirs(directory, exist_ok=True)
-  train_rows = generate(task, train, seed, difficulty)
-  seen = {r["prompt"] for r in train_rows}
-  eval_rows, i = [], 0
-  while len(eval_rows) < eval:
-    batch = generate(task, 2 * eval + i, seed + 1_000_003, difficulty)
-    eval_rows = [r for r in batch if r["prompt"] not in seen][:eval]
-    i += eval
-    if i > 50 * eval + 1000:
-      raise ValueError(f"cannot find {eval} held-out {task} prompts that are "
-                       "not in the training set: lower data.synthetic.eval or "
-                       "raise the difficulty")
-  for path, rows in zip(paths, (train_rows, eval_rows)):
+  sets = [_take(task, train, seed, difficulty, heldout=False)]
+  if eval:
+    sets.append(_take(task, eval, seed + 1_000_003, difficulty, heldout=True))
+  for path, rows in zip(paths, sets):
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
       f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     os.replace(tmp, path)
-  return paths if eval else (paths[0], None)
+  return result
 
 
 # ---- countdown verifier ------------------------------------------------------

@@ -1,4 +1,6 @@
 """The sampler: sampling rules, shared-prefix attention, the decode loop."""
 
-from brorl_jax.rollout.sampler import (Prefill, Rollouts, Sampler,  # noqa
+from brorl_jax.rollout.sampler import (Prefill, Rollouts, Sampler,
                                        SamplerConfig)
+
+__all__ = ["Prefill", "Rollouts", "Sampler", "SamplerConfig"]
