@@ -12,6 +12,7 @@ so a checkpoint restores onto a different mesh.
 
 from __future__ import annotations
 
+import json
 import pathlib
 from typing import Any
 
@@ -103,11 +104,17 @@ class TrainCheckpointer:
   """One orbax CheckpointManager for a training workdir.
 
   Items per step: `params` (the policy), `opt` (optimizer state, reference
-  parameters, counters), `data` (the grain iterator's state), `meta` (JSON:
-  loop counters, config, versions). Params are their own item so export and
-  evaluation restore them without knowing the optimizer. Saves are async;
-  restores go into abstract targets carrying the wanted shardings, so a run
-  resumes onto another mesh.
+  parameters, counters), `data` (the grain iterator's state, JSON), `meta`
+  (JSON: loop counters, config, versions). Params are their own item so
+  export and evaluation restore them without knowing the optimizer. Saves
+  are async; restores go into abstract targets carrying the wanted
+  shardings, so a run resumes onto another mesh.
+
+  Multi-host: every process calls `save` and `restore` (orbax writes each
+  array shard from the process that holds it). Every process iterates the
+  same global prompt stream (experiment.py), so the iterator state is one
+  JSON item written by the primary host, not grain's per-process files
+  (`process_<i>-of-<n>.json`), and a run resumes on another process count.
   """
 
   def __init__(self, directory: str | pathlib.Path, *, keep: int,
@@ -127,7 +134,6 @@ class TrainCheckpointer:
   def save(self, step: int, state: Any, data_iterator: Any,
            meta: dict[str, Any]) -> None:
     """Starts an (async) save of `state` (a TrainState) at `step`."""
-    import grain
     rest = {"step": state.step, "updates": state.updates,
             "skipped": state.skipped, "opt_state": state.opt_state,
             "ref_params": state.ref_params}
@@ -135,12 +141,11 @@ class TrainCheckpointer:
              OPT: ocp.args.StandardSave(rest),
              META: ocp.args.JsonSave(meta)}
     if data_iterator is not None:
-      items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+      items[DATA] = ocp.args.JsonSave(data_iterator.get_state())
     self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
 
   def restore(self, step: int, abstract_state: Any, data_iterator: Any):
     """Restores `(state, meta)`; `data_iterator` is set in place."""
-    import grain
     rest = {"step": abstract_state.step, "updates": abstract_state.updates,
             "skipped": abstract_state.skipped,
             "opt_state": abstract_state.opt_state,
@@ -148,9 +153,17 @@ class TrainCheckpointer:
     items = {PARAMS: ocp.args.StandardRestore(abstract_state.params),
              OPT: ocp.args.StandardRestore(rest),
              META: ocp.args.JsonRestore()}
-    if data_iterator is not None:
-      items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+    legacy = sorted((self.directory / str(step) / DATA).glob(
+        "process_*-of-*.json"))
+    if data_iterator is not None and not legacy:
+      items[DATA] = ocp.args.JsonRestore()
     out = self._mngr.restore(step, args=ocp.args.Composite(**items))
+    if data_iterator is not None:
+      # Checkpoints written by grain's own handler hold one file per
+      # process, all equal (a global iterator): any of them will do.
+      data_state = (json.loads(legacy[0].read_text()) if legacy
+                    else out[DATA])
+      data_iterator.set_state(data_state)
     opt = out[OPT]
     state = abstract_state.replace(
         params=out[PARAMS], opt_state=opt["opt_state"],

@@ -254,8 +254,6 @@ class Evaluator:
     from brorl_jax.scoring import sample_and_score
     t0 = time.perf_counter()
     limit = self.max_prompts
-    per_process = self.batch_size // jax.process_count()
-    lo = jax.process_index() * per_process
     correct, tasks = [], []
     sums = np.zeros(3)  # reward, response length, truncated
     for b, batch in enumerate(self._view.eval_batches(self.batch_size)):
@@ -264,9 +262,10 @@ class Evaluator:
         break
       keep = batch.valid & (limit is None or
                             first + np.arange(self.batch_size) < limit)
-      tokens, lengths = global_prompt_arrays(
-          self.exp, batch.tokens[lo:lo + per_process],
-          batch.lengths[lo:lo + per_process])
+      # The whole global batch (every host has it, `_view`); each host's
+      # devices take only their own rows.
+      tokens, lengths = global_prompt_arrays(self.exp, batch.tokens,
+                                             batch.lengths)
       scored = sample_and_score(
           self.sampler, self.pool, self.exp.tokenizer, params, tokens,
           lengths, batch.records, jax.random.fold_in(rng, b), n=self.n,

@@ -233,11 +233,20 @@ def model_config_for(cfg: RunConfig, workdir: pathlib.Path,
 
 def build(cfg: RunConfig, workdir: str | os.PathLike) -> Experiment:
   """Mesh, tokenizer and policy for `cfg` in `workdir` (created)."""
+  path = cfg.init.path
+  check(path is None or pathlib.Path(path).exists(), "init.path",
+        f"{path} does not exist: point it at the starting checkpoint, a "
+        "Hugging Face directory (config.json + *.safetensors) or an "
+        "`hf import` output, e.g. --config.init.path=/models/"
+        "Nemotron-Research-Reasoning-Qwen-1.5B")
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = make_mesh(cfg.mesh.shape)
   tokenizer = prepare_tokenizer(cfg, workdir)
   model_cfg = model_config_for(cfg, workdir, tokenizer)
+  # Every process has read (or not found) the workdir's model config before
+  # process 0 writes it: nobody reads a half-written file.
+  _barrier("model config")
   if jax.process_index() == 0:
     hf.save_model_config(model_cfg, workdir)
   log.info("model: %s parameters, mesh %s", f"{model_cfg.num_params():,}",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -63,7 +63,7 @@ def array_from_host_shards(shape: tuple[int, ...], sharding: Any,
     # A sub-shard of a block this host scored (finer output sharding).
     for k, v in by_key.items():
       if all(a0 <= b0 and b1 <= a1 for (a0, a1), (b0, b1) in zip(k, key)):
-        return v[tuple(slice(b0 - a0, b1 - a0) for (a0, _), (b0, _)
+        return v[tuple(slice(b0 - a0, b1 - a0) for (a0, _), (b0, b1)
                        in zip(k, key))].astype(dtype)
     raise ValueError(f"no host values for shard {key} of {shape}")
   return jax.make_array_from_callback(shape, sharding, cb)
@@ -111,7 +111,9 @@ def sample_and_score(sampler: Sampler, pool: RewardPool, tokenizer,
                      params: Any, prompt_tokens: jax.Array,
                      prompt_lengths: jax.Array, records: Sequence[Any],
                      rng: jax.Array, *, n: int | None = None,
-                     keep_texts: bool = True) -> Scored:
+                     keep_texts: bool = True,
+                     should_stop: Callable[[], bool] | None = None
+                     ) -> Scored | None:
   """Samples G rollouts per prompt and scores them, overlapping the two.
 
   Args:
@@ -124,6 +126,14 @@ def sample_and_score(sampler: Sampler, pool: RewardPool, tokenizer,
     rng: sampling key.
     n: rollouts per prompt (default: the sampler's).
     keep_texts: keep the decoded texts (for the JSONL sample).
+    should_stop: asked after each decode chunk is fetched (a BroRL step
+      decodes for most of an hour; a preemption notice gives ~30 s); True
+      abandons the step and returns None. In a multi-process run it must
+      give the same answer on every process (it is called the same number
+      of times on each: a collective is fine).
+
+  Returns:
+    The scored rollouts, or None when `should_stop` said so.
   """
   t0 = time.perf_counter()
   prefill = sampler.prefill(params, prompt_tokens, prompt_lengths)
@@ -146,6 +156,8 @@ def sample_and_score(sampler: Sampler, pool: RewardPool, tokenizer,
     outs.append(chunk)
     if previous is not None:
       submit(previous)
+      if should_stop is not None and should_stop():
+        return None                   # chunks in flight finish unused
     previous = chunk
   submit(previous)
   rollouts = sampler.assemble(prefill, outs)

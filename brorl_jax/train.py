@@ -14,7 +14,6 @@ is saved before exiting 0.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import signal
 import sys
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from brorl_jax import checkpointing
+from brorl_jax import distributed
 from brorl_jax import config as config_lib
 from brorl_jax import experiment as exp_lib
 from brorl_jax import scoring
@@ -73,6 +73,52 @@ def _to_host(metrics: dict[str, Any]) -> dict[str, float]:
           for k, v in values.items()}
 
 
+def _global_verify_stats(local: dict[str, float], verifiers) -> dict:
+  """The reward pool's counters (rewards/stats.py) over all processes.
+
+  Each process scores only its own rollouts; means are re-weighted by the
+  per-process counts. `verifiers` (the step's records' verifier names, the
+  same on every process) fixes the keys every process contributes.
+  """
+  if jax.process_count() == 1:
+    return local
+  names = sorted(verifiers)
+  sums = dict(local)
+  for v in names:  # means -> sums, so they add up over processes
+    count = local.get(f"{v}/count", 0)
+    for m in ("mean_reward", "mean_latency_s"):
+      sums[f"{v}/{m}"] = local.get(f"{v}/{m}", 0.0) * count
+  keys = ["items", "timeouts", "errors", "restarts", "recycled"] + [
+      f"{v}/{k}" for v in names for k in ("count", "mean_reward",
+                                          "mean_latency_s", "timeouts",
+                                          "errors")]
+  total = distributed.sum_over_processes(sums, keys)
+  out = {k: int(round(total[k])) for k in keys}
+  for v in names:
+    for m in ("mean_reward", "mean_latency_s"):
+      out[f"{v}/{m}"] = total[f"{v}/{m}"] / max(total[f"{v}/count"], 1)
+  return out
+
+
+def state_shardings(abstract_params, param_sh, optimizer, *,
+                    with_reference: bool, replicated) -> ts_lib.TrainState:
+  """The train state's layout: the optimizer's moments and the reference
+  copy are sharded like the parameters (FSDP), counters are replicated.
+
+  Left to XLA's sharding propagation, the moments (zeros like the
+  parameters) come out replicated: for a 1.5B model that is 13 GiB of Adam
+  state on every device instead of 1/fsdp of it.
+  """
+  import optax
+  abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+  opt_sh = optax.tree_map_params(
+      optimizer, lambda _, sh: sh, abstract_opt, param_sh,
+      transform_non_params=lambda _: replicated)
+  return ts_lib.TrainState(
+      step=replicated, updates=replicated, params=param_sh, opt_state=opt_sh,
+      ref_params=param_sh if with_reference else None, skipped=replicated)
+
+
 class Trainer:
   """Builds every part once; `run()` is the loop."""
 
@@ -98,12 +144,18 @@ class Trainer:
         correct_threshold=cfg.rewards.correct_threshold,
         advantage=cfg.advantage, shaping=cfg.shaping)
     self._prepare = jax.jit(batch_lib.prepare, static_argnums=0)
+    self.state_sh = state_shardings(
+        self.policy.abstract_params(), exp.param_shardings(), self.optimizer,
+        with_reference=cfg.loss.kl_coef > 0,
+        replicated=exp.mesh_train.replicated())
     self._make_state = jax.jit(lambda p: ts_lib.TrainState.create(
-        p, self.optimizer, with_reference=cfg.loss.kl_coef > 0))
+        p, self.optimizer, with_reference=cfg.loss.kl_coef > 0),
+                               out_shardings=self.state_sh)
     self._reset_ref = jax.jit(
         lambda s: ts_lib.reset_reference(
             s, self.optimizer,
-            reset_optimizer=cfg.reference.reset_optimizer), donate_argnums=0)
+            reset_optimizer=cfg.reference.reset_optimizer), donate_argnums=0,
+        out_shardings=self.state_sh)
     self._update = None
     self._diag_fns = None
     from brorl_jax.metrics import MetricsWriter
@@ -124,7 +176,8 @@ class Trainer:
   # ---- state ---------------------------------------------------------------
 
   def _state_shardings(self, params_abstract):
-    return self._make_state.lower(params_abstract).compile().output_shardings
+    del params_abstract
+    return self.state_sh
 
   def init_state(self):
     """Restores the latest checkpoint, or creates (and warm-starts) one.
@@ -172,7 +225,14 @@ class Trainer:
     jitted = jax.jit(fn, in_shardings=(state_sh, batch_sh, mr.replicated()),
                      out_shardings=(state_sh, mr.replicated()),
                      donate_argnums=0)
-    compiled = jitted.lower(state, rollout_batch_abstract,
+    # Lowered from abstract values carrying the target shardings: the
+    # concrete batch may sit in another layout (it is moved before the
+    # call), and jit refuses committed arguments whose sharding differs.
+    abstract = lambda tree, sh: jax.tree.map(  # noqa: E731
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        tree, sh)
+    compiled = jitted.lower(abstract(state, state_sh),
+                            abstract(rollout_batch_abstract, batch_sh),
                             jax.random.key(0)).compile()
     mem = compiled.memory_analysis()
     if mem is not None:
@@ -205,12 +265,15 @@ class Trainer:
     sample_params = reshard(state.params, self.sample_shardings)
     scored = scoring.sample_and_score(
         self.sampler, self.pool, self.tokenizer, sample_params, tokens,
-        lengths, prompts.records, jax.random.fold_in(key, ROLLOUT))
+        lengths, prompts.records, jax.random.fold_in(key, ROLLOUT),
+        should_stop=preempt.requested)
+    # The sampling copy is not needed by the update: free it before.
+    del sample_params
+    if scored is None or preempt.requested():
+      return None                          # abandoned: nothing was applied
     ro = scored.rollouts
     times["sample_s"] = scored.seconds["sample"]
     times["score_s"] = scored.seconds["score_wait"]
-    if preempt.requested():
-      return None                          # abandoned: nothing was applied
 
     # ---- 3. Advantages (device): dynamic sampling, shaping -----------------
     t1 = time.perf_counter()
@@ -253,7 +316,8 @@ class Trainer:
     metrics["rollout/generated_tokens_total"] = meta["generated_tokens_total"]
     metrics["optim/lr"] = float(self.lr_schedule(int(new_state.updates)))
     metrics.update(self._task_rewards(prompts.records, scored.rewards))
-    metrics.update({f"verify/{k}": v for k, v in self.pool.pop_stats()
+    metrics.update({f"verify/{k}": v for k, v in _global_verify_stats(
+        self.pool.pop_stats(), {r.verifier for r in prompts.records})
                     .items()})
     times["step_s"] = time.perf_counter() - t0
     metrics.update({f"time/{k}": v for k, v in times.items()})
@@ -278,10 +342,8 @@ class Trainer:
 
   def _task_rewards(self, records, rewards) -> dict[str, float]:
     """Per task family mean reward (host; the rewards' transfer is small)."""
-    r = np.asarray(jax.device_get(rewards)) if rewards.is_fully_addressable \
-        else None
-    if r is None:
-      return {}
+    r = distributed.fetch(rewards,
+                          self.exp.mesh_sample.replicated())      # [P, G]
     tasks: dict[str, list[float]] = {}
     for rec, row in zip(records, r):
       tasks.setdefault(rec.task, []).extend(row.tolist())
@@ -333,33 +395,48 @@ class Trainer:
   # ---- logging -------------------------------------------------------------
 
   def _log_rollouts(self, step, prompts, scored):
-    if not self.exp.is_main:
-      return
-    ro = scored.rollouts
-    every = self.cfg.logging.archive_every
-    if (self.archive.enabled and ro.tokens.is_fully_addressable
-        and step % every == 0):
-      tok, lens, lp, rew, st = jax.device_get(
-          (ro.tokens, ro.lengths, ro.logprobs, scored.rewards, scored.status))
+    """Archives the step's rollouts and a few decoded texts (process 0).
+
+    In a multi-process run the rollouts are gathered from every process
+    (collectives: every process gets here, and the conditions depend on the
+    config only); process 0 writes.
+    """
+    ro, log_cfg = scored.rollouts, self.cfg.logging
+    replicated = self.exp.mesh_sample.replicated()
+    if log_cfg.archive_rollouts and step % log_cfg.archive_every == 0:
+      tok, lens, lp, rew, st = (distributed.fetch(x, replicated) for x in (
+          ro.tokens, ro.lengths, ro.logprobs, scored.rewards, scored.status))
       self.archive.append(
           step, prompt_ids=[prompts.tokens[i, -prompts.lengths[i]:]
                             for i in range(len(prompts.records))],
           completion_ids=tok, lengths=lens, logprobs=lp, rewards=rew,
           status=st)
-    n = self.cfg.logging.text_samples
-    if n and scored.texts and scored.rewards.is_fully_addressable:
-      rewards, status = (np.asarray(x) for x in jax.device_get(
-          (scored.rewards, scored.status)))
-      names = {v: k for k, v in scoring.STATUS_CODES.items()}
-      samples = []
-      for (p, g), text in list(sorted(scored.texts.items()))[:: max(
-          1, len(scored.texts) // n)][:n]:
-        samples.append({
-            "prompt": self.pipeline.prompt_text(prompts.records[p]),
-            "completion": text, "answer": prompts.records[p].answer,
-            "reward": float(rewards[p, g]),
-            "status": names[int(status[p, g])]})
-      self.archive.write_text_samples(step, samples)
+    n = log_cfg.text_samples
+    if not (n and log_cfg.archive_rollouts):
+      return
+    num_p, num_g = scored.rewards.shape
+    # An even spread over the step's rollouts, the same on every process.
+    picked = [(i // num_g, i % num_g)
+              for i in range(0, num_p * num_g, max(1, num_p * num_g // n))][:n]
+    if jax.process_count() == 1:
+      texts = [scored.texts[key] for key in picked]
+    else:
+      # The texts were decoded where the rollouts live: fetch the picked
+      # rows' tokens and decode them here.
+      rows = np.array([p * num_g + g for p, g in picked], np.int32)
+      tok, lens = distributed.fetch_rows(ro.tokens, ro.lengths, rows,
+                                         replicated)
+      texts = self.tokenizer.decode_batch(
+          [t[:k].tolist() for t, k in zip(tok, lens)])
+    rewards, status = (distributed.fetch(x, replicated)
+                       for x in (scored.rewards, scored.status))
+    names = {v: k for k, v in scoring.STATUS_CODES.items()}
+    self.archive.write_text_samples(step, [{
+        "prompt": self.pipeline.prompt_text(prompts.records[p]),
+        "completion": text, "answer": prompts.records[p].answer,
+        "reward": float(rewards[p, g]),
+        "status": names[int(status[p, g])]}
+        for (p, g), text in zip(picked, texts)])
 
   # ---- evaluation, references ----------------------------------------------
 
@@ -375,7 +452,8 @@ class Trainer:
     out = self.evaluator.evaluate(params, step, eval_key(self.cfg.seed))
     out["time/eval_s"] = time.perf_counter() - t0
     # The pool's counters belong to the evaluation, not the next RL step.
-    verify = self.pool.pop_stats()
+    verify = distributed.sum_over_processes(self.pool.pop_stats(),
+                                 ("timeouts", "errors"))
     out.update({f"eval/verify/{k}": verify[k] for k in ("timeouts", "errors")
                 if k in verify})
     return out
@@ -488,6 +566,16 @@ def run(argv: list[str] | None = None) -> None:
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "run directory (resumes if present)")
   flags.DEFINE_bool("dry_run", False, "report per-device memory; no training")
+  flags.DEFINE_float("device_memory_gb", None, "--dry_run: memory per device "
+                     "in GiB (default: the TPU's HBM, the GPU's JAX limit, "
+                     "else 80, an H100)")
+  flags.DEFINE_string("dry_run_topology", None, "--dry_run: compile for this "
+                      "TPU topology ahead of time (libtpu needed), e.g. "
+                      "v5p:4x4x2 for a v5p-64 slice")
+  flags.DEFINE_integer("dry_run_layers", 0, "--dry_run: 0 = auto (deep "
+                       "models compile at 1 and 2 layers, 2 and 4 with "
+                       "remat, extrapolated); >= depth compiles the full "
+                       "model")
   flags.mark_flags_as_required(["config"])
 
   def main(_):
@@ -499,11 +587,14 @@ def run(argv: list[str] | None = None) -> None:
       sys.exit(f"error: {e}")
     if flags.FLAGS.dry_run:
       from brorl_jax import sizing
-      sizing.dry_run(cfg)
+      sizing.dry_run(cfg, device_memory_gb=flags.FLAGS.device_memory_gb,
+                     topology=flags.FLAGS.dry_run_topology,
+                     layers=flags.FLAGS.dry_run_layers)
       return
     if not flags.FLAGS.workdir:
       sys.exit("error: --workdir is required (the run's directory)")
-    Trainer(cfg, flags.FLAGS.workdir).run()
+    with distributed.exit_on_error():
+      Trainer(cfg, flags.FLAGS.workdir).run()
 
   app.run(main, argv=[sys.argv[0]] + (sys.argv[1:] if argv is None else argv))
 

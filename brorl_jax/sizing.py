@@ -1,0 +1,481 @@
+"""Per-device memory before a run: `python -m brorl_jax.train --config C
+--dry_run`.
+
+Builds the configured mesh and compiles, ahead of time and from abstract
+shapes only (no parameter is ever materialized), the three programs that
+hold memory during an RL step:
+
+  * the sampler's prefill of the step's P prompts,
+  * one decode chunk (`rollout.max_decode_rows` rows of P x G), at two row
+    counts, which gives the memory per decoded row,
+  * the update (mini-batches x micro-batches, state donated),
+
+and reads their compiled memory analysis. Devices are whatever JAX has: the
+accelerators of this machine, CPU devices faked to the target's count
+(`XLA_FLAGS=--xla_force_host_platform_device_count=64`: CPU buffer
+assignment stands in for the accelerator's), or, with `--dry_run_topology
+v5p:4x4x2` and libtpu installed, the TPU compiler itself through JAX's
+ahead-of-time topologies. Deep models compile at two small depths (1 and
+2 layers; 2 and 4 with remat, whose first layer is special) and every
+compiled figure is extrapolated linearly in the layer count (parameters,
+KV caches and saved activations grow per layer; the largest transient does
+not), which keeps a 64-device compile of a 1.5B model to minutes on a
+laptop. XLA's CPU scheduler does not honour remat (it keeps every layer's
+intermediates), so on CPU the update's temporaries of a remat model are the
+2-layer compile plus the block inputs remat saves per further layer. Parameters, optimizer state and rollout buffers are computed from
+their shardings (labelled analytic; exact for what they cover).
+
+The report gives the peak of the sampling phase and of the update phase,
+and the largest `max_decode_rows` whose sampling peak fits the device
+memory (`--device_memory_gb`; default: the TPU's HBM, the GPU's JAX limit,
+or 80 GB, an H100, on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import sys
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+GiB = 2**30
+# HBM per chip (GB) of TPU generations, by topology-name prefix.
+TPU_HBM_GB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32}
+DEFAULT_GB = 80.0  # H100
+
+
+@dataclasses.dataclass(frozen=True)
+class Mem:
+  """A compiled program's per-device memory (bytes).
+
+  Attributes:
+    args: arguments; out: outputs; alias: outputs aliasing donated args;
+    temp: the compiler's scratch peak.
+  """
+
+  args: float
+  out: float
+  alias: float
+  temp: float
+
+  @classmethod
+  def of(cls, compiled) -> "Mem":
+    m = compiled.memory_analysis()
+    if m is None:
+      raise RuntimeError("this backend gives no memory analysis")
+    return cls(m.argument_size_in_bytes, m.output_size_in_bytes,
+               m.alias_size_in_bytes, m.temp_size_in_bytes)
+
+  @property
+  def peak(self) -> float:
+    return self.args + self.out - self.alias + self.temp
+
+  def lerp(self, other: "Mem", x0: float, x1: float, x: float) -> "Mem":
+    """Linear in x through (x0, self) and (x1, other)."""
+    w = (x - x0) / (x1 - x0)
+    return Mem(*(a + w * (b - a) for a, b in zip(
+        dataclasses.astuple(self), dataclasses.astuple(other))))
+
+
+def per_device_bytes(tree: Any) -> float:
+  """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shape = x.sharding.shard_shape(x.shape) if x.sharding else x.shape
+    total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+  return float(total)
+
+
+def _with(tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(
+      a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+def _tpu_devices(topology: str):
+  try:
+    from jax.experimental import topologies
+    return topologies.get_topology_desc(platform="tpu",
+                                        topology_name=topology).devices
+  except Exception as e:  # ImportError, or libtpu missing / bad name
+    raise SystemExit(
+        f"error: --dry_run_topology={topology}: JAX cannot describe this TPU "
+        f"topology here ({type(e).__name__}: {str(e).splitlines()[0]}). "
+        "Install libtpu (pip install -e '.[tpu]') and name it as "
+        "'<generation>:<chips x y z>', e.g. v5p:4x4x2 for a v5p-64 slice "
+        "(32 chips, 64 TensorCores)") from None
+
+
+@dataclasses.dataclass
+class _Programs:
+  """Compiled memory of one model depth."""
+
+  prefill: Mem
+  decode: dict[int, Mem]          # rows per chunk -> decode chunk
+  update: Mem | None
+
+
+class _Builder:
+  """Abstract shapes and shardings of one run at one model depth."""
+
+  def __init__(self, cfg, model_cfg, mesh, num_layers: int):
+    from brorl_jax.model.sharding import SAMPLE_RULES, TRAIN_RULES, MeshRules
+    from brorl_jax.model.transformer import Policy
+    from brorl_jax.rl import train_state as ts_lib
+    from brorl_jax.rollout import Sampler
+    self.cfg = cfg
+    self.policy = Policy.create(model_cfg.replace(num_layers=num_layers))
+    self.train_rules = MeshRules(mesh, TRAIN_RULES)
+    self.sample_rules = MeshRules(mesh, SAMPLE_RULES)
+    self.rep = self.train_rules.replicated()
+    samples = cfg.loop.prompts_per_step * cfg.rollout.n
+    cfg.update.check_rows(samples)
+    self.optimizer = ts_lib.make_optimizer(cfg.optim, samples)
+    abstract = self.policy.abstract_params()
+    self.params = _with(abstract, self.policy.shardings(self.train_rules))
+    self.sample_params = _with(abstract,
+                               self.policy.shardings(self.sample_rules))
+    from brorl_jax.train import state_shardings
+    with_reference = cfg.loss.kl_coef > 0
+    state_sh = state_shardings(abstract, self.policy.shardings(
+        self.train_rules), self.optimizer, with_reference=with_reference,
+                               replicated=self.rep)
+    self.state = _with(jax.eval_shape(lambda p: ts_lib.TrainState.create(
+        p, self.optimizer, with_reference=with_reference), abstract),
+                       state_sh)
+    # Decoding needs no rematerialization (no backward pass); and nnx.remat
+    # inside the decode while_loop fails to trace (flax TraceContextError),
+    # so the sampler is sized without it.
+    sample_policy = Policy.create(self.policy.cfg.replace(remat=False))
+    self.sampler = Sampler(sample_policy, cfg.rollout, stop_ids=(0,),
+                           pad_id=0, mesh_rules=self.sample_rules)
+
+  def _sds(self, rules, shape, dtype, axes):
+    return jax.ShapeDtypeStruct(shape, dtype,
+                                sharding=rules.sharding(axes, shape))
+
+  def prefill(self) -> Mem:
+    p, lp = self.num_prompts, self.cfg.rollout.max_prompt_len
+    r = self.sample_rules
+    tokens = self._sds(r, (p, lp), jnp.int32, ("batch", None))
+    lengths = self._sds(r, (p,), jnp.int32, ("batch",))
+    # The sampler's own jitted function, lowered from abstract arguments.
+    prefill = self.sampler._prefill  # pylint: disable=protected-access
+    return Mem.of(prefill.lower(self.sample_params, tokens,
+                                lengths).compile())
+
+  @property
+  def num_prompts(self) -> int:
+    return self.cfg.advantage.prompts_to_sample(self.cfg.loop.prompts_per_step)
+
+  def decode(self, pc: int, gc: int) -> Mem:
+    from brorl_jax.rollout import sampling
+    from brorl_jax.rollout.sampler import Prefill
+    mc, r = self.policy.cfg, self.sample_rules
+    lp, dt = self.cfg.rollout.max_prompt_len, jnp.dtype(mc.dtype)
+    kv = lambda: tuple(self._sds(  # noqa: E731
+        r, (pc, lp, mc.num_kv_heads, mc.head_dim), dt,
+        ("batch", None, "act_kv", None)) for _ in range(mc.num_layers))
+    part = Prefill(
+        k=kv(), v=kv(), valid=self._sds(r, (pc, lp), jnp.bool_,
+                                        ("batch", None)),
+        lengths=self._sds(r, (pc,), jnp.int32, ("batch",)),
+        logits=self._sds(r, (pc, mc.vocab_size), jnp.float32,
+                         ("batch", "act_vocab")))
+    keys = jax.eval_shape(lambda: sampling.row_keys(
+        jax.random.key(0), jnp.arange(pc), jnp.arange(gc)))
+    keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=self.rep)
+    decode = self.sampler._decode  # pylint: disable=protected-access
+    return Mem.of(decode.lower(self.sample_params, part, keys,
+                               group=gc).compile())
+
+  def update(self) -> Mem:
+    from brorl_jax.rl.update import RolloutBatch, make_update_fn
+    c = self.cfg
+    p, g = c.loop.prompts_per_step, c.rollout.n
+    lp, t = c.rollout.max_prompt_len, c.rollout.max_new_tokens
+    shapes = RolloutBatch(
+        prompt_tokens=((p, lp), jnp.int32), prompt_lengths=((p,), jnp.int32),
+        tokens=((p, g, t), jnp.int32), logprobs=((p, g, t), jnp.float32),
+        lengths=((p, g), jnp.int32), advantages=((p, g), jnp.float32),
+        mask=((p, g), jnp.bool_))
+    batch = jax.tree.map(
+        lambda s: self._sds(self.train_rules, s[0], s[1],
+                            ("batch",) + (None,) * (len(s[0]) - 1)),
+        shapes, is_leaf=lambda s: isinstance(s, tuple) and len(s) == 2
+        and isinstance(s[0], tuple))
+    temperature = 1.0 if c.rollout.is_greedy else c.rollout.temperature
+    fn = make_update_fn(self.policy, c.update, c.loss, self.optimizer,
+                        temperature=temperature, mesh_rules=self.train_rules)
+    state_sh = jax.tree.map(lambda x: x.sharding, self.state)
+    batch_sh = jax.tree.map(lambda x: x.sharding, batch)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=self.rep)
+    jitted = jax.jit(fn, in_shardings=(state_sh, batch_sh, self.rep),
+                     out_shardings=(state_sh, self.rep), donate_argnums=0)
+    return Mem.of(jitted.lower(self.state, batch, key).compile())
+
+
+def _row_plans(num_prompts: int, group: int, max_rows: int):
+  """Two distinct decode-chunk plans (pc, gc): the configured one and one
+  with about half its rows, for the memory per row."""
+  from brorl_jax.rollout.sampler import plan_chunks
+  first = plan_chunks(num_prompts, group, max_rows)
+  rows = first[0] * first[1]
+  for r in (rows // 2, rows // 4, rows * 2):
+    second = plan_chunks(num_prompts, group, max(r, 1))
+    if second[0] * second[1] != rows:
+      return first, second
+  return first, None
+
+
+def _model_config(cfg) -> tuple[Any, str]:
+  """The policy's ModelConfig: from `init.path` when it exists here (only
+  config.json is read), else the config's `model` section."""
+  import json
+  import pathlib
+  from brorl_jax import hf
+  path = cfg.init.path
+  numerics = dict(param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
+                  remat=cfg.model.remat)
+  if path is not None and (pathlib.Path(path) / hf.MODEL_CONFIG_FILE).exists():
+    return hf.load_model_config(pathlib.Path(path)).replace(**numerics), path
+  if path is not None and (pathlib.Path(path) / "config.json").exists():
+    raw = json.loads((pathlib.Path(path) / "config.json").read_text())
+    return hf.config_from_hf(raw, param_dtype=numerics["param_dtype"],
+                             dtype=numerics["dtype"]).replace(
+                                 remat=cfg.model.remat), path
+  note = "the config's model section"
+  if path is not None:
+    note += f" (init.path {path} is not readable here)"
+  return cfg.model, note
+
+
+def _default_memory_gib(devices, topology: str | None) -> tuple[float, str]:
+  if topology:
+    gen = re.split(r"[:-]", topology)[0].lower()
+    if gen in TPU_HBM_GB:
+      return TPU_HBM_GB[gen], f"{gen} HBM per chip"
+  stats = getattr(devices[0], "memory_stats", lambda: None)()
+  if stats and stats.get("bytes_limit"):
+    return stats["bytes_limit"] / GiB, "this device's JAX memory limit"
+  return DEFAULT_GB, "an H100's 80 GiB (set --device_memory_gb)"
+
+
+def dry_run(cfg, *, device_memory_gb: float | None = None,
+            topology: str | None = None, layers: int = 0,
+            out: Callable[[str], None] = print) -> dict[str, Any]:
+  """Compiles the step's programs for `cfg` and reports per-device memory.
+
+  Args:
+    cfg: the validated `RunConfig`.
+    device_memory_gb: memory per device, GiB (default: see module doc).
+      On GPUs give what JAX may use: total x XLA_PYTHON_CLIENT_MEM_FRACTION.
+    topology: a TPU topology for ahead-of-time compilation (libtpu needed),
+      e.g. "v5p:4x4x2"; None uses `jax.devices()`.
+    layers: model depth to compile: 0 = the full depth for shallow models,
+      else compiles at 1 and 2 layers (2 and 4 with remat) extrapolated to
+      the full depth; k >= the depth compiles the full model; a smaller k
+      extrapolates from compiles at 1 (2 with remat) and k layers.
+    out: where the report's lines go.
+
+  Returns:
+    {"max_decode_rows", "decode_plan", "sampling_peak_gib",
+     "update_peak_gib", "device_memory_gib", "figures": [(name, GiB,
+     source)], ...}.
+  """
+  import time
+  from brorl_jax.model.sharding import make_mesh
+  from brorl_jax.rollout.sampler import plan_chunks
+  jax.config.update("jax_threefry_partitionable", True)
+  devices = _tpu_devices(topology) if topology else jax.devices()
+  mesh = make_mesh(cfg.mesh.shape, devices)
+  model_cfg, model_source = _model_config(cfg)
+  depth = model_cfg.num_layers
+  # With remat the first layer is special (a 2-layer model already holds a
+  # recomputed forward beside a backward); from 2 layers on, each adds only
+  # the block input remat saves. The TPU scheduler's temporaries are not
+  # monotone in depth either (ProRL arm, v5p: 30.3 / 43.8 / 30.9 GiB at 2 /
+  # 3 / 4 layers), so remat models extrapolate from 2 and 4 layers.
+  first, second = (2, 4) if model_cfg.remat else (1, 2)
+  if layers >= depth or (layers == 0 and depth <= second + 1):
+    depths = (depth,)
+  else:
+    depths = (first, max(layers, second))
+  platform = "TPU" if topology else devices[0].platform.upper()
+  backend = (f"TPU compiler, topology {topology} (ahead of time)" if topology
+             else f"{platform} backend")
+  if depths == (depth,):
+    compiled = f"compiled ({backend})"
+  else:
+    compiled = (f"compiled ({backend}; {depths[0]}+{depths[1]} layers, "
+                f"extrapolated to {depth})")
+
+  def log(msg):
+    print(f"[dry_run] {msg}", file=sys.stderr, flush=True)
+
+  progs, num_prompts, plans = {}, None, None
+  for d in depths:
+    t0 = time.perf_counter()
+    b = _Builder(cfg, model_cfg, mesh, d)
+    num_prompts = b.num_prompts
+    plans = [p for p in _row_plans(num_prompts, cfg.rollout.n,
+                                   cfg.rollout.max_decode_rows) if p]
+    log(f"{d} layer(s): compiling prefill, {len(plans)} decode chunks, "
+        "update")
+    prefill = b.prefill()
+    decode = {pc * gc: b.decode(pc, gc) for pc, gc in plans}
+    update = b.update()
+    progs[d] = _Programs(prefill, decode, update)
+    log(f"{d} layer(s): compiled in {time.perf_counter() - t0:.0f} s")
+  if len(depths) == 1:
+    m = progs[depth]
+  else:
+    a, z = progs[depths[0]], progs[depths[1]]
+    ext = lambda x, y: x.lerp(y, depths[0], depths[1], depth)  # noqa: E731
+    m = _Programs(ext(a.prefill, z.prefill),
+                  {r: ext(a.decode[r], z.decode[r]) for r in a.decode},
+                  ext(a.update, z.update))
+  full = b if depths == (depth,) else _Builder(cfg, model_cfg, mesh, depth)
+  update_temp_src, cpu_upper = compiled, None
+  if platform == "CPU" and model_cfg.remat and len(depths) == 2:
+    # XLA's CPU scheduler is not memory-aware: it runs the rematerialized
+    # forwards early and keeps every layer's intermediates alive, so the
+    # compiled CPU update grows by a whole layer's working set per layer
+    # (a TPU compile adds only the saved block input). Estimate: the
+    # 2-layer compile (two layers' working sets, an upper bound of one
+    # backward beside one recomputed forward) + the block inputs remat
+    # saves for every further layer.
+    mb = cfg.update.micro_batch_size
+    rows_dev = full.train_rules.sharding(("batch",), (mb,)).shard_shape(
+        (mb,))[0]
+    seq = cfg.rollout.max_prompt_len + cfg.rollout.max_new_tokens - 1
+    saved = rows_dev * seq * model_cfg.embed_dim * jnp.dtype(
+        model_cfg.dtype).itemsize
+    cpu_upper = m.update.temp
+    m.update = dataclasses.replace(
+        m.update, temp=progs[2].update.temp + (depth - 2) * saved)
+    update_temp_src = ("compiled 2 layers (CPU) + analytic remat-saved "
+                       "block inputs")
+
+  # ---- analytic figures (from shardings) -----------------------------------
+  st = full.state
+  params = per_device_bytes(st.params)
+  opt = per_device_bytes(st.opt_state)
+  ref = per_device_bytes(st.ref_params) if st.ref_params is not None else 0.0
+  counters = per_device_bytes((st.step, st.updates, st.skipped))
+  sample_copy = per_device_bytes(full.sample_params)
+  c = cfg.rollout
+  g, lp, t = c.n, c.max_prompt_len, c.max_new_tokens
+  r = full.sample_rules
+  buf = lambda p, dtype: per_device_bytes(full._sds(  # noqa: E731
+      r, (p, g, t), dtype, ("batch", "group", None)))
+  # Chunk outputs, then their concatenation ([P, G, T] tokens + logprobs).
+  rollouts = buf(num_prompts, jnp.int32) + buf(num_prompts, jnp.float32)
+  first_probs = per_device_bytes(full._sds(
+      r, (num_prompts, model_cfg.vocab_size), jnp.float32,
+      ("batch", "act_vocab")))
+  kv_item = jnp.dtype(model_cfg.dtype).itemsize
+  kv_row = 2 * depth * t * model_cfg.num_kv_heads * model_cfg.head_dim * kv_item
+  prompt_kv = 2 * depth * num_prompts * lp * model_cfg.num_kv_heads * \
+      model_cfg.head_dim * kv_item / max(mesh.size, 1)
+
+  # ---- per decoded row (compiled, two chunk sizes) -------------------------
+  rows = sorted(m.decode)
+  big = m.decode[rows[-1]]
+  if len(rows) == 2:
+    slope = (m.decode[rows[1]].peak - m.decode[rows[0]].peak) / (
+        rows[1] - rows[0])
+    slope_src = compiled
+  else:
+    row_shards = num_prompts * g * t * 4 / max(buf(num_prompts, jnp.int32), 1)
+    slope = kv_row / row_shards
+    slope_src = "analytic"
+  state_bytes = params + opt + ref + counters
+  fixed_sampling = (state_bytes + m.prefill.out + 2 * rollouts
+                    + big.peak - slope * rows[-1])
+  sampling_peak = fixed_sampling + slope * rows[-1]
+  prefill_peak = state_bytes + m.prefill.peak
+  update_peak = m.update.peak + sample_copy + rollouts + first_probs
+
+  memory_gib, memory_src = ((device_memory_gb, "--device_memory_gb")
+                            if device_memory_gb else
+                            _default_memory_gib(devices, topology))
+  budget = memory_gib * GiB
+  fit_rows = int((budget - fixed_sampling) // slope) if slope > 0 else 0
+  plan = (plan_chunks(num_prompts, g, fit_rows) if fit_rows >= 1 else None)
+  max_rows = plan[0] * plan[1] if plan else 0
+
+  figures = [
+      ("resident through the step", None, ""),
+      ("  parameters, train layout", params, "analytic"),
+      ("  optimizer state (AdamW mu, nu)", opt, "analytic"),
+      ("  reference parameters (KL)", ref, "analytic"),
+      ("  parameters, sampling copy", sample_copy, "analytic"),
+      (f"sampling: {num_prompts} prompts x {g} rollouts, Lp {lp}, T {t}",
+       None, ""),
+      ("  prefill: prompt KV + first-token logits", m.prefill.out, compiled),
+      ("    (prompt KV alone, if spread over all devices)", prompt_kv,
+       "analytic"),
+      ("  prefill: temporaries", m.prefill.temp, compiled),
+      (f"  decode chunk of {rows[-1]} rows: KV cache, buffers, "
+       "temporaries", big.temp + big.out, compiled),
+      ("  KV cache per decoded row (whole row, unsharded)", kv_row,
+       "analytic"),
+      ("  memory per decoded row, per device", slope, slope_src),
+      ("  rollout buffers: chunk outputs + assembled [P, G, T]",
+       2 * rollouts, "analytic"),
+      ("  peak while decoding", sampling_peak, "sum"),
+      (f"update: {cfg.loop.prompts_per_step * g} rows in "
+       f"{cfg.update.num_minibatches} mini-batches of micro-batches of "
+       f"{cfg.update.micro_batch_size}", None, ""),
+      ("  arguments (state + rollout batch)", m.update.args, compiled),
+      ("  temporaries (activations, gradients)", m.update.temp,
+       update_temp_src),
+      *([("    (CPU compile extrapolated: remat not scheduled, upper "
+          "bound)", cpu_upper, compiled)] if cpu_upper is not None else []),
+      ("  outputs not aliased to the donated state",
+       m.update.out - m.update.alias, compiled),
+      ("  + sampling copy, rollouts, first-token probs held meanwhile",
+       sample_copy + rollouts + first_probs, "analytic"),
+      ("  peak while updating", update_peak, "sum"),
+  ]
+  n_params = model_cfg.num_params()
+  out(f"dry run: {len(devices)} {platform} devices, mesh "
+      + " ".join(f"{k}={v}" for k, v in mesh.shape.items())
+      + f"; model {n_params / 1e9:.2f}B parameters, {depth} layers "
+      f"({model_source}), params {model_cfg.param_dtype}, compute "
+      f"{model_cfg.dtype}")
+  big_figure = max(v for _, v, _ in figures if v is not None)
+  unit, scale = ("GiB", GiB) if big_figure >= GiB else ("MiB", 2**20)
+  out(f"{'per-device memory':<66}{unit:>9}  source")
+  for name, value, src in figures:
+    out(name if value is None else f"{name:<66}{value / scale:>9.3f}  {src}")
+  out(f"prefill phase peak {prefill_peak / GiB:.2f} GiB, decode phase peak "
+      f"{sampling_peak / GiB:.2f} GiB (at max_decode_rows="
+      f"{c.max_decode_rows}, chunks of {rows[-1]} rows), update phase peak "
+      f"{update_peak / GiB:.2f} GiB")
+  out(f"device memory: {memory_gib:.1f} GiB ({memory_src})")
+  if plan:
+    chunks = num_prompts * g // max_rows
+    out(f"largest max_decode_rows that fits: {max_rows} ({plan[0]} prompts "
+        f"x {plan[1]} rollouts per chunk, {chunks} chunk(s) per step; "
+        f"memory allows {fit_rows} rows)")
+  else:
+    out("largest max_decode_rows that fits: none: the resident state and "
+        "one decode row already exceed the device memory")
+  if update_peak > budget:
+    out(f"warning: the update needs {update_peak / GiB:.1f} GiB > "
+        f"{memory_gib:.1f} GiB: lower algo.micro_batch_size, shard more "
+        "(mesh.shape fsdp / tensor), or shorten the sequences")
+  return {"max_decode_rows": max_rows, "decode_plan": plan,
+          "fit_rows": fit_rows, "sampling_peak_gib": sampling_peak / GiB,
+          "update_peak_gib": update_peak / GiB,
+          "prefill_peak_gib": prefill_peak / GiB,
+          "device_memory_gib": memory_gib, "per_row_bytes": slope,
+          "figures": [(n, v / GiB, s) for n, v, s in figures
+                      if v is not None],
+          "compiled_label": compiled, "mesh": dict(mesh.shape)}
