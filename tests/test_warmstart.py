@@ -19,11 +19,11 @@ from brorl_jax.model.transformer import positions_from_valid
 
 
 def tiny_config(**sections) -> ml_collections.ConfigDict:
-  """A tiny arithmetic run: 200 training and 32 held-out prompts."""
+  """A tiny arithmetic run: 200 training and 14 held-out prompts."""
   c = {
       "seed": 0,
       "model": {"preset": "tiny", "dtype": "float32", "remat": False},
-      "data": {"synthetic": {"task": "arithmetic", "train": 200, "eval": 32,
+      "data": {"synthetic": {"task": "arithmetic", "train": 200, "eval": 14,
                              "difficulty": [1]},
                "instruction": ""},
       "rollout": {"prompts_per_step": 8, "n": 4, "max_prompt_len": 64,

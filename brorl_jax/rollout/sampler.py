@@ -172,7 +172,11 @@ class Sampler:
           f"{cfg.section}.max_new_tokens",
           f"max_prompt_len + max_new_tokens = {total} exceeds the model's "
           f"max_position_embeddings {policy.cfg.max_position_embeddings}")
-    self.policy = policy
+    # Decoding keeps no activations for a backward pass: rematerialization
+    # would only add recompute (and nnx.remat cannot run in the decode
+    # while_loop's trace). The parameter tree is the same.
+    self.policy = (Policy.create(policy.cfg.replace(remat=False))
+                   if policy.cfg.remat else policy)
     self.cfg = cfg
     self.stop_ids = tuple(int(i) for i in stop_ids)
     self.pad_id = int(pad_id)

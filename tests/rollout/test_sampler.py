@@ -229,3 +229,17 @@ def test_bad_input_errors(tiny_policy, tiny_params):
   with pytest.raises(ValueError, match="left-padded to rollout.max_prompt_len"):
     s.generate(tiny_params, np.ones((3, LP + 2), np.int32),
                np.array([3, 3, 2]), jax.random.key(0))
+
+
+def test_remat_policy_decodes(tiny_cfg, tiny_params):
+  """Training configs enable remat; the sampler decodes without it."""
+  from brorl_jax.model.transformer import Policy
+  policy = Policy.create(tiny_cfg.replace(remat=True))
+  rng = np.random.default_rng(10)
+  tokens, lengths = _prompts(rng, [5, 9], tiny_cfg.vocab_size)
+  out = _sampler(policy, stop_ids=(10_000,), greedy=True, n=2).generate(
+      tiny_params, tokens, lengths, jax.random.key(0))
+  ref = _sampler(Policy.create(tiny_cfg), stop_ids=(10_000,), greedy=True,
+                 n=2).generate(tiny_params, tokens, lengths,
+                               jax.random.key(0))
+  np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
