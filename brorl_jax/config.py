@@ -264,6 +264,7 @@ class RunConfig:
 
   seed: int
   total_steps: int
+  max_generated_tokens: int | None
   model: Any
   mesh: MeshConfig
   data: Any
@@ -314,7 +315,7 @@ def _split(section: Mapping[str, Any], keys: Iterable[str]):
           {k: v for k, v in section.items() if k not in keys})
 
 
-TOP_LEVEL = ("seed", "total_steps", "model", "mesh", "data", "rollout",
+TOP_LEVEL = ("seed", "total_steps", "max_generated_tokens", "model", "mesh", "data", "rollout",
              "rewards", "algo", "optim", "checkpoint", "eval", "diagnostics",
              "warmstart", "init", "logging")
 
@@ -344,6 +345,10 @@ def load(config: Any) -> RunConfig:
   total_steps = raw.get("total_steps", 0)
   check(isinstance(total_steps, int) and total_steps >= 0, "total_steps",
         f"must be an integer >= 0, got {total_steps!r}")
+  budget = raw.get("max_generated_tokens")
+  check(budget is None or (isinstance(budget, int) and budget > 0),
+        "max_generated_tokens",
+        f"must be a positive token count or None, got {budget!r}")
 
   model_section = dict(raw.get("model") or {})
   preset = model_section.pop("preset", None)
@@ -357,6 +362,7 @@ def load(config: Any) -> RunConfig:
         ","))
   return RunConfig(
       seed=raw.get("seed", 0), total_steps=total_steps,
+      max_generated_tokens=budget,
       model=model_config(preset, model_section),
       mesh=from_mapping(MeshConfig, raw.get("mesh"), "mesh"),
       data=from_mapping(DataConfig, raw.get("data"), "data"),

@@ -495,8 +495,16 @@ class Trainer:
       self.writer.write(0, last)
     bar = self._progress(start)
     step = start
+    budget = cfg.max_generated_tokens
+
+    def finished(step):
+      # total_steps, or the budget of generated tokens (counting groups that
+      # dynamic sampling dropped): equal-compute comparisons of N.
+      return step >= cfg.total_steps or (
+          budget is not None and meta["generated_tokens_total"] >= budget)
+
     try:
-      while step < cfg.total_steps:
+      while not finished(step):
         data_state = train_iter.get_state()
         prompts = next(train_iter)
         out = self.iteration(state, prompts, step, meta, preempt)
@@ -505,9 +513,9 @@ class Trainer:
           break
         state, metrics = out
         step += 1
+        last_step = finished(step)
         if self.evaluator is not None and (
-            step == cfg.total_steps
-            or (cfg.eval.every and step % cfg.eval.every == 0)):
+            last_step or (cfg.eval.every and step % cfg.eval.every == 0)):
           metrics.update(self.evaluate(state, step))
           if metrics.get("eval/pass@1") is not None:
             best = meta["best_eval"]
@@ -520,7 +528,7 @@ class Trainer:
           bar.update(1)
           bar.set_postfix({"reward": f"{metrics['reward/mean']:.3f}",
                            "pass@1": metrics.get("eval/pass@1", "-")})
-        if (step == cfg.total_steps or preempt.requested()
+        if (last_step or preempt.requested()
             or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)):
           self.checkpointer.save(step, state, train_iter, self._meta(meta))
         if preempt.requested():

@@ -15,6 +15,10 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.total_steps = 100
+  # Stop early once this many tokens were generated (counting groups that
+  # dynamic sampling dropped, as the paper counts samples): equal-compute
+  # comparisons of rollout counts. None = off.
+  c.max_generated_tokens = ml_collections.FieldReference(None, int)
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = "qwen2_1p5b"

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from brorl_jax import simulate
+from brorl_jax import simulator
 from brorl_jax.rl import mass_balance as mb
 
 TERM_KEYS = ("p_pos", "p_neg", "a2", "b2", "s_r", "unsampled_mass", "u2",
@@ -113,9 +113,9 @@ def test_random_cases_match_reference():
 @jax.jit
 @jax.vmap
 def _margin_and_bracket(key):
-  z, correct, token_rewards = simulate.random_case(key, 30, 16)
+  z, correct, token_rewards = simulator.random_case(key, 30, 16)
   probs = jax.nn.softmax(z)
-  bracket = simulate.theorem1_terms(probs, correct, token_rewards)["bracket"]
+  bracket = simulator.theorem1_terms(probs, correct, token_rewards)["bracket"]
   terms = mb.terms_from_masks(probs[None], (token_rewards > 0)[None],
                               (token_rewards < 0)[None])
   return terms["margin"][0], bracket
