@@ -210,10 +210,20 @@ def make_update_fn(policy: Policy, cfg: UpdateConfig,
     def micro_step(acc, micro: Rows):
       micro = jax.tree.map(lambda x: constrain(
           x, ("batch",) + (None,) * (x.ndim - 1)), micro)
-      (loss, aux), grads = grad_fn(state.params, micro, normalizer,
-                                   state.ref_params)
-      acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
-      return acc, (loss, aux)
+
+      def compute(acc):
+        (loss, aux), grads = grad_fn(state.params, micro, normalizer,
+                                     state.ref_params)
+        return (jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc,
+                             grads), (loss, aux))
+
+      def skip(acc):
+        # Every row of this micro-batch is masked (dropped groups sorted to
+        # the end): its gradient is exactly zero, so skip the work.
+        out = jax.eval_shape(compute, acc)[1]
+        return acc, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), out)
+
+      return jax.lax.cond(micro.loss_mask.any(), compute, skip, acc)
 
     grads, (micro_losses, micro_aux) = jax.lax.scan(micro_step, zeros, mini)
     loss = micro_losses.sum()
@@ -247,8 +257,15 @@ def make_update_fn(policy: Policy, cfg: UpdateConfig,
         rows = jax.tree.map(lambda x: jnp.take(x, perm, axis=0), rows)
       m = cfg.num_minibatches
       k = r // m // cfg.micro_batch_size
+      # Within each mini-batch, rows that train come first (stable order):
+      # rows of groups dropped by dynamic sampling then fill whole
+      # micro-batches at the end, which `micro_step` skips.
+      rows = jax.tree.map(lambda x: x.reshape(m, r // m, *x.shape[1:]), rows)
+      order = jnp.argsort(~rows.loss_mask.any(-1), axis=1, stable=True)
+      rows = jax.tree.map(lambda x: jnp.take_along_axis(
+          x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1), rows)
       rows = jax.tree.map(
-          lambda x: x.reshape(m, k, cfg.micro_batch_size, *x.shape[1:]), rows)
+          lambda x: x.reshape(m, k, cfg.micro_batch_size, *x.shape[2:]), rows)
       state, stacked = jax.lax.scan(minibatch_update, state, rows)
       metrics = _combine_minibatches(stacked)
       metrics["param_norm"] = optax.tree.norm(state.params)

@@ -138,3 +138,26 @@ def test_lr_scaling_and_reference_reset(tiny_params):
   with pytest.raises(ValueError, match="kl_coef"):
     reset_reference(TrainState.create(tiny_params, opt, with_reference=False),
                     opt, reset_optimizer=True)
+
+
+def test_dropped_groups_cost_nothing_and_change_nothing(tiny_policy,
+                                                        tiny_params):
+  """Rows of dropped groups are sorted into skipped micro-batches; the
+  gradient equals that of the kept rows alone."""
+  batch = _batch(tiny_policy.cfg.vocab_size, seed=5)
+  batch = batch.replace(mask=jnp.asarray([[True] * G, [False] * G]))
+  recorder = optax.GradientTransformation(
+      init=lambda p: jax.tree.map(jnp.zeros_like, p),
+      update=lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g))
+  full, m_full = _run(tiny_policy, tiny_params, UpdateConfig(
+      num_minibatches=1, micro_batch_size=2), losses.LossConfig(), recorder,
+      batch)
+  kept = jax.tree.map(lambda x: x[:1], batch)
+  alone, m_alone = _run(tiny_policy, tiny_params, UpdateConfig(
+      num_minibatches=1, micro_batch_size=2), losses.LossConfig(), recorder,
+      kept)
+  for a, b in zip(jax.tree.leaves(full.opt_state),
+                  jax.tree.leaves(alone.opt_state)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  assert float(m_full["num_tokens"]) == float(m_alone["num_tokens"])
+  np.testing.assert_allclose(m_full["loss"], m_alone["loss"], rtol=1e-5)
