@@ -31,9 +31,11 @@ the standard library, so verifier worker processes can import it cheaply.
 from __future__ import annotations
 
 import argparse
+import collections
 import fractions
 import hashlib
 import json
+import logging
 import random
 import re
 import sys
@@ -184,9 +186,12 @@ HELDOUT_BUCKETS = 16  # 1/16 of the problem space is held out
 def is_heldout(prompt: str) -> bool:
   """Whether a problem belongs to the held-out part of the problem space.
 
-  The split is by a hash of the problem text, so training and held-out
-  problems come from the same distribution (every difficulty level is split
-  alike) and never overlap.
+  The split is by a hash of the problem text, so every difficulty level is
+  split alike and training and held-out problems never overlap. Held-out
+  sets are drawn distinct (`_take`), so a level with a small problem space
+  (arithmetic level 1: 300 problems) is under-represented in them next to
+  training, where its problems repeat: mix such a level with larger ones
+  only knowing that the two sets' mixes then differ.
   """
   digest = hashlib.sha256(prompt.encode("utf-8")).digest()
   return digest[0] % HELDOUT_BUCKETS == 0
@@ -246,6 +251,9 @@ def materialize(directory: str, *, task: str, train: int, eval: int,  # noqa
   if eval:
     sets.append(_take(task, eval, seed + 1_000_003, difficulty, heldout=True))
   for path, rows in zip(paths, sets):
+    mix = collections.Counter(r["meta"]["difficulty"] for r in rows)
+    logging.info("%s: %d problems, by difficulty %s", path, len(rows),
+                 dict(sorted(mix.items())))
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
       f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
