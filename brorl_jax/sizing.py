@@ -75,9 +75,18 @@ class Mem:
     return self.args + self.out - self.alias + self.temp
 
   def lerp(self, other: "Mem", x0: float, x1: float, x: float) -> "Mem":
-    """Linear in x through (x0, self) and (x1, other)."""
-    w = (x - x0) / (x1 - x0)
-    return Mem(*(a + w * (b - a) for a, b in zip(
+    """Extrapolates to depth x >= x1 from compiles at depths x0 < x1.
+
+    Linear through (x0, self) and (x1, other) where a figure grows with
+    depth. Where it shrinks (a scheduler that chose another plan at the
+    deeper compile, e.g. the TPU's remat scheduling at 2 vs 4 layers), the
+    larger of the two compiled figures is kept: memory does not fall with
+    depth, and a straight line would go negative.
+    """
+    def one(a, b):
+      slope = max(b - a, 0.0) / (x1 - x0)
+      return max(a, b) + slope * (x - x1)
+    return Mem(*(one(a, b) for a, b in zip(
         dataclasses.astuple(self), dataclasses.astuple(other))))
 
 

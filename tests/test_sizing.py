@@ -115,6 +115,11 @@ def test_mem_lerp_and_peak():
   assert a.peak == 16
   c = a.lerp(b, 1, 2, 28)
   assert (c.args, c.temp, c.peak) == (280, 33, 313)
+  # A figure that shrinks at the deeper compile (another schedule) keeps the
+  # larger compiled value instead of extrapolating below zero.
+  shrinks = sizing.Mem(args=10, out=0, alias=0, temp=30).lerp(
+      sizing.Mem(args=10, out=0, alias=0, temp=20), 2, 4, 28)
+  assert (shrinks.args, shrinks.temp) == (10, 30)
 
 
 def test_per_device_bytes_follows_shardings():
