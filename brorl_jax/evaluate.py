@@ -268,8 +268,8 @@ class Evaluator:
                                              batch.lengths)
       scored = sample_and_score(
           self.sampler, self.pool, self.exp.tokenizer, params, tokens,
-          lengths, batch.records, jax.random.fold_in(rng, b), n=self.n,
-          keep_texts=False)
+          lengths, batch.records, rng, n=self.n, keep_texts=False,
+          prompt_offset=first)
       rewards = _to_host(scored.rewards)[keep]                 # [B', n]
       resp_len = _to_host(scored.rollouts.lengths)[keep]       # [B', n]
       stopped = _to_host(scored.rollouts.stopped)[keep]        # [B', n]

@@ -112,8 +112,8 @@ def sample_and_score(sampler: Sampler, pool: RewardPool, tokenizer,
                      prompt_lengths: jax.Array, records: Sequence[Any],
                      rng: jax.Array, *, n: int | None = None,
                      keep_texts: bool = True,
-                     should_stop: Callable[[], bool] | None = None
-                     ) -> Scored | None:
+                     should_stop: Callable[[], bool] | None = None,
+                     prompt_offset: int = 0) -> Scored | None:
   """Samples G rollouts per prompt and scores them, overlapping the two.
 
   Args:
@@ -131,6 +131,9 @@ def sample_and_score(sampler: Sampler, pool: RewardPool, tokenizer,
       abandons the step and returns None. In a multi-process run it must
       give the same answer on every process (it is called the same number
       of times on each: a collective is fine).
+    prompt_offset: global index of prompt 0 in the draws' keys (evaluation
+      batches pass their first problem's index, so a problem's samples do
+      not depend on the batch size).
 
   Returns:
     The scored rollouts, or None when `should_stop` said so.
@@ -152,7 +155,8 @@ def sample_and_score(sampler: Sampler, pool: RewardPool, tokenizer,
       futures.append((keys, items, pool.submit(items)))
 
   previous = None
-  for chunk in sampler.chunks(params, prefill, rng, n=n):
+  for chunk in sampler.chunks(params, prefill, rng, n=n,
+                              prompt_offset=prompt_offset):
     outs.append(chunk)
     if previous is not None:
       submit(previous)

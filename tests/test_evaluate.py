@@ -186,6 +186,12 @@ def test_sampled_evaluation(run):
   again = evaluate.Evaluator(exp, pool, max_prompts=10).run(run["warm"], 0,
                                                             key)
   np.testing.assert_array_equal(again.correct, result.correct[:10])
+  # Draws are keyed by (problem, sample): other batch sizes (filler rows
+  # included) give the same outcomes, so evaluations compare across configs.
+  for size in (4, 12):
+    other = evaluate.Evaluator(exp, pool, batch_size=size).run(
+        run["warm"], 0, key)
+    np.testing.assert_array_equal(other.correct, result.correct)
   # A random policy solves nothing.
   assert evaluator.evaluate(run["random"], 0, key)["eval/pass@4"] == 0.0
   with pytest.raises(ConfigError, match="'eval.k'"):
