@@ -25,8 +25,8 @@ def get_config():
   c.model.remat = False
   c.mesh.shape = (-1, 1, 1)
 
-  # Level 2 only (a + b * c, 9,000 problems): level 1 has 300 problems, too
-  # few to hold out, so mixing it in makes training problems repeat (RL
+  # Level 2 only (3 one-digit operands, + - *: 9,000 problems). Level 1 has
+  # 300, too few to hold out: mixed in, its problems repeat in training (RL
   # memorizes them) while the held-out set stays almost all level 2.
   c.data.synthetic = {"task": "arithmetic", "train": 20_000, "eval": 256,
                       "seed": 0, "difficulty": [2]}
