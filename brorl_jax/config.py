@@ -315,9 +315,9 @@ def _split(section: Mapping[str, Any], keys: Iterable[str]):
           {k: v for k, v in section.items() if k not in keys})
 
 
-TOP_LEVEL = ("seed", "total_steps", "max_generated_tokens", "model", "mesh", "data", "rollout",
-             "rewards", "algo", "optim", "checkpoint", "eval", "diagnostics",
-             "warmstart", "init", "logging")
+TOP_LEVEL = ("seed", "total_steps", "max_generated_tokens", "model", "mesh",
+             "data", "rollout", "rewards", "algo", "optim", "checkpoint",
+             "eval", "diagnostics", "warmstart", "init", "logging")
 
 
 def load(config: Any) -> RunConfig:

@@ -175,10 +175,6 @@ class Trainer:
 
   # ---- state ---------------------------------------------------------------
 
-  def _state_shardings(self, params_abstract):
-    del params_abstract
-    return self.state_sh
-
   def init_state(self):
     """Restores the latest checkpoint, or creates (and warm-starts) one.
 
@@ -188,13 +184,12 @@ class Trainer:
     shardings = self.exp.param_shardings()
     abstract_params = checkpointing.abstract_with_shardings(
         self.policy.abstract_params(), shardings)
-    state_shardings = self._state_shardings(abstract_params)
     train_iter = self.pipeline.train_iterator()
     step = self.checkpointer.latest_step()
     if step is not None:
       abstract = jax.tree.map(
           lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-          jax.eval_shape(self._make_state, abstract_params), state_shardings)
+          jax.eval_shape(self._make_state, abstract_params), self.state_sh)
       state, meta = self.checkpointer.restore(step, abstract, train_iter)
       log.info("resumed from step %d", step)
       self.writer.truncate_after(step)
@@ -453,7 +448,7 @@ class Trainer:
     out["time/eval_s"] = time.perf_counter() - t0
     # The pool's counters belong to the evaluation, not the next RL step.
     verify = distributed.sum_over_processes(self.pool.pop_stats(),
-                                 ("timeouts", "errors"))
+                                            ("timeouts", "errors"))
     out.update({f"eval/verify/{k}": verify[k] for k in ("timeouts", "errors")
                 if k in verify})
     return out
