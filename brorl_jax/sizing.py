@@ -185,11 +185,12 @@ class _Builder:
     from brorl_jax.rollout.sampler import Prefill
     mc, r = self.policy.cfg, self.sample_rules
     lp, dt = self.cfg.rollout.max_prompt_len, jnp.dtype(mc.dtype)
-    kv = lambda: tuple(self._sds(  # noqa: E731
-        r, (pc, lp, mc.num_kv_heads, mc.head_dim), dt,
-        ("batch", None, "act_kv", None)) for _ in range(mc.num_layers))
+    kv = lambda shape: tuple(self._sds(  # noqa: E731
+        r, shape, dt, ("batch", "act_kv", None, None))
+                             for _ in range(mc.num_layers))
     part = Prefill(
-        k=kv(), v=kv(), valid=self._sds(r, (pc, lp), jnp.bool_,
+        k=kv((pc, mc.num_kv_heads, mc.head_dim, lp)),
+        v=kv((pc, mc.num_kv_heads, lp, mc.head_dim)), valid=self._sds(r, (pc, lp), jnp.bool_,
                                         ("batch", None)),
         lengths=self._sds(r, (pc,), jnp.int32, ("batch",)),
         logits=self._sds(r, (pc, mc.vocab_size), jnp.float32,

@@ -154,6 +154,37 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
       x, mesh_rules.sharding(axes, x.shape))
 
 
+def constrain_merged(x: jax.Array, lead_axes: Sequence[str | None],
+                     lead_shape: Sequence[int],
+                     rest_axes: Sequence[str | None]) -> jax.Array:
+  """Constrains `x` whose first dimension is `lead_shape` flattened.
+
+  The flat dimension takes the mesh axes its parts would take, major part
+  first, which splits it into the same contiguous blocks when every part
+  but the last is either unsharded or split one index per block (e.g. P
+  prompts over the data axes, or P = 1 and its G rollouts over them).
+  Otherwise only the major part's axes are kept. A no-op outside
+  `activation_rules`.
+  """
+  mesh_rules = getattr(_ACTIVE, "value", None)
+  if mesh_rules is None:
+    return x
+  lead = mesh_rules.spec(lead_axes, lead_shape)
+  merged: list[str] = []
+  for i, (part, size) in enumerate(zip(lead, lead_shape)):
+    part = () if part is None else ((part,) if isinstance(part, str)
+                                     else tuple(part))
+    merged.extend(part)
+    n = int(np.prod([mesh_rules.mesh.shape[a] for a in part]))
+    if i < len(lead_shape) - 1 and part and size // n != 1:
+      break
+  rest = mesh_rules.spec(rest_axes, x.shape[1:])
+  flat = (tuple(merged) if len(merged) > 1 else
+          (merged[0] if merged else None))
+  return jax.lax.with_sharding_constraint(
+      x, NamedSharding(mesh_rules.mesh, PartitionSpec(flat, *rest)))
+
+
 def param_shardings(abstract_params: Any, axes_tree: Any,
                     mesh_rules: MeshRules) -> Any:
   """NamedShardings for a parameter tree, from its logical axes tree."""

@@ -9,6 +9,17 @@ of
     would do G matrix-vector products over G copies of the same keys, and
   * each query against its own suffix.
 Memory is O(P*Lp + P*G*T) instead of O(P*G*(Lp+T)).
+
+Both are stored in the layouts their products read. The prefix: keys
+`[P, K, H, Lp]`, values `[P, K, Lp, H]` (`prefix_layout`, once per prefill).
+The suffix, rollouts flat:
+keys `[P*G, K, H, T]` (contraction over H, then T), values `[P*G, K, T, H]`.
+Stored `[P, G, T, K, H]`, XLA transposed every layer's whole suffix cache at
+every step before the products; with a size-1 P axis (one prompt, N = 512)
+it copied the cache to drop that axis. Either cost a third of a CPU decode
+step at N = 64 (measured); P*G is one axis (P major: data sharding of either
+P or G splits it into contiguous blocks) and K stays its own (tensor
+sharding).
 """
 
 from __future__ import annotations
@@ -18,7 +29,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from brorl_jax.model.attention import masked_softmax_lse, merge_lse
-from brorl_jax.model.sharding import constrain
+from brorl_jax.model.sharding import constrain, constrain_merged
 
 
 @struct.dataclass
@@ -26,8 +37,10 @@ class SharedPrefixAttention:
   """Attention strategy for one decode step of P x G rollouts.
 
   The per-layer cache is `(prefix_k, prefix_v, suffix_k, suffix_v)` with
-  prefix [P, Lp, K, H] (read only) and suffix [P, G, T, K, H]; the new token's
-  key/value is written at suffix slot `step`.
+  prefix keys [P, K, H, Lp] and values [P, K, Lp, H] (read only; see
+  `prefix_layout`), suffix keys [P*G, K, H, T] and suffix
+  values [P*G, K, T, H] (`empty_suffix`); the new token's key/value is
+  written at suffix slot `step`.
 
   Attributes:
     prefix_valid: [P, Lp] bool, real (non-padding) prompt positions.
@@ -37,36 +50,72 @@ class SharedPrefixAttention:
   prefix_valid: jax.Array
   step: jax.Array
 
+  @staticmethod
+  def prefix_layout(k: jax.Array, v: jax.Array
+                    ) -> tuple[jax.Array, jax.Array]:
+    """A prefill's [P, Lp, K, H] keys and values -> the stored layouts."""
+    k = constrain(k.transpose(0, 2, 3, 1), ("batch", "act_kv", None, None))
+    v = constrain(v.transpose(0, 2, 1, 3), ("batch", "act_kv", None, None))
+    return k, v
+
+  @staticmethod
+  def empty_suffix(p: int, g: int, t: int, kv_heads: int, head_dim: int,
+                   dtype) -> tuple[jax.Array, jax.Array]:
+    """Zero suffix keys [P*G, K, H, T] and values [P*G, K, T, H]."""
+    return (jnp.zeros((p * g, kv_heads, head_dim, t), dtype),
+            jnp.zeros((p * g, kv_heads, t, head_dim), dtype))
+
+  @staticmethod
+  def to_suffix_layout(k: jax.Array, v: jax.Array
+                       ) -> tuple[jax.Array, jax.Array]:
+    """[P, G, T, K, H] keys and values -> the stored suffix layouts."""
+    p, g, t, kv, h = k.shape
+    return (k.transpose(0, 1, 3, 4, 2).reshape(p * g, kv, h, t),
+            v.transpose(0, 1, 3, 2, 4).reshape(p * g, kv, t, h))
+
+  @staticmethod
+  def from_suffix_layout(k: jax.Array, v: jax.Array, p: int
+                         ) -> tuple[jax.Array, jax.Array]:
+    """The stored suffix layouts -> [P, G, T, K, H] keys and values."""
+    b, kv, h, t = k.shape
+    return (k.reshape(p, b // p, kv, h, t).transpose(0, 1, 4, 2, 3),
+            v.reshape(p, b // p, kv, t, h).transpose(0, 1, 3, 2, 4))
+
   def __call__(self, q, k, v, cache):
     prefix_k, prefix_v, suffix_k, suffix_v = cache
-    p, _, kv_heads, h = prefix_k.shape
-    g = q.shape[0] // p
-    n = q.shape[-2]
-    t_max = suffix_k.shape[2]
-    # The current token's KV goes into each rollout's own suffix.
-    k = k.reshape(p, g, 1, kv_heads, h).astype(suffix_k.dtype)
-    v = v.reshape(p, g, 1, kv_heads, h).astype(suffix_v.dtype)
-    suffix_k = jax.lax.dynamic_update_slice_in_dim(suffix_k, k, self.step, 2)
-    suffix_v = jax.lax.dynamic_update_slice_in_dim(suffix_v, v, self.step, 2)
-    suffix_k = constrain(suffix_k, ("batch", "group", None, "act_kv", None))
-    suffix_v = constrain(suffix_v, ("batch", "group", None, "act_kv", None))
-
-    qg = q.reshape(p, g, kv_heads, n // kv_heads, h)        # [P, G, K, Q, H]
+    p, kv_heads, h, _ = prefix_k.shape
+    b, n = q.shape[0], q.shape[-2]
+    g = b // p
+    t_max = suffix_k.shape[-1]
     scale = h ** -0.5
     # Prefix: per prompt, all G*Q queries of a kv head against its Lp keys.
-    s_pre = jnp.einsum("pgkqh,pskh->pgkqs", qg, prefix_k,
+    qg = q.reshape(p, g, kv_heads, n // kv_heads, h)        # [P, G, K, Q, H]
+    s_pre = jnp.einsum("pgkqh,pkhs->pgkqs", qg, prefix_k,
                        preferred_element_type=jnp.float32) * scale
     w_pre, lse_pre = masked_softmax_lse(
         s_pre, self.prefix_valid[:, None, None, None, :])
-    o_pre = jnp.einsum("pgkqs,pskh->pgkqh", w_pre.astype(prefix_v.dtype),
+    o_pre = jnp.einsum("pgkqs,pksh->pgkqh", w_pre.astype(prefix_v.dtype),
                        prefix_v, preferred_element_type=jnp.float32)
-    # Suffix: each rollout against its own tokens so far (slots <= step).
-    s_suf = jnp.einsum("pgkqh,pgtkh->pgkqt", qg, suffix_k,
+    # Suffix: the current token's KV goes into each rollout's own suffix,
+    # then each rollout attends to its tokens so far (slots <= step).
+    suffix_k = jax.lax.dynamic_update_slice_in_dim(
+        suffix_k, k.reshape(b, kv_heads, h, 1).astype(suffix_k.dtype),
+        self.step, 3)
+    suffix_v = jax.lax.dynamic_update_slice_in_dim(
+        suffix_v, v.reshape(b, kv_heads, 1, h).astype(suffix_v.dtype),
+        self.step, 2)
+    rows = (("batch", "group"), (p, g), ("act_kv", None, None))
+    suffix_k = constrain_merged(suffix_k, *rows)
+    suffix_v = constrain_merged(suffix_v, *rows)
+    qb = q.reshape(b, kv_heads, n // kv_heads, h)           # [B, K, Q, H]
+    s_suf = jnp.einsum("bkqh,bkht->bkqt", qb, suffix_k,
                        preferred_element_type=jnp.float32) * scale
     w_suf, lse_suf = masked_softmax_lse(s_suf,
                                         jnp.arange(t_max) <= self.step)
-    o_suf = jnp.einsum("pgkqt,pgtkh->pgkqh", w_suf.astype(suffix_v.dtype),
+    o_suf = jnp.einsum("bkqt,bkth->bkqh", w_suf.astype(suffix_v.dtype),
                        suffix_v, preferred_element_type=jnp.float32)
+    o_suf = o_suf.reshape(p, g, kv_heads, n // kv_heads, h)
+    lse_suf = lse_suf.reshape(p, g, kv_heads, n // kv_heads)
     out = merge_lse(o_pre, lse_pre, o_suf, lse_suf)         # [P, G, K, Q, H]
     out = out.reshape(p * g, 1, n, h).astype(q.dtype)
     return out, (prefix_k, prefix_v, suffix_k, suffix_v)

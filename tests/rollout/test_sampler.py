@@ -10,7 +10,7 @@ from brorl_jax.model import attention as attn_lib
 from brorl_jax.model.sharding import (SAMPLE_RULES, MeshRules, make_mesh,
                                       reshard)
 from brorl_jax.model.transformer import positions_from_valid
-from brorl_jax.rollout import Sampler, SamplerConfig
+from brorl_jax.rollout import Sampler, SamplerConfig, sampling
 from brorl_jax.rollout.shared_prefix import SharedPrefixAttention
 
 LP, T = 10, 8
@@ -67,8 +67,11 @@ def test_shared_prefix_equals_repeated_cache(tiny_cfg):
   new_k = jnp.asarray(rng.normal(size=(p * g, 1, k, h)), jnp.float32)
   new_v = jnp.asarray(rng.normal(size=(p * g, 1, k, h)), jnp.float32)
   step = 3
+  layout = SharedPrefixAttention
   out, (_, _, sk, sv) = SharedPrefixAttention(valid, jnp.int32(step))(
-      q, new_k, new_v, (prefix_k, prefix_v, suffix_k, suffix_v))
+      q, new_k, new_v, (*layout.prefix_layout(prefix_k, prefix_v),
+                        *layout.to_suffix_layout(suffix_k, suffix_v)))
+  sk, sv = SharedPrefixAttention.from_suffix_layout(sk, sv, p)
   # Reference: every rollout gets its own copy of the prompt's cache.
   rep = lambda x: jnp.repeat(x, g, axis=0)  # noqa: E731
   keys = jnp.concatenate([rep(prefix_k), sk.reshape(p * g, t, k, h)], 1)
@@ -243,3 +246,28 @@ def test_remat_policy_decodes(tiny_cfg, tiny_params):
                  n=2).generate(tiny_params, tokens, lengths,
                                jax.random.key(0))
   np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+
+
+def test_inverse_cdf_draws_follow_the_weights():
+  scipy_stats = pytest.importorskip("scipy.stats")
+  rng = np.random.default_rng(5)
+  # 600 entries: three blocks of 256 (the last one padded), a third zero.
+  w = rng.random(600).astype(np.float32)
+  w[rng.random(600) < 0.33] = 0.0
+  n = 200_000
+  u = jax.random.uniform(jax.random.key(6), (n,))
+  idx = np.asarray(jax.jit(sampling.inverse_cdf)(
+      jnp.broadcast_to(jnp.asarray(w), (n, 600)), u))
+  counts = np.bincount(idx, minlength=600)
+  assert counts[w == 0].sum() == 0
+  p = w[w > 0] / w.sum()
+  chi2 = ((counts[w > 0] - n * p) ** 2 / (n * p)).sum()
+  assert scipy_stats.chi2.sf(chi2, (w > 0).sum() - 1) > 1e-3
+  # A target at the very end of the mass, or rounding past it, never lands
+  # on a zero-weight entry or the block padding.
+  edge = np.zeros((3, 600), np.float32)
+  edge[0, 5] = edge[1, 599] = 1.0
+  edge[2, 300] = 1e-30
+  got = sampling.inverse_cdf(jnp.asarray(edge),
+                             jnp.asarray([1 - 2**-24] * 2 + [0.0]))
+  np.testing.assert_array_equal(np.asarray(got), [5, 599, 300])
