@@ -7,6 +7,7 @@ dtype and keep norms, RoPE and softmax in float32.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import jax
@@ -17,6 +18,62 @@ from brorl_jax.model.config import ModelConfig
 from brorl_jax.model.sharding import constrain
 
 _INIT = jax.nn.initializers.normal(stddev=0.02)  # HF initializer_range
+
+
+def _dense_fwd_impl(x, w, n):
+  return jnp.tensordot(x, w, axes=n)
+
+
+@jax.custom_vjp
+def _dense2(x, w):
+  return _dense_fwd_impl(x, w, 1)
+
+
+@jax.custom_vjp
+def _dense3(x, w):
+  return _dense_fwd_impl(x, w, 2)
+
+
+def _dense_bwd(n, res, dy):
+  x, w = res
+  lead = x.ndim - n
+  dx = jnp.tensordot(dy, w, axes=(list(range(lead, dy.ndim)),
+                                  list(range(n, w.ndim))))
+  rows = math.prod(x.shape[:lead])
+  x2 = x.reshape(rows, -1)                        # [M, in]
+  dy2 = dy.reshape(rows, -1)                      # [M, out]
+  # dW = x^T dy contracts the token axis of both. Written as autodiff does,
+  # XLA's CPU backend transposed the [tokens, features] gradient (with the
+  # SwiGLU derivative fused into the transpose) before every weight-gradient
+  # matmul; transposing the smaller operand explicitly (or the product, a
+  # weight-sized array) halved the MLP's backward on CPU (measured). On
+  # accelerators the transposes fold into the matmul.
+  if x2.shape[1] <= dy2.shape[1]:
+    dw = x2.T @ dy2
+  else:
+    dw = (dy2.T @ x2).T
+  return dx, dw.reshape(w.shape).astype(w.dtype)
+
+
+_dense2.defvjp(lambda x, w: (_dense_fwd_impl(x, w, 1), (x, w)),
+               lambda res, dy: _dense_bwd(1, res, dy))
+_dense3.defvjp(lambda x, w: (_dense_fwd_impl(x, w, 2), (x, w)),
+               lambda res, dy: _dense_bwd(2, res, dy))
+
+
+def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
+  """Contracts the last `contract` axes of x with the first of w.
+
+  `dense(x [B, T, D], w [D, F]) = einsum("btd,df->btf")`; with contract = 2,
+  `dense(x [B, T, N, H], w [N, H, D]) = einsum("btnh,nhd->btd")`. The same
+  product as the einsum, with a weight gradient XLA computes without
+  transposing the activations' gradient (see `_dense_bwd`).
+  """
+  if contract == 1:
+    return _dense2(x, w)
+  if contract == 2:
+    return _dense3(x, w)
+  raise ValueError(f"contract must be 1 or 2, got {contract}")
 
 
 def param(rngs: nnx.Rngs | None, shape: Sequence[int], dtype: Any,
@@ -94,9 +151,9 @@ class Attention(nnx.Module):
                cache: Any) -> tuple[jax.Array, Any]:
     """x [B, T, D] -> ([B, T, D], new cache) via the attention strategy."""
     dt = x.dtype
-    q = jnp.einsum("btd,dnh->btnh", x, self.q_proj[...].astype(dt))
-    k = jnp.einsum("btd,dkh->btkh", x, self.k_proj[...].astype(dt))
-    v = jnp.einsum("btd,dkh->btkh", x, self.v_proj[...].astype(dt))
+    q = dense(x, self.q_proj[...].astype(dt))                # [B, T, N, H]
+    k = dense(x, self.k_proj[...].astype(dt))                # [B, T, K, H]
+    v = dense(x, self.v_proj[...].astype(dt))
     if self.qkv_bias:
       q = q + self.q_bias[...].astype(dt)
       k = k + self.k_bias[...].astype(dt)
@@ -105,7 +162,7 @@ class Attention(nnx.Module):
                   ("batch", "length", "act_heads", None))
     k = rope(k, positions, self.theta)
     out, cache = attention(q, k, v, cache)                   # [B, T, N, H]
-    out = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dt))
+    out = dense(out, self.o_proj[...].astype(dt), contract=2)  # [B, T, D]
     return out, cache
 
 
@@ -120,7 +177,7 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dt = x.dtype
-    gate = jnp.einsum("btd,df->btf", x, self.gate_proj[...].astype(dt))
-    up = jnp.einsum("btd,df->btf", x, self.up_proj[...].astype(dt))
+    gate = dense(x, self.gate_proj[...].astype(dt))
+    up = dense(x, self.up_proj[...].astype(dt))
     hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-    return jnp.einsum("btf,fd->btd", hidden, self.down_proj[...].astype(dt))
+    return dense(hidden, self.down_proj[...].astype(dt))
