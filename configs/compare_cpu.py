@@ -31,6 +31,9 @@ def get_config(arm: str = "brorl"):
     raise ValueError(f"configs/compare_cpu.py:<arm>: arm must be one of "
                      f"{ARMS}, got {arm!r}")
   c = demo_cpu.get_config()
+  # The comparison's measured setup: 256 held-out problems (it evaluates
+  # every 10-20 steps).
+  c.data.synthetic = {**c.data.synthetic, "eval": 256}
   c.total_steps = 1000                  # the token budget ends the run
   c.max_generated_tokens = 600_000      # ~60 ProRL steps of ~19 tokens
   c.algo.num_minibatches = 2            # the same in both arms

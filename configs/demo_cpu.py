@@ -17,7 +17,9 @@ from configs import base
 def get_config():
   c = base.get_config()
   c.seed = 0
-  c.total_steps = 100
+  # 200 steps: held-out pass@1 was still climbing at 100 (measured, seed 0:
+  # 0.078 -> 0.098 at 100 -> 0.115 at 200) and a step takes ~1.7 s.
+  c.total_steps = 200
 
   c.model.preset = "demo"
   c.model.param_dtype = "float32"
@@ -28,14 +30,16 @@ def get_config():
   # Level 2 only (3 one-digit operands, + - *: 9,000 problems). Level 1 has
   # 300, too few to hold out: mixed in, its problems repeat in training (RL
   # memorizes them) while the held-out set stays almost all level 2.
-  c.data.synthetic = {"task": "arithmetic", "train": 20_000, "eval": 256,
+  # 512 held-out problems x 8 samples: the eval's sampling noise stays well
+  # below the RL gain.
+  c.data.synthetic = {"task": "arithmetic", "train": 20_000, "eval": 512,
                       "seed": 0, "difficulty": [2]}
   c.data.instruction = ""             # the tiny model needs no instruction
   c.init.tokenizer_vocab_size = 384
 
   c.rollout.prompts_per_step = 16
   c.rollout.n = 32                    # more rollouts than prompts (BroRL)
-  c.rollout.max_prompt_len = 32       # rendered prompts are <= 24 tokens
+  c.rollout.max_prompt_len = 32       # rendered prompts are 29 tokens
   c.rollout.max_new_tokens = 32
   c.rollout.max_decode_rows = 512
   c.rollout.temperature = 1.0
@@ -60,9 +64,9 @@ def get_config():
   c.warmstart.batch_size = 32
   c.warmstart.learning_rate = 1e-3
 
-  c.checkpoint.every = 25
-  c.eval.every = 50
-  c.eval.n = 8                        # 2,048 held-out samples per eval
+  c.checkpoint.every = 50
+  c.eval.every = 100
+  c.eval.n = 8                        # 4,096 held-out samples per eval
   c.eval.k = (1, 8)
   # Held-out pass@1 is measured at the sampling distribution RL optimizes
   # (T = 1, no top-p). At T = 0.6 the warm-started model is already sharpened

@@ -19,7 +19,7 @@ def test_reduced_demo_improves_heldout_pass1(tmp_path):
   from brorl_jax import train
   cfg = demo_cpu.get_config()
   # The demo's own model, data, warm start and RL settings; fewer RL steps
-  # (60 of 100), and held-out pass@1 only before and after.
+  # (60 of 200), and held-out pass@1 only before and after.
   cfg.total_steps = RL_STEPS
   cfg.eval.every = RL_STEPS
   cfg.checkpoint.every = 0
@@ -37,11 +37,11 @@ def test_reduced_demo_improves_heldout_pass1(tmp_path):
         f"{cfg.eval.n}): {before:.4f} -> {after:.4f}; warm-start held-out "
         f"loss {warm['warmstart/heldout_loss_after']:.3f}")
   # A real RL starting point (the warm start's bar), then a rise beyond one
-  # standard error of the evaluation's sampling noise (2,048 samples per
-  # evaluation at p ~ 0.07: ~0.006 on the difference). The run is
-  # deterministic on CPU; measured here: 0.0581 -> 0.0718. The gain is
-  # small (see the README's demo section): this guards against a loop that
-  # stops learning, not a bar for the demo itself.
+  # standard error of the evaluation's sampling noise (4,096 samples per
+  # evaluation at p ~ 0.08: ~0.006 on the difference). The run is
+  # deterministic on CPU; measured here: 0.0718 -> 0.0872. 60 steps gain
+  # less than the demo's 200 (see the README's demo section): this guards
+  # against a loop that stops learning, not a bar for the demo itself.
   assert 0.03 <= before <= 0.6
   assert after >= before + 0.006, (before, after)
   train_rewards = [r["reward/mean"] for r in rows if "reward/mean" in r]

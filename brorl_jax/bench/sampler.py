@@ -117,6 +117,9 @@ def main(argv: list[str]) -> dict:
   parser.add_argument("--reps", type=int, default=3)
   parser.add_argument("--prompt-len", type=int, default=64)
   parser.add_argument("--new-tokens", type=int, default=64)
+  parser.add_argument("--long-prompt-len", type=int, default=1024,
+                      help="prompt length of the extra N = 512 : 16 "
+                           "comparison (0 = skip it)")
   args = parser.parse_args(argv)
   threads = os.cpu_count() or 1  # torch gets every core, as XLA does
 
@@ -168,6 +171,21 @@ def main(argv: list[str]) -> dict:
   results["scaling_bound_512_16"] = s16["seconds"] / (
       s16["seconds"] - s16["prefill_s"] + s512["prefill_s"])
 
+  # The same comparison at long prompts (no target): there the P prompts'
+  # prefill, which sharing does once per prompt, is a large share of a
+  # sampling call.
+  long_lp = args.long_prompt_len
+  if long_lp:
+    fns = {n: _brorl(policy, params, rng.integers(
+        3, mcfg.vocab_size, (512 // n, long_lp)).astype(np.int32), n, t)
+           for n in (16, 512)}
+    sec = _time_interleaved(fns, args.reps)
+    results["scaling_long_prompt"] = {
+        "prompt_len": long_lp,
+        **{str(n): {"prompts": 512 // n, "seconds": sec[n],
+                    "tokens_per_s": 512 * t / sec[n]} for n in fns},
+        "ratio_512_16": sec[16] / sec[512]}
+
   # 3. KV bytes: shared prefix vs a prompt repeated G times.
   kv = {}
   for response in (64, 1024):
@@ -195,6 +213,11 @@ def main(argv: list[str]) -> dict:
   print(f"scaling_ratio_512_16 = {results['scaling_ratio_512_16']:.2f} "
         f"(prefill-only bound at this shape: "
         f"{results['scaling_bound_512_16']:.2f})")
+  if long_lp:
+    sl = results["scaling_long_prompt"]
+    print(f"at prompt {long_lp}: N=16 {sl['16']['tokens_per_s']:.0f}, "
+          f"N=512 {sl['512']['tokens_per_s']:.0f} tokens/s -> ratio "
+          f"{sl['ratio_512_16']:.2f} (no target)")
   for r, k in kv.items():
     print(f"KV bytes N=512 prompt 256 response {r}: {k['shared_prefix']:,} "
           f"vs repeated {k['repeated']:,} -> ratio {k['ratio']:.3f}")
