@@ -7,6 +7,7 @@ dtype and keep norms, RoPE and softmax in float32.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -20,25 +21,20 @@ from brorl_jax.model.sharding import constrain
 _INIT = jax.nn.initializers.normal(stddev=0.02)  # HF initializer_range
 
 
-def _dense_fwd_impl(x, w, n):
-  return jnp.tensordot(x, w, axes=n)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dense(x, w, contract):
+  return jnp.tensordot(x, w, axes=contract)
 
 
-@jax.custom_vjp
-def _dense2(x, w):
-  return _dense_fwd_impl(x, w, 1)
+def _dense_fwd(x, w, contract):
+  return _dense(x, w, contract), (x, w)
 
 
-@jax.custom_vjp
-def _dense3(x, w):
-  return _dense_fwd_impl(x, w, 2)
-
-
-def _dense_bwd(n, res, dy):
+def _dense_bwd(contract, res, dy):
   x, w = res
-  lead = x.ndim - n
+  lead = x.ndim - contract
   dx = jnp.tensordot(dy, w, axes=(list(range(lead, dy.ndim)),
-                                  list(range(n, w.ndim))))
+                                  list(range(contract, w.ndim))))
   rows = math.prod(x.shape[:lead])
   x2 = x.reshape(rows, -1)                        # [M, in]
   dy2 = dy.reshape(rows, -1)                      # [M, out]
@@ -55,10 +51,7 @@ def _dense_bwd(n, res, dy):
   return dx, dw.reshape(w.shape).astype(w.dtype)
 
 
-_dense2.defvjp(lambda x, w: (_dense_fwd_impl(x, w, 1), (x, w)),
-               lambda res, dy: _dense_bwd(1, res, dy))
-_dense3.defvjp(lambda x, w: (_dense_fwd_impl(x, w, 2), (x, w)),
-               lambda res, dy: _dense_bwd(2, res, dy))
+_dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
@@ -69,11 +62,7 @@ def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
   product as the einsum, with a weight gradient XLA computes without
   transposing the activations' gradient (see `_dense_bwd`).
   """
-  if contract == 1:
-    return _dense2(x, w)
-  if contract == 2:
-    return _dense3(x, w)
-  raise ValueError(f"contract must be 1 or 2, got {contract}")
+  return _dense(x, w, contract)
 
 
 def param(rngs: nnx.Rngs | None, shape: Sequence[int], dtype: Any,

@@ -160,24 +160,23 @@ def constrain_merged(x: jax.Array, lead_axes: Sequence[str | None],
   """Constrains `x` whose first dimension is `lead_shape` flattened.
 
   The flat dimension takes the mesh axes its parts would take, major part
-  first, which splits it into the same contiguous blocks when every part
-  but the last is either unsharded or split one index per block (e.g. P
-  prompts over the data axes, or P = 1 and its G rollouts over them).
-  Otherwise only the major part's axes are kept. A no-op outside
-  `activation_rules`.
+  first, as long as that splits it into the same contiguous blocks: a part
+  may add its axes only if every part before it holds one index per device
+  (e.g. P prompts over the data axes; or P = 1 and its G rollouts over
+  them). Axes of later parts are dropped (those parts stay whole on each
+  device). A no-op outside `activation_rules`.
   """
   mesh_rules = getattr(_ACTIVE, "value", None)
   if mesh_rules is None:
     return x
   lead = mesh_rules.spec(lead_axes, lead_shape)
   merged: list[str] = []
-  for i, (part, size) in enumerate(zip(lead, lead_shape)):
+  for part, size in zip(lead, lead_shape):
     part = () if part is None else ((part,) if isinstance(part, str)
                                      else tuple(part))
     merged.extend(part)
-    n = int(np.prod([mesh_rules.mesh.shape[a] for a in part]))
-    if i < len(lead_shape) - 1 and part and size // n != 1:
-      break
+    if size // int(np.prod([mesh_rules.mesh.shape[a] for a in part])) != 1:
+      break      # more than one index per device: later parts interleave
   rest = mesh_rules.spec(rest_axes, x.shape[1:])
   flat = (tuple(merged) if len(merged) > 1 else
           (merged[0] if merged else None))

@@ -4,11 +4,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec
 
 from brorl_jax.model import attention as attn_lib
 from brorl_jax.model.config import model_config
+from brorl_jax.model.layers import dense
 from brorl_jax.model.sharding import (SAMPLE_RULES, TRAIN_RULES, MeshRules,
-                                      activation_rules, make_mesh, reshard)
+                                      activation_rules, constrain_merged,
+                                      make_mesh, reshard)
 from brorl_jax.model.transformer import Policy, positions_from_valid
 
 
@@ -109,3 +112,35 @@ def test_config_errors_name_the_key():
   with pytest.raises(ConfigError, match="model.dtype"):
     model_config("tiny", {"dtype": "float8"})
   assert model_config("qwen2_1p5b").num_params() == 1_777_088_000
+
+
+@pytest.mark.parametrize("shape,pg,spec", [
+    ((8, 1, 1), (8, 4), ("data",)),          # P over data, G whole
+    ((8, 1, 1), (1, 16), ("data",)),         # P = 1: G over data
+    ((4, 1, 2), (4, 4), ("data", "tensor")),  # kv heads over tensor
+    ((8, 1, 1), (2, 8), (None,)),            # G over data under 2 prompts:
+])                                           # blocks would interleave
+def test_constrain_merged_keeps_contiguous_blocks(shape, pg, spec):
+  p, g = pg
+  rules = MeshRules(make_mesh(shape), SAMPLE_RULES)
+  f = jax.jit(lambda x: constrain_merged(x, ("batch", "group"), (p, g),
+                                         ("act_kv", None, None)))
+  with activation_rules(rules):
+    y = f(jnp.zeros((p * g, 2, 8, 16)))
+  want = PartitionSpec(*spec) if spec[0] else PartitionSpec()
+  assert y.sharding.spec == want, y.sharding.spec
+
+
+def test_dense_gradients_equal_the_einsum():
+  k = jax.random.split(jax.random.key(0), 3)
+  for xs, ws, spec, c in [((3, 5, 8), (8, 12), "btd,df->btf", 1),
+                          ((3, 5, 12), (12, 4), "btf,fd->btd", 1),
+                          ((3, 5, 8), (8, 2, 4), "btd,dnh->btnh", 1),
+                          ((3, 5, 2, 4), (2, 4, 8), "btnh,nhd->btd", 2)]:
+    x, w = jax.random.normal(k[0], xs), jax.random.normal(k[1], ws)
+    ct = jax.random.normal(k[2], jnp.einsum(spec, x, w).shape)
+    got = jax.grad(lambda x, w: (dense(x, w, c) * ct).sum(), (0, 1))(x, w)
+    want = jax.grad(lambda x, w: (jnp.einsum(spec, x, w) * ct).sum(),
+                    (0, 1))(x, w)
+    for a, b in zip(got, want):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
