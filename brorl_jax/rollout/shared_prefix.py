@@ -1,9 +1,8 @@
 """Shared-prefix decode attention (the Hydragen / cascade-attention idea).
 
 G rollouts of one prompt share the prompt. Its keys/values are kept once per
-prompt (`[P, Lp, K, H]`), each rollout keeps only its own suffix
-(`[P, G, T, K, H]`), and one decode step's attention is the log-sum-exp merge
-of
+prompt (Lp positions), each rollout keeps only its own suffix (T positions),
+and one decode step's attention is the log-sum-exp merge of
   * all G queries of a prompt against the shared prefix: one batched
     matrix-matrix product per prompt (G*Q query rows), where a repeated cache
     would do G matrix-vector products over G copies of the same keys, and
@@ -12,9 +11,8 @@ Memory is O(P*Lp + P*G*T) instead of O(P*G*(Lp+T)).
 
 Both are stored in the layouts their products read. The prefix: keys
 `[P, K, H, Lp]`, values `[P, K, Lp, H]` (`prefix_layout`, once per prefill).
-The suffix, rollouts flat:
-keys `[P*G, K, H, T]` (contraction over H, then T), values `[P*G, K, T, H]`.
-Stored `[P, G, T, K, H]`, XLA transposed every layer's whole suffix cache at
+The suffix, rollouts flat: keys `[P*G, K, H, T]` (contraction over H, then
+T), values `[P*G, K, T, H]`. Stored `[P, G, T, K, H]`, XLA transposed every layer's whole suffix cache at
 every step before the products; with a size-1 P axis (one prompt, N = 512)
 it copied the cache to drop that axis. Either cost a third of a CPU decode
 step at N = 64 (measured); P*G is one axis (P major: data sharding of either
