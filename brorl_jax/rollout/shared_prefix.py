@@ -12,12 +12,12 @@ Memory is O(P*Lp + P*G*T) instead of O(P*G*(Lp+T)).
 Both are stored in the layouts their products read. The prefix: keys
 `[P, K, H, Lp]`, values `[P, K, Lp, H]` (`prefix_layout`, once per prefill).
 The suffix, rollouts flat: keys `[P*G, K, H, T]` (contraction over H, then
-T), values `[P*G, K, T, H]`. Stored `[P, G, T, K, H]`, XLA transposed every layer's whole suffix cache at
-every step before the products; with a size-1 P axis (one prompt, N = 512)
-it copied the cache to drop that axis. Either cost a third of a CPU decode
-step at N = 64 (measured); P*G is one axis (P major: data sharding of either
-P or G splits it into contiguous blocks) and K stays its own (tensor
-sharding).
+T), values `[P*G, K, T, H]`. Stored `[P, G, T, K, H]`, XLA transposed every
+layer's whole suffix cache at every step before the products; with a size-1
+P axis (one prompt, N = 512) it copied the cache to drop that axis. Either
+cost a third of a CPU decode step at N = 64 (measured); P*G is one axis (P
+major: data sharding of either P or G splits it into contiguous blocks) and
+K stays its own (tensor sharding).
 """
 
 from __future__ import annotations
