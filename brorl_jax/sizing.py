@@ -22,8 +22,9 @@ KV caches and saved activations grow per layer; the largest transient does
 not), which keeps a 64-device compile of a 1.5B model to minutes on a
 laptop. XLA's CPU scheduler does not honour remat (it keeps every layer's
 intermediates), so on CPU the update's temporaries of a remat model are the
-2-layer compile plus the block inputs remat saves per further layer. Parameters, optimizer state and rollout buffers are computed from
-their shardings (labelled analytic; exact for what they cover).
+2-layer compile plus the block inputs remat saves per further layer.
+Parameters, optimizer state and rollout buffers are computed from their
+shardings (labelled analytic; exact for what they cover).
 
 The report gives the peak of the sampling phase and of the update phase,
 and the largest `max_decode_rows` whose sampling peak fits the device
@@ -183,15 +184,19 @@ class _Builder:
   def decode(self, pc: int, gc: int) -> Mem:
     from brorl_jax.rollout import sampling
     from brorl_jax.rollout.sampler import Prefill
+    from brorl_jax.rollout.shared_prefix import SharedPrefixAttention
     mc, r = self.policy.cfg, self.sample_rules
     lp, dt = self.cfg.rollout.max_prompt_len, jnp.dtype(mc.dtype)
+    # The prompt KV in the layouts the prefill stores it in.
+    fresh = jax.ShapeDtypeStruct((pc, lp, mc.num_kv_heads, mc.head_dim), dt)
+    k_shape, v_shape = (x.shape for x in jax.eval_shape(
+        SharedPrefixAttention.prefix_layout, fresh, fresh))
     kv = lambda shape: tuple(self._sds(  # noqa: E731
         r, shape, dt, ("batch", "act_kv", None, None))
                              for _ in range(mc.num_layers))
     part = Prefill(
-        k=kv((pc, mc.num_kv_heads, mc.head_dim, lp)),
-        v=kv((pc, mc.num_kv_heads, lp, mc.head_dim)), valid=self._sds(r, (pc, lp), jnp.bool_,
-                                        ("batch", None)),
+        k=kv(k_shape), v=kv(v_shape),
+        valid=self._sds(r, (pc, lp), jnp.bool_, ("batch", None)),
         lengths=self._sds(r, (pc,), jnp.int32, ("batch",)),
         logits=self._sds(r, (pc, mc.vocab_size), jnp.float32,
                          ("batch", "act_vocab")))

@@ -77,8 +77,8 @@ def get_config():
   c.eval.temperature = 1.0
   c.eval.top_p = 1.0
   # The realized mass changes cost a prefill and two forwards of 64 rows:
-  # ~5% of a demo step (measured with `bench step`), so every 4th step
-  # (~1%). The pre-update terms (mass/u2, margin, ...) are logged every step.
+  # every 4th step they add 2.2% to the mean demo step (`bench step`). The
+  # pre-update terms (mass/u2, margin, ...) are logged every step.
   c.diagnostics.every = 4
   c.diagnostics.rescore_rollouts = 64
   c.logging.text_samples = 4
