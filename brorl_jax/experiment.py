@@ -83,7 +83,11 @@ class Experiment:
     shardings = self.param_shardings()
     path = self.cfg.init.path
     if path is None:
-      rng = jax.random.fold_in(jax.random.key(self.cfg.seed), 0)
+      # A fresh model the warm start trains takes the warm start's seed.
+      seed = self.cfg.seed
+      if self.cfg.warmstart.steps:
+        seed = self.cfg.warmstart.resolved_seed(seed)
+      rng = jax.random.fold_in(jax.random.key(seed), 0)
       return self.policy.init(rng, self.mesh_train)
     path = pathlib.Path(path)
     if (path / hf.MODEL_CONFIG_FILE).exists():

@@ -68,6 +68,11 @@ class WarmstartConfig:
     eval_every: held-out cross-entropy every this many steps (besides before
       and after); 0 = only before and after.
     log_every: report the train loss every this many steps.
+    seed: seeds the fresh model the warm start trains (`init.path` unset)
+      and its example order; None = the run's `seed`. A fixed value makes
+      the warm start a fixed base model whatever `seed` is, so runs that
+      differ in `seed` differ only in their RL stage (sampling, prompt order,
+      evaluation draws), as RL runs from one checkpoint do.
   """
 
   steps: int = 0
@@ -80,6 +85,7 @@ class WarmstartConfig:
   max_solution_len: int = 128
   eval_every: int = 0
   log_every: int = 20
+  seed: int | None = None
 
   def __post_init__(self):
     check(isinstance(self.steps, int) and self.steps >= 0,
@@ -95,6 +101,14 @@ class WarmstartConfig:
           "must be >= 2 (at least one token and the eos)")
     check(self.eval_every >= 0, f"{SECTION}.eval_every", "must be >= 0")
     check(self.log_every >= 1, f"{SECTION}.log_every", "must be >= 1")
+    check(self.seed is None or (isinstance(self.seed, int)
+                                and 0 <= self.seed < 2**32),
+          f"{SECTION}.seed", f"must be None or an integer in [0, 2**32), "
+          f"got {self.seed!r}")
+
+  def resolved_seed(self, run_seed: int) -> int:
+    """The seed of the warm start in a run seeded `run_seed`."""
+    return run_seed if self.seed is None else self.seed
 
   def optim_config(self) -> OptimConfig:
     """The equivalent `optim` settings (AdamW, warmup, schedule, clip)."""
@@ -368,7 +382,8 @@ def run_warmstart(exp: Any, params: Any, cfg: WarmstartConfig, *,
            train.counts["kept"], train.counts)
   if heldout:
     metrics["warmstart/heldout_loss_before"] = evaluate()
-  order = np.random.default_rng([exp.cfg.seed, _ORDER_PURPOSE])
+  order = np.random.default_rng([cfg.resolved_seed(exp.cfg.seed),
+                                 _ORDER_PURPOSE])
   queue = np.zeros(0, np.int64)
   window, skipped = [], 0
   for step in range(1, cfg.steps + 1):

@@ -123,6 +123,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.warmstart = ml_collections.ConfigDict()
   c.warmstart.steps = 0             # off: real runs start from a checkpoint
+  c.warmstart.seed = ml_collections.FieldReference(None, int)  # None: `seed`
 
   c.init = ml_collections.ConfigDict()
   c.init.path = ml_collections.FieldReference(None, str)

@@ -49,6 +49,8 @@ def test_config_validation():
     warmstart.WarmstartConfig(max_solution_len=1)
   with pytest.raises(ConfigError, match="'warmstart.schedule'"):
     warmstart.WarmstartConfig(schedule="linear")
+  with pytest.raises(ConfigError, match="'warmstart.seed'"):
+    warmstart.WarmstartConfig(seed=-1)
   with pytest.raises(ConfigError, match="'warmstart.lr'"):
     config_lib.load(tiny_config(warmstart={"steps": 3, "lr": 1e-3}))
   cfg = config_lib.load(tiny_config(warmstart={"steps": 3, "batch_size": 4}))
@@ -192,6 +194,29 @@ def test_deterministic_and_off(exp):
   same, metrics = warmstart.run_warmstart(
       exp, params, warmstart.WarmstartConfig(steps=0))
   assert same is params and metrics == {}
+
+
+def test_warmstart_seed_fixes_the_base_model(tmp_path):
+  """With `warmstart.seed` set, runs that differ in `seed` warm-start the
+  same model (initialization and example order); unset, they do not."""
+  def warm(seed, ws_seed):
+    ws = {"steps": 2, "batch_size": 8, "log_every": 2}
+    if ws_seed is not None:
+      ws["seed"] = ws_seed
+    e = experiment.build(config_lib.load(tiny_config(seed=seed, warmstart=ws)),
+                         tmp_path / f"{seed}_{ws_seed}")
+    init = e.initial_params()
+    out, _ = warmstart.run_warmstart(e, init, e.cfg.warmstart)
+    return [np.asarray(x) for x in jax.tree.leaves((init, out))]
+
+  fixed_a, fixed_b = warm(0, 7), warm(1, 7)
+  for x, y in zip(fixed_a, fixed_b):
+    np.testing.assert_array_equal(x, y)
+  free_a, free_b = warm(0, None), warm(1, None)
+  assert not all(np.array_equal(x, y) for x, y in zip(free_a, free_b))
+  # Unset, the warm start takes the run's seed: seed 7 twice is the same run.
+  for x, y in zip(warm(7, None), fixed_a):
+    np.testing.assert_array_equal(x, y)
 
 
 def test_records_without_solutions_give_a_clear_error(tmp_path):
