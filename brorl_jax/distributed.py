@@ -25,6 +25,7 @@ process calls it, in the same order, whatever it then writes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -36,9 +37,44 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from brorl_jax.config import MeshConfig
+from brorl_jax.config import check, check_choice
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh and multi-host start-up (section `mesh`).
+
+  Attributes:
+    shape: sizes of the (data, fsdp, tensor) axes; one -1 takes the rest.
+    coordinator_address: "host:port" of process 0 for jax.distributed; None
+      auto-detects (SLURM, TPU pods) or runs single-process.
+    num_processes / process_id: explicit multi-process settings.
+    initialization_timeout_s: how long processes wait for each other.
+    heartbeat_timeout_s: after this long without a peer's heartbeat, the
+      survivors exit with an error instead of hanging.
+    distributed: "auto" (initialize when the environment says so), "on",
+      "off".
+  """
+
+  shape: tuple[int, ...] = (-1, 1, 1)
+  coordinator_address: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
+  initialization_timeout_s: int = 300
+  heartbeat_timeout_s: int = 100
+  distributed: str = "auto"
+
+  def __post_init__(self):
+    object.__setattr__(self, "shape", tuple(self.shape))
+    check(len(self.shape) == 3, "mesh.shape",
+          f"needs 3 sizes (data, fsdp, tensor), got {self.shape}")
+    check(all(s == -1 or s >= 1 for s in self.shape), "mesh.shape",
+          f"sizes must be >= 1 or -1, got {self.shape}")
+    check_choice(self.distributed, "mesh.distributed", ("auto", "on", "off"))
+    check(self.heartbeat_timeout_s >= 1, "mesh.heartbeat_timeout_s",
+          "must be >= 1")
 
 
 def _multi_process_environment() -> bool:

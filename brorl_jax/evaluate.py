@@ -355,7 +355,7 @@ def _load_policy(exp: Any, source: pathlib.Path, step: int | None,
 def main(argv: Sequence[str]) -> dict[str, Any]:
   """Parses `argv` (program name first), evaluates, prints, writes JSON."""
   from absl import app
-  from brorl_jax import config as config_lib
+  from brorl_jax import run_config
   from brorl_jax import experiment, hf
   fv = _flags(argv)
   if any(a in ("-h", "--help") for a in argv[1:]):
@@ -366,7 +366,7 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
   if fv.config is None or (fv.workdir is None and hf_dir is None):
     raise app.UsageError("--config and --workdir (or --hf-dir) are required")
   _apply_overrides(fv.config, fv)
-  cfg = config_lib.load(fv.config)
+  cfg = run_config.load(fv.config)
   experiment.setup_jax(cfg)
   with tempfile.TemporaryDirectory(prefix="brorl_eval_") as tmp:
     if hf_dir is not None:

@@ -1,7 +1,7 @@
 """Assembles the parts of a run from a validated `RunConfig`.
 
 The entry points (`train`, `evaluate`, `sample`) read the ConfigDict once,
-turn it into a `RunConfig` (config.load), and build what they need here: the
+turn it into a `RunConfig` (run_config.load), and build what they need here: the
 mesh and its two rule tables, the tokenizer (copied into, or trained for, the
 workdir), the policy, its initial parameters, the prompt pipeline, the reward
 pool and samplers. Library code below this module only sees typed configs.
@@ -20,7 +20,8 @@ import jax
 import numpy as np
 
 from brorl_jax import checkpointing, hf
-from brorl_jax.config import ConfigError, RunConfig, check
+from brorl_jax.config import ConfigError, check
+from brorl_jax.run_config import RunConfig
 from brorl_jax.data import tokenizer as tokenizer_lib
 from brorl_jax.data.prompts import PromptPipeline
 from brorl_jax.model.config import ModelConfig

@@ -27,6 +27,7 @@ import numpy as np
 from brorl_jax import checkpointing
 from brorl_jax import distributed
 from brorl_jax import config as config_lib
+from brorl_jax import run_config
 from brorl_jax import experiment as exp_lib
 from brorl_jax import scoring
 from brorl_jax.model.sharding import reshard
@@ -122,7 +123,7 @@ def state_shardings(abstract_params, param_sh, optimizer, *,
 class Trainer:
   """Builds every part once; `run()` is the loop."""
 
-  def __init__(self, cfg: config_lib.RunConfig, workdir):
+  def __init__(self, cfg: run_config.RunConfig, workdir):
     exp_lib.setup_jax(cfg)
     self.cfg = cfg
     self.exp = exp = exp_lib.build(cfg, workdir)
@@ -556,7 +557,7 @@ class Trainer:
 
 def train(config: Any, workdir: str) -> dict[str, float]:
   """Validates `config` (a ConfigDict), then runs or resumes the loop."""
-  cfg = config_lib.load(config)
+  cfg = run_config.load(config)
   return Trainer(cfg, workdir).run()
 
 
@@ -585,7 +586,7 @@ def run(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-      cfg = config_lib.load(flags.FLAGS.config)
+      cfg = run_config.load(flags.FLAGS.config)
     except config_lib.ConfigError as e:
       sys.exit(f"error: {e}")
     if flags.FLAGS.dry_run:

@@ -7,6 +7,7 @@ import ml_collections
 import pytest
 
 from brorl_jax import config as config_lib
+from brorl_jax import run_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -15,12 +16,12 @@ from configs import base, demo_cpu  # noqa: E402
 
 
 def test_shipped_configs_validate():
-  cfg = config_lib.load(demo_cpu.get_config())
+  cfg = run_config.load(demo_cpu.get_config())
   assert cfg.rollout.n == demo_cpu.get_config().rollout.n
   assert cfg.model.embed_dim == 128
   assert cfg.eval_sampler().section == "eval"
   assert cfg.eval_sampler().temperature == cfg.eval.temperature
-  full = config_lib.load(base.get_config())
+  full = run_config.load(base.get_config())
   assert full.model.num_layers == 28 and full.loss.kl_coef == 1e-4
 
 
@@ -44,19 +45,19 @@ def test_bad_values_name_the_key(key, value, named):
   with c.unlocked():
     node[last] = value
   with pytest.raises(config_lib.ConfigError, match=named.replace(".", r"\.")):
-    config_lib.load(c)
+    run_config.load(c)
 
 
 def test_unknown_keys_are_named():
   c = ml_collections.ConfigDict(demo_cpu.get_config().to_dict())
   c.rollout.temprature = 0.5
   with pytest.raises(config_lib.ConfigError, match=r"rollout\.temprature"):
-    config_lib.load(c)
+    run_config.load(c)
   c = ml_collections.ConfigDict(demo_cpu.get_config().to_dict())
   c.algo.loss.kl = 0.1
   with pytest.raises(config_lib.ConfigError, match=r"algo\.loss\.kl"):
-    config_lib.load(c)
+    run_config.load(c)
   c = ml_collections.ConfigDict(demo_cpu.get_config().to_dict())
   c.optimizer = ml_collections.ConfigDict({"lr": 1.0})
   with pytest.raises(config_lib.ConfigError, match="optimizer"):
-    config_lib.load(c)
+    run_config.load(c)

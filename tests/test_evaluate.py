@@ -18,7 +18,7 @@ import optax
 import pytest
 
 from brorl_jax import checkpointing, evaluate, experiment, hf, rewards
-from brorl_jax import config as config_lib
+from brorl_jax import run_config
 from brorl_jax import warmstart
 from brorl_jax.config import ConfigError
 from brorl_jax.model.sharding import reshard
@@ -116,7 +116,7 @@ def test_eval_result_metrics_and_report():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   """A tiny arithmetic run, its pool, random and warm-started params."""
-  cfg = config_lib.load(ml_collections.ConfigDict(CONFIG))
+  cfg = run_config.load(ml_collections.ConfigDict(CONFIG))
   exp = experiment.build(cfg, tmp_path_factory.mktemp("eval_run"))
   params = exp.initial_params()
   warm, _ = warmstart.run_warmstart(exp, params, warmstart.WarmstartConfig(

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from brorl_jax import config as config_lib
+from brorl_jax import run_config
 from brorl_jax import sizing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -30,7 +31,7 @@ def _tiny(**overrides):
     for p in parents:
       node = node[p]
     node[last] = value
-  return config_lib.load(c)
+  return run_config.load(c)
 
 
 @pytest.fixture(scope="module")
@@ -159,8 +160,8 @@ def test_dry_run_cli(tmp_path):
 # ---- the two 1.5B configs (sized by the dry run) ----------------------------
 
 def test_the_two_arms_differ_only_as_the_paper_says():
-  prorl = config_lib.load(prorl_qwen2_1p5b.get_config())
-  brorl = config_lib.load(brorl_qwen2_1p5b.get_config())
+  prorl = run_config.load(prorl_qwen2_1p5b.get_config())
+  brorl = run_config.load(brorl_qwen2_1p5b.get_config())
   assert (prorl.rollout.n, prorl.loop.prompts_per_step) == (16, 512)
   assert (brorl.rollout.n, brorl.loop.prompts_per_step) == (512, 128)
   assert prorl.update.num_minibatches == brorl.update.num_minibatches
@@ -174,6 +175,6 @@ def test_the_two_arms_differ_only_as_the_paper_says():
 
 def test_the_init_path_placeholder_fails_clearly(tmp_path):
   from brorl_jax import experiment
-  cfg = config_lib.load(brorl_qwen2_1p5b.get_config())
+  cfg = run_config.load(brorl_qwen2_1p5b.get_config())
   with pytest.raises(config_lib.ConfigError, match="'init.path'.*SET-ME"):
     experiment.build(cfg, tmp_path / "run")

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from brorl_jax import config as config_lib
+from brorl_jax import run_config
 from brorl_jax import evaluate, experiment, warmstart
 from brorl_jax.config import ConfigError
 from brorl_jax.data.prompts import DataConfig, PromptPipeline
@@ -38,7 +38,7 @@ def tiny_config(**sections) -> ml_collections.ConfigDict:
 
 @pytest.fixture(scope="module")
 def exp(tmp_path_factory):
-  cfg = config_lib.load(tiny_config())
+  cfg = run_config.load(tiny_config())
   return experiment.build(cfg, tmp_path_factory.mktemp("warm"))
 
 
@@ -52,8 +52,8 @@ def test_config_validation():
   with pytest.raises(ConfigError, match="'warmstart.seed'"):
     warmstart.WarmstartConfig(seed=-1)
   with pytest.raises(ConfigError, match="'warmstart.lr'"):
-    config_lib.load(tiny_config(warmstart={"steps": 3, "lr": 1e-3}))
-  cfg = config_lib.load(tiny_config(warmstart={"steps": 3, "batch_size": 4}))
+    run_config.load(tiny_config(warmstart={"steps": 3, "lr": 1e-3}))
+  cfg = run_config.load(tiny_config(warmstart={"steps": 3, "batch_size": 4}))
   assert cfg.warmstart == warmstart.WarmstartConfig(steps=3, batch_size=4)
 
 
@@ -203,7 +203,7 @@ def test_warmstart_seed_fixes_the_base_model(tmp_path):
     ws = {"steps": 2, "batch_size": 8, "log_every": 2}
     if ws_seed is not None:
       ws["seed"] = ws_seed
-    e = experiment.build(config_lib.load(tiny_config(seed=seed, warmstart=ws)),
+    e = experiment.build(run_config.load(tiny_config(seed=seed, warmstart=ws)),
                          tmp_path / f"{seed}_{ws_seed}")
     init = e.initial_params()
     out, _ = warmstart.run_warmstart(e, init, e.cfg.warmstart)
@@ -223,7 +223,7 @@ def test_records_without_solutions_give_a_clear_error(tmp_path):
   rows = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1),
            "verifier": "math"} for i in range(50)]
   path = _write_jsonl(tmp_path / "plain.jsonl", rows)
-  cfg = config_lib.load(tiny_config(
+  cfg = run_config.load(tiny_config(
       data={"train_files": (str(path),), "instruction": ""},
       init={"tokenizer_vocab_size": 300}))
   exp = experiment.build(cfg, tmp_path / "run")

@@ -67,7 +67,7 @@ class _Run:
   """A Trainer driven one iteration at a time."""
 
   def __init__(self, config_path: str, workdir: pathlib.Path, overrides):
-    from brorl_jax import config as config_lib
+    from brorl_jax import run_config
     from brorl_jax.train import Preemption, Trainer
     import importlib.util
     spec = importlib.util.spec_from_file_location("bench_config",
@@ -81,7 +81,7 @@ class _Run:
       for p in parents:
         node = node[p]
       node[last] = value
-    self.trainer = Trainer(config_lib.load(c), workdir)
+    self.trainer = Trainer(run_config.load(c), workdir)
     self.state, self.iter, self.meta = self.trainer.init_state()
     self.preempt = Preemption()
     self.step = 0

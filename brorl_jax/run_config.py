@@ -1,0 +1,301 @@
+"""The whole run's configuration: `RunConfig` and `load`.
+
+Only the train loop (and the other entry points) read the
+`ml_collections.ConfigDict`; `load` validates all of it into a `RunConfig`
+whose sections are the typed dataclasses each stage defines next to its code
+(e.g. `rollout.SamplerConfig`, `rl.losses.LossConfig`), plus the loop-level
+sections defined here. This module sits above every stage config; the
+validation helpers they share live in `config.py` on the ground floor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, Mapping
+
+from brorl_jax.config import check, from_mapping, to_dict
+from brorl_jax.data.prompts import DataConfig
+from brorl_jax.distributed import MeshConfig
+from brorl_jax.model.config import ModelConfig, model_config
+from brorl_jax.rewards.config import RewardsConfig
+from brorl_jax.rl.advantages import AdvantageConfig
+from brorl_jax.rl.losses import LossConfig
+from brorl_jax.rl.shaping import ShapingConfig
+from brorl_jax.rl.train_state import OptimConfig
+from brorl_jax.rl.update import UpdateConfig
+from brorl_jax.rollout.sampler import SamplerConfig
+from brorl_jax.warmstart import WarmstartConfig
+
+# ---- loop-level sections ---------------------------------------------------
+# Sections read only by the train loop and the entry points. Library sections
+# (model, data, rollout, rewards, algo.*, optim) are defined next to the code
+# that uses them and assembled by `load`.
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceConfig:
+  """Reference policy resets (section `algo.reference`; only with a KL term).
+
+  Attributes:
+    reset_every: reset the reference to the current policy every K RL steps
+      (ProRL v2: 200-500); 0 = never on a schedule.
+    reset_kl_above: reset when the step's mean KL to the reference exceeds
+      this; None = off.
+    reset_on_eval_drop: reset when held-out pass@1 drops by more than this
+      below its best so far; None = off.
+    reset_optimizer: also re-initialize the optimizer state (ProRL v1 does,
+      ProRL v2 does not).
+  """
+
+  reset_every: int = 0
+  reset_kl_above: float | None = None
+  reset_on_eval_drop: float | None = None
+  reset_optimizer: bool = False
+
+  def __post_init__(self):
+    check(self.reset_every >= 0, "algo.reference.reset_every", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """Checkpointing (section `checkpoint`).
+
+  Attributes:
+    every: save every this many RL steps (and at the end); 0 = only at the
+      end and on preemption.
+    keep: checkpoints kept (the newest).
+    async_save: write in the background while training goes on.
+    preempt_grace_s: on SIGTERM, the in-flight iteration is abandoned and
+      the last completed state saved within this many seconds.
+  """
+
+  every: int = 10
+  keep: int = 3
+  async_save: bool = True
+  preempt_grace_s: float = 30.0
+
+  def __post_init__(self):
+    check(self.every >= 0, "checkpoint.every", "must be >= 0")
+    check(self.keep >= 1, "checkpoint.keep", "must be >= 1")
+    check(self.preempt_grace_s > 0, "checkpoint.preempt_grace_s",
+          "must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """Held-out evaluation (section `eval`; files from `data.eval_files`).
+
+  Attributes:
+    every: evaluate every this many RL steps (and at step 0 and the end);
+      0 = only at step 0 and the end.
+    n: samples per prompt (pass@1 is averaged over them).
+    k: the pass@k values reported (each <= n).
+    max_prompts: evaluate at most this many held-out prompts (None = all).
+    temperature / top_p / top_k / greedy / max_new_tokens / max_decode_rows:
+      the evaluation's own sampling settings (the paper: T 0.6, top-p 0.95).
+  """
+
+  every: int = 0
+  n: int = 4
+  k: tuple[int, ...] = (1,)
+  max_prompts: int | None = None
+  temperature: float = 0.6
+  top_p: float = 0.95
+  top_k: int = 0
+  greedy: bool = False
+  max_new_tokens: int | None = None
+  max_decode_rows: int | None = None
+
+  def __post_init__(self):
+    object.__setattr__(self, "k", tuple(self.k))
+    check(self.every >= 0, "eval.every", "must be >= 0")
+    check(self.n >= 1, "eval.n", "must be >= 1")
+    check(all(1 <= k <= self.n for k in self.k), "eval.k",
+          f"each k must be in 1..eval.n={self.n}, got {self.k}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DiagnosticsConfig:
+  """Mass-balance diagnostics (section `diagnostics`).
+
+  Attributes:
+    every: compute the post-update (realized) diagnostics every this many
+      steps; the pre-update terms are computed every step (they are cheap).
+      0 = never.
+    rescore_rollouts: rollouts re-scored before/after the update for the
+      sequence-level Delta log pi (a random subset of the step's).
+  """
+
+  every: int = 1
+  rescore_rollouts: int = 64
+
+  def __post_init__(self):
+    check(self.every >= 0, "diagnostics.every", "must be >= 0")
+    check(self.rescore_rollouts >= 0, "diagnostics.rescore_rollouts",
+          "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class InitConfig:
+  """Where the policy and tokenizer come from (section `init`).
+
+  Attributes:
+    path: None = fresh random init; a model directory (`hf import` output)
+      or a Hugging Face directory (config.json + safetensors).
+    tokenizer: a tokenizer directory; None = the one in `path`, or (fresh
+      init) one trained on the training prompts (SentencePiece).
+    tokenizer_vocab_size: vocabulary of the trained SentencePiece tokenizer.
+  """
+
+  path: str | None = None
+  tokenizer: str | None = None
+  tokenizer_vocab_size: int = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+  """Metrics and rollout logging (section `logging`).
+
+  Attributes:
+    tensorboard: also write TensorBoard event files (tensorboardX).
+    progress_bar: show a tqdm bar (process 0 only).
+    archive_rollouts: write rollouts to `rollouts/` (tensorstore).
+    archive_every: archive every k-th step (a full BroRL step at 16k tokens
+      is GBs).
+    text_samples: decoded rollouts per step written to the JSONL sample.
+  """
+
+  tensorboard: bool = True
+  progress_bar: bool = True
+  archive_rollouts: bool = True
+  archive_every: int = 1
+  text_samples: int = 4
+
+  def __post_init__(self):
+    check(self.archive_every >= 1, "logging.archive_every", "must be >= 1")
+    check(self.text_samples >= 0, "logging.text_samples", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSection:
+  """`rollout` keys that belong to the loop, not the sampler.
+
+  Attributes:
+    prompts_per_step: P, prompts per RL step (global, all processes).
+  """
+
+  prompts_per_step: int = 8
+
+  def __post_init__(self):
+    check(self.prompts_per_step >= 1, "rollout.prompts_per_step",
+          "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """Every section, typed and validated. Built by `load`."""
+
+  seed: int
+  total_steps: int
+  max_generated_tokens: int | None
+  model: ModelConfig
+  mesh: MeshConfig
+  data: DataConfig
+  rollout: SamplerConfig
+  loop: RolloutSection
+  rewards: RewardsConfig
+  update: UpdateConfig
+  advantage: AdvantageConfig
+  loss: LossConfig
+  shaping: ShapingConfig
+  reference: ReferenceConfig
+  optim: OptimConfig
+  checkpoint: CheckpointConfig
+  eval: EvalConfig
+  diagnostics: DiagnosticsConfig
+  warmstart: WarmstartConfig
+  init: InitConfig
+  logging: LoggingConfig
+  raw: Mapping[str, Any] = dataclasses.field(compare=False, repr=False,
+                                             default_factory=dict)
+
+  def eval_sampler(self) -> SamplerConfig:
+    """The evaluation's SamplerConfig (eval settings over rollout's)."""
+    e = self.eval
+    return dataclasses.replace(
+        self.rollout, n=e.n, temperature=e.temperature, top_p=e.top_p,
+        top_k=e.top_k, greedy=e.greedy, early_stop=True,
+        max_new_tokens=e.max_new_tokens or self.rollout.max_new_tokens,
+        max_decode_rows=e.max_decode_rows or self.rollout.max_decode_rows,
+        section="eval")
+
+
+def _split(section: Mapping[str, Any], keys: Iterable[str]):
+  section = dict(section or {})
+  keys = set(keys)
+  return ({k: v for k, v in section.items() if k in keys},
+          {k: v for k, v in section.items() if k not in keys})
+
+
+TOP_LEVEL = ("seed", "total_steps", "max_generated_tokens", "model", "mesh",
+             "data", "rollout", "rewards", "algo", "optim", "checkpoint",
+             "eval", "diagnostics", "warmstart", "init", "logging")
+
+
+def load(config: Any) -> RunConfig:
+  """Validates a whole ConfigDict into a `RunConfig` before anything runs.
+
+  Raises:
+    ConfigError: naming the first bad key and what is allowed.
+  """
+
+  raw = to_dict(config)
+  unknown = sorted(set(raw) - set(TOP_LEVEL))
+  check(not unknown, unknown[0] if unknown else "",
+        f"unknown top-level key; known: {', '.join(TOP_LEVEL)}")
+  check(isinstance(raw.get("seed", 0), int), "seed", "must be an integer")
+  total_steps = raw.get("total_steps", 0)
+  check(isinstance(total_steps, int) and total_steps >= 0, "total_steps",
+        f"must be an integer >= 0, got {total_steps!r}")
+  budget = raw.get("max_generated_tokens")
+  check(budget is None or (isinstance(budget, int) and budget > 0),
+        "max_generated_tokens",
+        f"must be a positive token count or None, got {budget!r}")
+
+  model_section = dict(raw.get("model") or {})
+  preset = model_section.pop("preset", None)
+  loop_keys, sampler_keys = _split(raw.get("rollout"), ["prompts_per_step"])
+  algo = dict(raw.get("algo") or {})
+  nested = {name: algo.pop(name, None) for name in
+            ("advantage", "loss", "shaping", "reference")}
+  eval_section = dict(raw.get("eval") or {})
+  if "k" in eval_section and isinstance(eval_section["k"], (int, str)):
+    eval_section["k"] = tuple(int(x) for x in str(eval_section["k"]).split(
+        ","))
+  return RunConfig(
+      seed=raw.get("seed", 0), total_steps=total_steps,
+      max_generated_tokens=budget,
+      model=model_config(preset, model_section),
+      mesh=from_mapping(MeshConfig, raw.get("mesh"), "mesh"),
+      data=from_mapping(DataConfig, raw.get("data"), "data"),
+      rollout=from_mapping(SamplerConfig, sampler_keys, "rollout"),
+      loop=from_mapping(RolloutSection, loop_keys, "rollout"),
+      rewards=RewardsConfig.from_mapping(raw.get("rewards")),
+      update=from_mapping(UpdateConfig, algo, "algo"),
+      advantage=from_mapping(AdvantageConfig, nested["advantage"],
+                             "algo.advantage"),
+      loss=from_mapping(LossConfig, nested["loss"], "algo.loss"),
+      shaping=from_mapping(ShapingConfig, nested["shaping"], "algo.shaping"),
+      reference=from_mapping(ReferenceConfig, nested["reference"],
+                             "algo.reference"),
+      optim=from_mapping(OptimConfig, raw.get("optim"), "optim"),
+      checkpoint=from_mapping(CheckpointConfig, raw.get("checkpoint"),
+                              "checkpoint"),
+      eval=from_mapping(EvalConfig, eval_section, "eval"),
+      diagnostics=from_mapping(DiagnosticsConfig, raw.get("diagnostics"),
+                               "diagnostics"),
+      warmstart=from_mapping(WarmstartConfig, raw.get("warmstart"),
+                             "warmstart"),
+      init=from_mapping(InitConfig, raw.get("init"), "init"),
+      logging=from_mapping(LoggingConfig, raw.get("logging"), "logging"),
+      raw=raw)
