@@ -12,6 +12,7 @@ so a checkpoint restores onto a different mesh.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 from typing import Any
@@ -19,6 +20,32 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from brorl_jax.model.config import ModelConfig
+from brorl_jax.model.transformer import Policy
+
+MODEL_CONFIG_FILE = "model_config.json"
+
+
+# ---- model config (model directories and workdirs) ------------------------
+
+def save_model_config(cfg: ModelConfig, directory: pathlib.Path) -> None:
+  """Writes the model directory's or workdir's `model_config.json`."""
+  directory.mkdir(parents=True, exist_ok=True)
+  (directory / MODEL_CONFIG_FILE).write_text(
+      json.dumps(dataclasses.asdict(cfg), indent=2))
+
+
+def load_model_config(directory: pathlib.Path) -> ModelConfig:
+  """Reads the `model_config.json` that `save_model_config` wrote."""
+  path = directory / MODEL_CONFIG_FILE
+  if not path.exists():
+    raise FileNotFoundError(
+        f"{path} not found: {directory} is not a brorl_jax model directory "
+        "(create one with `python -m brorl_jax.hf import` or by training)")
+  return ModelConfig(**json.loads(path.read_text()))
+
+
+# ---- parameters ------------------------------------------------------------
 
 def save_params(path: str | pathlib.Path, params: Any) -> None:
   """Saves a parameter tree (blocking; all processes call it)."""
@@ -63,8 +90,6 @@ def load_policy_params(workdir: str | pathlib.Path, step: int | None = None,
   Returns:
     (ModelConfig, params, tokenizer directory or None).
   """
-  from brorl_jax.hf import load_model_config
-  from brorl_jax.model.transformer import Policy
   workdir = pathlib.Path(workdir)
   cfg = load_model_config(workdir)
   target = abstract_with_shardings(Policy.create(cfg).abstract_params(),

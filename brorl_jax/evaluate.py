@@ -341,7 +341,7 @@ def _load_policy(exp: Any, source: pathlib.Path, step: int | None,
   """(params in the sampling layout, checkpoint step or None)."""
   from brorl_jax import checkpointing, hf
   shardings = exp.param_shardings(sampling=True)
-  if from_hf and not (source / hf.MODEL_CONFIG_FILE).exists():
+  if from_hf and not (source / checkpointing.MODEL_CONFIG_FILE).exists():
     return hf.load_hf_params(source, exp.model_cfg, shardings), None
   if (source / "checkpoints").exists() and step is None:
     ckpt = checkpointing.TrainCheckpointer(source / "checkpoints", keep=1,
@@ -381,7 +381,7 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
       workdir = pathlib.Path(tmp)
     else:
       source = workdir = pathlib.Path(fv.workdir)
-      missing = [p for p in (hf.MODEL_CONFIG_FILE, "tokenizer")
+      missing = [p for p in (checkpointing.MODEL_CONFIG_FILE, "tokenizer")
                  if not (workdir / p).exists()]
       if missing:
         raise FileNotFoundError(

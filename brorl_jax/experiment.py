@@ -23,6 +23,7 @@ from brorl_jax import checkpointing, hf
 from brorl_jax.config import ConfigError, check
 from brorl_jax.run_config import RunConfig
 from brorl_jax.data import tokenizer as tokenizer_lib
+from brorl_jax.data import tokenizer_loader
 from brorl_jax.data.prompts import PromptPipeline
 from brorl_jax.model.config import ModelConfig
 from brorl_jax.model.sharding import (SAMPLE_RULES, TRAIN_RULES, MeshRules,
@@ -91,7 +92,7 @@ class Experiment:
       rng = jax.random.fold_in(jax.random.key(seed), 0)
       return self.policy.init(rng, self.mesh_train)
     path = pathlib.Path(path)
-    if (path / hf.MODEL_CONFIG_FILE).exists():
+    if (path / checkpointing.MODEL_CONFIG_FILE).exists():
       _, params, _ = checkpointing.load_policy_params(path,
                                                       shardings=shardings)
       return params
@@ -196,28 +197,28 @@ def prepare_tokenizer(cfg: RunConfig, workdir: pathlib.Path
           else path
     tmp = workdir / (TOKENIZER_DIR + ".tmp")
     if source is not None:
-      tokenizer_lib.load_tokenizer(source).save(tmp)
+      tokenizer_loader.load_tokenizer(source).save(tmp)
     else:
       tokenizer_lib.train_sentencepiece(
           _training_lines(cfg, workdir), cfg.init.tokenizer_vocab_size, tmp)
     os.replace(tmp, target)
   _barrier("tokenizer")
-  return tokenizer_lib.load_tokenizer(target)
+  return tokenizer_loader.load_tokenizer(target)
 
 
 def model_config_for(cfg: RunConfig, workdir: pathlib.Path,
                      tokenizer: tokenizer_lib.Tokenizer) -> ModelConfig:
   """The policy's config: the workdir's (resume), the imported checkpoint's
   (with the run's dtype/remat choices), or the config's `model` section."""
-  if (workdir / hf.MODEL_CONFIG_FILE).exists():
-    return hf.load_model_config(workdir)
+  if (workdir / checkpointing.MODEL_CONFIG_FILE).exists():
+    return checkpointing.load_model_config(workdir)
   numerics = dict(param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
                   remat=cfg.model.remat)
   path = cfg.init.path
   if path is not None:
     path = pathlib.Path(path)
-    if (path / hf.MODEL_CONFIG_FILE).exists():
-      model_cfg = hf.load_model_config(path).replace(**numerics)
+    if (path / checkpointing.MODEL_CONFIG_FILE).exists():
+      model_cfg = checkpointing.load_model_config(path).replace(**numerics)
     elif (path / "config.json").exists():
       model_cfg = hf.config_from_hf(json.loads(
           (path / "config.json").read_text()), **{
@@ -253,7 +254,7 @@ def build(cfg: RunConfig, workdir: str | os.PathLike) -> Experiment:
   # process 0 writes it: nobody reads a half-written file.
   _barrier("model config")
   if jax.process_index() == 0:
-    hf.save_model_config(model_cfg, workdir)
+    checkpointing.save_model_config(model_cfg, workdir)
   log.info("model: %s parameters, mesh %s", f"{model_cfg.num_params():,}",
            dict(mesh.shape))
   return Experiment(cfg=cfg, workdir=workdir,

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from brorl_jax import checkpointing
 from brorl_jax.model.config import ModelConfig
 
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
@@ -31,7 +32,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json",
                    "chat_template.jinja", "tokenizer.model",
                    "added_tokens.json")
 MAX_SHARD_BYTES = 5 * 1024**3
-MODEL_CONFIG_FILE = "model_config.json"
 
 
 class CheckpointFormatError(ValueError):
@@ -387,23 +387,6 @@ def save_hf(params: dict[str, Any], cfg: ModelConfig,
     copy_tokenizer_files(pathlib.Path(tokenizer_dir), out)
 
 
-# ---- workdir layout --------------------------------------------------------
-
-def save_model_config(cfg: ModelConfig, directory: pathlib.Path) -> None:
-  directory.mkdir(parents=True, exist_ok=True)
-  (directory / MODEL_CONFIG_FILE).write_text(
-      json.dumps(dataclasses.asdict(cfg), indent=2))
-
-
-def load_model_config(directory: pathlib.Path) -> ModelConfig:
-  path = directory / MODEL_CONFIG_FILE
-  if not path.exists():
-    raise FileNotFoundError(
-        f"{path} not found: {directory} is not a brorl_jax model directory "
-        "(create one with `python -m brorl_jax.hf import` or by training)")
-  return ModelConfig(**json.loads(path.read_text()))
-
-
 def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *,
               param_dtype: str | None = None) -> ModelConfig:
   """`hf import`: HF directory -> model dir (params, model config, tokenizer).
@@ -412,7 +395,6 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *,
   `model_config.json` and `tokenizer/`; the train loop's `init.path` and
   `export` read it.
   """
-  from brorl_jax import checkpointing
   hf_dir, out = pathlib.Path(hf_dir), pathlib.Path(out)
   hf_config = json.loads((hf_dir / "config.json").read_text())
   source = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"
@@ -420,7 +402,7 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *,
                        dtype=param_dtype or source)
   params = load_hf_params(hf_dir, cfg)
   checkpointing.save_params(out / "params", params)
-  save_model_config(cfg, out)
+  checkpointing.save_model_config(cfg, out)
   copy_tokenizer_files(hf_dir, out / "tokenizer")
   return cfg
 
@@ -428,7 +410,6 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *,
 def export_hf(workdir: str | os.PathLike, out: str | os.PathLike, *,
               step: int | None = None, dtype: str | None = None) -> None:
   """`hf export`: a model dir or training workdir -> HF directory."""
-  from brorl_jax import checkpointing
   workdir = pathlib.Path(workdir)
   cfg, params, tokenizer_dir = checkpointing.load_policy_params(workdir, step)
   save_hf(params, cfg, out, dtype=dtype or cfg.param_dtype,

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from brorl_jax import checkpointing, hf
-from brorl_jax.data import tokenizer as tokenizer_lib
+from brorl_jax.data import tokenizer_loader
 from brorl_jax.model.sharding import SAMPLE_RULES, MeshRules, make_mesh
 from brorl_jax.model.transformer import Policy
 from brorl_jax.rollout import Sampler, SamplerConfig
@@ -36,16 +36,16 @@ def load_policy(workdir: str | None, hf_dir: str | None,
     cfg = hf.config_from_hf(json.loads((path / "config.json").read_text()))
     policy = Policy.create(cfg)
     params = hf.load_hf_params(path, cfg, policy.shardings(mesh_rules))
-    return policy, params, tokenizer_lib.load_tokenizer(path)
+    return policy, params, tokenizer_loader.load_tokenizer(path)
   path = pathlib.Path(workdir)
-  cfg = hf.load_model_config(path)
+  cfg = checkpointing.load_model_config(path)
   policy = Policy.create(cfg)
   _, params, tok_dir = checkpointing.load_policy_params(
       path, step, shardings=policy.shardings(mesh_rules))
   if tok_dir is None:
     raise FileNotFoundError(f"{path}/tokenizer is missing: the workdir has "
                             "no tokenizer to decode with")
-  return policy, params, tokenizer_lib.load_tokenizer(tok_dir)
+  return policy, params, tokenizer_loader.load_tokenizer(tok_dir)
 
 
 def sample(policy, params, tokenizer, prompts: list[str], *, chat: bool,

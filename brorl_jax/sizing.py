@@ -35,13 +35,26 @@ or 80 GB, an H100, on CPU).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import pathlib
 import re
 import sys
+import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+
+from brorl_jax import checkpointing, hf
+from brorl_jax.model.sharding import (SAMPLE_RULES, TRAIN_RULES, MeshRules,
+                                      make_mesh)
+from brorl_jax.model.transformer import Policy
+from brorl_jax.rl import train_state as ts_lib
+from brorl_jax.rl.update import RolloutBatch, make_update_fn
+from brorl_jax.rollout import sampling
+from brorl_jax.rollout.sampler import Prefill, Sampler, plan_chunks
+from brorl_jax.rollout.shared_prefix import SharedPrefixAttention
 
 GiB = 2**30
 # HBM per chip (GB) of TPU generations, by topology-name prefix.
@@ -107,6 +120,7 @@ def _with(tree: Any, shardings: Any) -> Any:
 
 def _tpu_devices(topology: str):
   try:
+    # Imported here: inside the try, so a JAX without it reports below.
     from jax.experimental import topologies
     return topologies.get_topology_desc(platform="tpu",
                                         topology_name=topology).devices
@@ -132,10 +146,6 @@ class _Builder:
   """Abstract shapes and shardings of one run at one model depth."""
 
   def __init__(self, cfg, model_cfg, mesh, num_layers: int):
-    from brorl_jax.model.sharding import SAMPLE_RULES, TRAIN_RULES, MeshRules
-    from brorl_jax.model.transformer import Policy
-    from brorl_jax.rl import train_state as ts_lib
-    from brorl_jax.rollout import Sampler
     self.cfg = cfg
     self.policy = Policy.create(model_cfg.replace(num_layers=num_layers))
     self.train_rules = MeshRules(mesh, TRAIN_RULES)
@@ -148,11 +158,10 @@ class _Builder:
     self.params = _with(abstract, self.policy.shardings(self.train_rules))
     self.sample_params = _with(abstract,
                                self.policy.shardings(self.sample_rules))
-    from brorl_jax.train import state_shardings
     with_reference = cfg.loss.kl_coef > 0
-    state_sh = state_shardings(abstract, self.policy.shardings(
-        self.train_rules), self.optimizer, with_reference=with_reference,
-                               replicated=self.rep)
+    state_sh = ts_lib.state_shardings(
+        abstract, self.policy.shardings(self.train_rules), self.optimizer,
+        with_reference=with_reference, replicated=self.rep)
     self.state = _with(jax.eval_shape(lambda p: ts_lib.TrainState.create(
         p, self.optimizer, with_reference=with_reference), abstract),
                        state_sh)
@@ -182,9 +191,6 @@ class _Builder:
     return self.cfg.advantage.prompts_to_sample(self.cfg.loop.prompts_per_step)
 
   def decode(self, pc: int, gc: int) -> Mem:
-    from brorl_jax.rollout import sampling
-    from brorl_jax.rollout.sampler import Prefill
-    from brorl_jax.rollout.shared_prefix import SharedPrefixAttention
     mc, r = self.policy.cfg, self.sample_rules
     lp, dt = self.cfg.rollout.max_prompt_len, jnp.dtype(mc.dtype)
     # The prompt KV in the layouts the prefill stores it in.
@@ -208,7 +214,6 @@ class _Builder:
                                group=gc).compile())
 
   def update(self) -> Mem:
-    from brorl_jax.rl.update import RolloutBatch, make_update_fn
     c = self.cfg
     p, g = c.loop.prompts_per_step, c.rollout.n
     lp, t = c.rollout.max_prompt_len, c.rollout.max_new_tokens
@@ -237,7 +242,6 @@ class _Builder:
 def _row_plans(num_prompts: int, group: int, max_rows: int):
   """Two distinct decode-chunk plans (pc, gc): the configured one and one
   with about half its rows, for the memory per row."""
-  from brorl_jax.rollout.sampler import plan_chunks
   first = plan_chunks(num_prompts, group, max_rows)
   rows = first[0] * first[1]
   for r in (rows // 2, rows // 4, rows * 2):
@@ -250,14 +254,13 @@ def _row_plans(num_prompts: int, group: int, max_rows: int):
 def _model_config(cfg) -> tuple[Any, str]:
   """The policy's ModelConfig: from `init.path` when it exists here (only
   config.json is read), else the config's `model` section."""
-  import json
-  import pathlib
-  from brorl_jax import hf
   path = cfg.init.path
   numerics = dict(param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
                   remat=cfg.model.remat)
-  if path is not None and (pathlib.Path(path) / hf.MODEL_CONFIG_FILE).exists():
-    return hf.load_model_config(pathlib.Path(path)).replace(**numerics), path
+  if path is not None and (pathlib.Path(path)
+                           / checkpointing.MODEL_CONFIG_FILE).exists():
+    return (checkpointing.load_model_config(pathlib.Path(path))
+            .replace(**numerics), path)
   if path is not None and (pathlib.Path(path) / "config.json").exists():
     raw = json.loads((pathlib.Path(path) / "config.json").read_text())
     return hf.config_from_hf(raw, param_dtype=numerics["param_dtype"],
@@ -302,9 +305,6 @@ def dry_run(cfg, *, device_memory_gb: float | None = None,
      "update_peak_gib", "device_memory_gib", "figures": [(name, GiB,
      source)], ...}.
   """
-  import time
-  from brorl_jax.model.sharding import make_mesh
-  from brorl_jax.rollout.sampler import plan_chunks
   jax.config.update("jax_threefry_partitionable", True)
   devices = _tpu_devices(topology) if topology else jax.devices()
   mesh = make_mesh(cfg.mesh.shape, devices)

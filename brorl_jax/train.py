@@ -30,6 +30,7 @@ from brorl_jax import config as config_lib
 from brorl_jax import run_config
 from brorl_jax import experiment as exp_lib
 from brorl_jax import scoring
+from brorl_jax import sizing
 from brorl_jax.model.sharding import reshard
 from brorl_jax.rl import batch as batch_lib
 from brorl_jax.rl import diagnostics as diag_lib
@@ -101,25 +102,6 @@ def _global_verify_stats(local: dict[str, float], verifiers) -> dict:
   return out
 
 
-def state_shardings(abstract_params, param_sh, optimizer, *,
-                    with_reference: bool, replicated) -> ts_lib.TrainState:
-  """The train state's layout: the optimizer's moments and the reference
-  copy are sharded like the parameters (FSDP), counters are replicated.
-
-  Left to XLA's sharding propagation, the moments (zeros like the
-  parameters) come out replicated: for a 1.5B model that is 13 GiB of Adam
-  state on every device instead of 1/fsdp of it.
-  """
-  import optax
-  abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
-  opt_sh = optax.tree_map_params(
-      optimizer, lambda _, sh: sh, abstract_opt, param_sh,
-      transform_non_params=lambda _: replicated)
-  return ts_lib.TrainState(
-      step=replicated, updates=replicated, params=param_sh, opt_state=opt_sh,
-      ref_params=param_sh if with_reference else None, skipped=replicated)
-
-
 class Trainer:
   """Builds every part once; `run()` is the loop."""
 
@@ -145,7 +127,7 @@ class Trainer:
         correct_threshold=cfg.rewards.correct_threshold,
         advantage=cfg.advantage, shaping=cfg.shaping)
     self._prepare = jax.jit(batch_lib.prepare, static_argnums=0)
-    self.state_sh = state_shardings(
+    self.state_sh = ts_lib.state_shardings(
         self.policy.abstract_params(), exp.param_shardings(), self.optimizer,
         with_reference=cfg.loss.kl_coef > 0,
         replicated=exp.mesh_train.replicated())
@@ -590,7 +572,6 @@ def run(argv: list[str] | None = None) -> None:
     except config_lib.ConfigError as e:
       sys.exit(f"error: {e}")
     if flags.FLAGS.dry_run:
-      from brorl_jax import sizing
       sizing.dry_run(cfg, device_memory_gb=flags.FLAGS.device_memory_gb,
                      topology=flags.FLAGS.dry_run_topology,
                      layers=flags.FLAGS.dry_run_layers)

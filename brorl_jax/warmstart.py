@@ -38,7 +38,8 @@ import optax
 from brorl_jax.config import check, check_choice
 from brorl_jax.data import records as records_lib
 from brorl_jax.model.sharding import activation_rules, constrain
-from brorl_jax.rl.train_state import OptimConfig, make_optimizer
+from brorl_jax.rl.train_state import (OptimConfig, make_optimizer,
+                                      opt_state_shardings)
 from brorl_jax.rl.update import response_logprobs
 
 log = logging.getLogger(__name__)
@@ -231,11 +232,8 @@ class _Steps:
   def __init__(self, exp: Any, optimizer: optax.GradientTransformation):
     rules = exp.mesh_train
     param_sh = exp.param_shardings()
-    abstract_opt = jax.eval_shape(optimizer.init,
-                                  exp.policy.abstract_params())
-    self.opt_sh = optax.tree_map_params(
-        optimizer, lambda _, s: s, abstract_opt, param_sh,
-        transform_non_params=lambda _: rules.replicated())
+    self.opt_sh = opt_state_shardings(exp.policy.abstract_params(), param_sh,
+                                      optimizer, rules.replicated())
     self.param_sh = param_sh
     self.rules = rules
     self.init_opt = jax.jit(optimizer.init, out_shardings=self.opt_sh)

@@ -217,7 +217,7 @@ def test_cli_end_to_end(run, tmp_path, capsys):
   # A training workdir: tokenizer, model config, checkpoints at steps 3, 7.
   workdir = tmp_path / "w"
   shutil.copytree(exp.workdir / "tokenizer", workdir / "tokenizer")
-  hf.save_model_config(exp.model_cfg, workdir)
+  checkpointing.save_model_config(exp.model_cfg, workdir)
   opt = optax.sgd(0.1)
   ckpt = checkpointing.TrainCheckpointer(workdir / "checkpoints", keep=3,
                                          async_save=False)

@@ -7,6 +7,7 @@ import pytest
 
 from brorl_jax import checkpointing, hf, sample
 from brorl_jax.data import tokenizer as tokenizer_lib
+from brorl_jax.data import tokenizer_loader
 
 LINES = [f"What is {a} + {b}? {a} + {b} = {a + b}. \\boxed{{{a + b}}}"
          for a in range(20) for b in range(20)]
@@ -18,7 +19,7 @@ def model_dir(tmp_path_factory, tiny_cfg, tiny_params):
   tok = tokenizer_lib.train_sentencepiece(LINES, 300, d / "tokenizer")
   assert tok.vocab_size <= tiny_cfg.vocab_size
   checkpointing.save_params(d / "params", tiny_params)
-  hf.save_model_config(tiny_cfg, d)
+  checkpointing.save_model_config(tiny_cfg, d)
   return d
 
 
@@ -30,7 +31,7 @@ def test_sample_json_from_model_dir(model_dir, tmp_path):
   result = json.loads(out.read_text())
   assert len(result["completions"]) == 2
   assert all(len(c) == 3 for c in result["completions"])
-  tok = tokenizer_lib.load_tokenizer(model_dir / "tokenizer")
+  tok = tokenizer_loader.load_tokenizer(model_dir / "tokenizer")
   for p in range(2):
     for g in range(3):
       ids = result["tokens"][p][g]

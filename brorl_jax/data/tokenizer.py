@@ -1,6 +1,7 @@
 """Tokenizers: one interface over SentencePiece models and HF tokenizer dirs.
 
-`load_tokenizer(directory)` picks the kind from the files it finds:
+`tokenizer_loader.load_tokenizer(directory)` picks the kind from the files it
+finds:
 
   tokenizer.json                  HF fast tokenizer (`tokenizers` package)
   tokenizer.model                 SentencePiece model
@@ -146,7 +147,7 @@ class Tokenizer(abc.ABC):
 
   @abc.abstractmethod
   def save(self, directory: str | os.PathLike) -> None:
-    """Writes the files that `load_tokenizer(directory)` reloads."""
+    """Writes the files that `tokenizer_loader.load_tokenizer` reloads."""
 
   def _bos_prefix(self, add_bos: bool) -> list[int]:
     if not add_bos:
@@ -321,39 +322,6 @@ def train_sentencepiece(
   if directory is not None:
     tok.save(directory)
   return tok
-
-
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-  """Loads a tokenizer folder (or a `tokenizer.model`/`tokenizer.json` file).
-
-  Args:
-    path: a folder holding `tokenizer.json`, `tokenizer.model`, or
-      `vocab.json` + `merges.txt` (each with an optional
-      `tokenizer_config.json`), or the path of one of the first two files.
-
-  Returns:
-    The tokenizer.
-
-  Raises:
-    TokenizerError: no known tokenizer files, or they are inconsistent.
-  """
-  # Imported here: the HF path pulls in `tokenizers` only when needed.
-  from brorl_jax.data import hf_tokenizer  # pylint: disable=g-import-not-at-top
-  path = pathlib.Path(path)
-  if path.is_file() and path.name in ("tokenizer.json", SPM_FILE):
-    path = path.parent
-  if not path.is_dir():
-    raise TokenizerError(f"tokenizer folder {path} does not exist")
-  if (path / "tokenizer.json").exists():
-    return hf_tokenizer.HFTokenizer.from_directory(path)
-  if (path / SPM_FILE).exists():
-    return SentencePieceTokenizer.from_directory(path)
-  if (path / "vocab.json").exists() and (path / "merges.txt").exists():
-    return hf_tokenizer.HFTokenizer.from_vocab_merges(path)
-  found = sorted(p.name for p in path.iterdir())
-  raise TokenizerError(
-      f"no tokenizer in {path}: expected tokenizer.json, tokenizer.model, or "
-      f"vocab.json + merges.txt; found {found}")
 
 
 def find_chat_template(directory: pathlib.Path,

@@ -12,6 +12,7 @@ import shutil
 import pytest
 
 from brorl_jax.data import tokenizer as tokenizer_lib
+from brorl_jax.data import tokenizer_loader
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures"
 QWEN2_DIR = FIXTURES / "qwen2_tokenizer"
@@ -20,7 +21,7 @@ R1_CONFIG = FIXTURES / "r1_distill_qwen_tokenizer" / "tokenizer_config.json"
 
 @pytest.fixture(scope="session")
 def qwen2_tokenizer():
-  return tokenizer_lib.load_tokenizer(QWEN2_DIR)
+  return tokenizer_loader.load_tokenizer(QWEN2_DIR)
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +35,7 @@ def r1_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def r1_tokenizer(r1_dir):
-  return tokenizer_lib.load_tokenizer(r1_dir)
+  return tokenizer_loader.load_tokenizer(r1_dir)
 
 
 def _demo_lines(n=400, seed=0):

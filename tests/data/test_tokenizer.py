@@ -11,6 +11,7 @@ import pytest
 from brorl_jax.data import hf_tokenizer
 from brorl_jax.data import templates
 from brorl_jax.data import tokenizer as tokenizer_lib
+from brorl_jax.data import tokenizer_loader
 
 QWEN2_DIR = (pathlib.Path(__file__).resolve().parents[1] / "fixtures"
              / "qwen2_tokenizer")
@@ -176,7 +177,7 @@ def test_hf_save_and_reload(qwen2_tokenizer, hf_qwen2, tmp_path):
   qwen2_tokenizer.save(tmp_path)
   assert sorted(p.name for p in tmp_path.iterdir()) == [
       "tokenizer.json", "tokenizer_config.json"]
-  again = tokenizer_lib.load_tokenizer(tmp_path)
+  again = tokenizer_loader.load_tokenizer(tmp_path)
   texts = [t for t, _ in GOLDEN] + HARD
   assert again.encode_batch(texts) == qwen2_tokenizer.encode_batch(texts)
   assert again.chat_template == qwen2_tokenizer.chat_template
@@ -195,7 +196,7 @@ def test_generation_config_adds_stop_ids(tmp_path):
     (tmp_path / name).symlink_to(QWEN2_DIR / name)
   (tmp_path / "generation_config.json").write_text(
       json.dumps({"eos_token_id": [151645, 151643, 151657]}))
-  tok = tokenizer_lib.load_tokenizer(tmp_path)
+  tok = tokenizer_loader.load_tokenizer(tmp_path)
   assert tok.stop_ids == (151645, 151643, 151657)
 
 
@@ -225,7 +226,7 @@ def test_sentencepiece_roundtrip_and_save(spm_tokenizer, demo_lines,
   custom = "{% for m in messages %}Q: {{ m.content }}\n{% endfor %}A:"
   tok2 = tokenizer_lib.train_sentencepiece(
       demo_lines(200), 300, tmp_path / "spm", chat_template=custom)
-  again = tokenizer_lib.load_tokenizer(tmp_path / "spm")
+  again = tokenizer_loader.load_tokenizer(tmp_path / "spm")
   assert isinstance(again, tokenizer_lib.SentencePieceTokenizer)
   assert again.chat_template == custom
   assert again.apply_chat_template([{"role": "user", "content": "x"}]) == (
@@ -242,10 +243,10 @@ def test_sentencepiece_vocab_too_small(demo_lines):
 
 def test_load_errors(tmp_path):
   with pytest.raises(tokenizer_lib.TokenizerError, match="does not exist"):
-    tokenizer_lib.load_tokenizer(tmp_path / "missing")
+    tokenizer_loader.load_tokenizer(tmp_path / "missing")
   (tmp_path / "config.json").write_text("{}")
   with pytest.raises(tokenizer_lib.TokenizerError, match="no tokenizer in"):
-    tokenizer_lib.load_tokenizer(tmp_path)
+    tokenizer_loader.load_tokenizer(tmp_path)
   # vocab + merges whose config has no added tokens and an unknown eos.
   for name in ("vocab.json", "merges.txt"):
     (tmp_path / name).symlink_to(QWEN2_DIR / name)
@@ -253,7 +254,7 @@ def test_load_errors(tmp_path):
       json.dumps({"eos_token": "<eos>"}))
   with pytest.raises(tokenizer_lib.TokenizerError,
                      match="no added_tokens_decoder"):
-    tokenizer_lib.load_tokenizer(tmp_path)
+    tokenizer_loader.load_tokenizer(tmp_path)
 
 
 def test_bos_required_for_add_bos(qwen2_tokenizer):
@@ -290,5 +291,5 @@ def test_chat_template_jinja_file_wins(tmp_path):
     shutil.copy(QWEN2_DIR / name, tmp_path / name)
   (tmp_path / "chat_template.jinja").write_text(
       "{% for m in messages %}[{{ m.content }}]{% endfor %}")
-  tok = tokenizer_lib.load_tokenizer(tmp_path)
+  tok = tokenizer_loader.load_tokenizer(tmp_path)
   assert tok.apply_chat_template([{"role": "user", "content": "x"}]) == "[x]"
