@@ -36,6 +36,7 @@ from typing import Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from brorl_jax.config import check, check_choice
 
@@ -203,7 +204,6 @@ def sum_over_processes(values: dict[str, float], keys) -> dict[str, float]:
   collective: every process must call it with the same keys)."""
   if jax.process_count() == 1:
     return values
-  from jax.experimental import multihost_utils
   local = np.array([float(values.get(k, 0.0)) for k in keys], np.float32)
   total = np.asarray(multihost_utils.process_allgather(local)).sum(0)
   return {**values, **{k: (int(round(t)) if isinstance(values.get(k, 0), int)

@@ -29,9 +29,20 @@ import time
 from typing import Any, Sequence
 
 import jax
+import ml_collections
 import numpy as np
+from absl import app, flags
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
 
-from brorl_jax.config import check
+from brorl_jax import checkpointing, experiment, hf, rewards, run_config
+from brorl_jax.config import ConfigError, check
+from brorl_jax.data.prompts import PromptPipeline
+from brorl_jax.data.records import DataError
+from brorl_jax.experiment import global_prompt_arrays
+from brorl_jax.hf import CheckpointFormatError
+from brorl_jax.rewards import is_correct
+from brorl_jax.scoring import sample_and_score
 
 log = logging.getLogger(__name__)
 # Folded into the config seed: the loop and the CLI draw the same samples.
@@ -176,7 +187,6 @@ def _to_host(x: jax.Array) -> np.ndarray:
   """A global array's full value on every process."""
   if jax.process_count() == 1:
     return np.asarray(jax.device_get(x))
-  from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
@@ -201,7 +211,6 @@ class Evaluator:
       pipeline: the run's prompt pipeline (default `exp.pipeline()`).
       batch_size: prompts per sampler call (default: the training step's).
     """
-    from brorl_jax.data.prompts import PromptPipeline
     sampler_cfg = sampler_cfg or exp.cfg.eval_sampler()
     ks = tuple(exp.cfg.eval.k if ks is None else ks)
     if greedy or sampler_cfg.is_greedy:
@@ -225,7 +234,6 @@ class Evaluator:
           f"must be a multiple of the process count {jax.process_count()}")
     # A one-process view of the same held-out set: every host needs the
     # records of the whole global batch to score the rollouts it holds.
-    from brorl_jax import rewards
     self._view = PromptPipeline(
         pipeline.config, pipeline.tokenizer,
         max_prompt_len=pipeline.max_prompt_len,
@@ -249,9 +257,6 @@ class Evaluator:
     Returns:
       The per-prompt outcomes.
     """
-    from brorl_jax.experiment import global_prompt_arrays
-    from brorl_jax.rewards import is_correct
-    from brorl_jax.scoring import sample_and_score
     t0 = time.perf_counter()
     limit = self.max_prompts
     correct, tasks = [], []
@@ -287,8 +292,6 @@ class Evaluator:
 
 
 def _flags(argv: Sequence[str]):
-  from absl import flags
-  from ml_collections import config_flags
   fv = flags.FlagValues()
   # `sys_argv`: config_flags defines the `--config.a.b` override flags it
   # finds there (by default it looks at sys.argv, not at `argv`).
@@ -317,7 +320,6 @@ def _flags(argv: Sequence[str]):
 
 def _apply_overrides(config: Any, fv: Any) -> None:
   """--n / --k / --max-prompts into the ConfigDict (validated by load)."""
-  import ml_collections
   # The flags may set keys a minimal config leaves to their defaults.
   with config.unlocked():
     if "eval" not in config:
@@ -339,7 +341,6 @@ def _apply_overrides(config: Any, fv: Any) -> None:
 def _load_policy(exp: Any, source: pathlib.Path, step: int | None,
                  from_hf: bool) -> tuple[Any, int | None]:
   """(params in the sampling layout, checkpoint step or None)."""
-  from brorl_jax import checkpointing, hf
   shardings = exp.param_shardings(sampling=True)
   if from_hf and not (source / checkpointing.MODEL_CONFIG_FILE).exists():
     return hf.load_hf_params(source, exp.model_cfg, shardings), None
@@ -354,9 +355,6 @@ def _load_policy(exp: Any, source: pathlib.Path, step: int | None,
 
 def main(argv: Sequence[str]) -> dict[str, Any]:
   """Parses `argv` (program name first), evaluates, prints, writes JSON."""
-  from absl import app
-  from brorl_jax import run_config
-  from brorl_jax import experiment, hf
   fv = _flags(argv)
   if any(a in ("-h", "--help") for a in argv[1:]):
     print(__doc__ + "\nflags:\n" + fv.get_help())
@@ -410,10 +408,6 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
 
 def run(argv: Sequence[str] | None = None) -> None:
   """Console entry point (`brorl-evaluate`)."""
-  from absl import app, flags
-  from brorl_jax.config import ConfigError
-  from brorl_jax.data.records import DataError
-  from brorl_jax.hf import CheckpointFormatError
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   try:
     main(sys.argv if argv is None else argv)

@@ -18,10 +18,12 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
-from brorl_jax import checkpointing, hf
+from brorl_jax import checkpointing, distributed, hf, rewards
 from brorl_jax.config import ConfigError, check
-from brorl_jax.run_config import RunConfig
+from brorl_jax.data import records as records_lib
+from brorl_jax.data import tasks
 from brorl_jax.data import tokenizer as tokenizer_lib
 from brorl_jax.data import tokenizer_loader
 from brorl_jax.data.prompts import PromptPipeline
@@ -30,6 +32,7 @@ from brorl_jax.model.sharding import (SAMPLE_RULES, TRAIN_RULES, MeshRules,
                                       make_mesh)
 from brorl_jax.model.transformer import Policy
 from brorl_jax.rollout import Sampler, SamplerConfig
+from brorl_jax.run_config import RunConfig
 
 log = logging.getLogger(__name__)
 TOKENIZER_DIR = "tokenizer"
@@ -43,7 +46,6 @@ def setup_jax(cfg: RunConfig) -> None:
   determinism across meshes relies on it).
   """
   jax.config.update("jax_threefry_partitionable", True)
-  from brorl_jax import distributed
   distributed.initialize(cfg.mesh)
 
 
@@ -104,7 +106,6 @@ class Experiment:
     data_cfg = self.cfg.data
     spec = data_cfg.synthetic
     if spec is not None:
-      from brorl_jax.data import tasks
       directory = str(self.workdir / DATA_DIR)
       if self.is_main:
         tasks.materialize(directory, task=spec["task"],
@@ -122,7 +123,6 @@ class Experiment:
           train_files=(train,) + tuple(data_cfg.train_files),
           eval_files=((held_out,) if held_out else ()) +
           tuple(data_cfg.eval_files))
-    from brorl_jax import rewards
     # Every host reads the whole (small) prompt batch: whichever host a
     # rollout is decoded on then holds its record and can score it, for any
     # mesh layout. Device arrays take only the host's own rows
@@ -139,7 +139,6 @@ class Experiment:
         self.cfg.loop.prompts_per_step)
 
   def reward_pool(self):
-    from brorl_jax import rewards
     return rewards.RewardPool(self.cfg.rewards)
 
   def sampler(self, sampler_cfg: SamplerConfig | None = None) -> Sampler:
@@ -150,15 +149,12 @@ class Experiment:
 
 def _barrier(name: str) -> None:
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
 
 
 def _training_lines(cfg: RunConfig, workdir: pathlib.Path) -> list[str]:
   """Text a fresh SentencePiece tokenizer is trained on: the training
   prompts (rendered) and their worked solutions."""
-  from brorl_jax.data import records as records_lib
-  from brorl_jax.data import tasks
   specs = list(cfg.data.train_files) + list(cfg.data.eval_files)
   if cfg.data.synthetic is not None:
     s = cfg.data.synthetic

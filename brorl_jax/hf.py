@@ -21,10 +21,16 @@ import shutil
 import sys
 from typing import Any, Callable, Iterator
 
+import jax
+import ml_dtypes
 import numpy as np
+from jax.experimental import multihost_utils
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from brorl_jax import checkpointing
 from brorl_jax.model.config import ModelConfig
+from brorl_jax.model.transformer import Policy
 
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json",
@@ -208,7 +214,6 @@ def _safetensor_files(hf_dir: pathlib.Path) -> list[pathlib.Path]:
 
 def iter_hf_tensors(hf_dir: pathlib.Path) -> Iterator[tuple[str, Any]]:
   """Yields (name, lazy slice) for every tensor, without loading any."""
-  from safetensors import safe_open
   for path in _safetensor_files(hf_dir):
     with safe_open(str(path), framework="numpy") as f:
       for name in f.keys():
@@ -250,8 +255,6 @@ def load_hf_params(hf_dir: str | os.PathLike, cfg: ModelConfig,
     CheckpointFormatError: naming the tensor, on a missing, unexpected or
       wrongly shaped tensor.
   """
-  import jax
-  from brorl_jax.model.transformer import Policy
   expected = {p: a for p, a in _leaves(Policy.create(cfg).abstract_params()
                                        ).items()}
   flat_shardings = _leaves(shardings) if shardings is not None else {}
@@ -324,10 +327,6 @@ def save_hf(params: dict[str, Any], cfg: ModelConfig,
     stop_ids: extra eos ids for generation_config.json.
     max_shard_bytes: shard size limit (5 GB, as transformers).
   """
-  import jax
-  import ml_dtypes
-  from jax.experimental import multihost_utils
-  from safetensors.numpy import save_file
   np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
   out = pathlib.Path(out_dir)
   writer = jax.process_index() == 0

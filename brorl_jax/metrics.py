@@ -239,6 +239,7 @@ class MetricsWriter:
     # opening on resume, can pass `purge_step` to it. Imported here: it takes
     # about a second, which the plot CLI (a reader only) need not pay.
     if self._tb is None:
+      # Imported here: see above (a second the plot CLI need not pay).
       import tensorboardX  # pylint: disable=g-import-not-at-top
       self._tb = tensorboardX.SummaryWriter(str(self.workdir),
                                             purge_step=self._purge_step)

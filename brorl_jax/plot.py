@@ -107,8 +107,10 @@ def panels(names: Sequence[str]) -> list[tuple[str, tuple[str, ...]]]:
 
 
 def _figure(num_panels: int, columns: int = 3):
+  # Imported here: matplotlib is slow to import and only figures need it.
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
+  # pyplot only after use("Agg"), which picks the backend.
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   rows = -(-num_panels // columns)
   # Constrained layout leaves room for the suptitle (tight_layout does not).

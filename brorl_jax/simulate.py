@@ -49,8 +49,10 @@ def write_csv(path: str, results: dict[int, dict[str, np.ndarray]],
 
 def plot(path: str, results: dict[int, dict[str, np.ndarray]]) -> None:
   """Figure 3's panels (+ entropy): mean over seeds, min-max band."""
+  # Imported here: matplotlib is slow to import and only figures need it.
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
+  # pyplot only after use("Agg"), which picks the backend.
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   titles = {"q_pos": "Correct mass $Q_{pos}$",
@@ -141,6 +143,7 @@ def run_cli(cfg: SimulatorConfig,
 
 
 def main(argv):
+  # Imported here, as in `run` below (the flags are defined there).
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   fl = flags.FLAGS
   if len(argv) > 1:

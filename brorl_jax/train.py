@@ -23,19 +23,27 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
+from tqdm import tqdm
 
 from brorl_jax import checkpointing
-from brorl_jax import distributed
 from brorl_jax import config as config_lib
-from brorl_jax import run_config
+from brorl_jax import distributed
 from brorl_jax import experiment as exp_lib
+from brorl_jax import run_config
 from brorl_jax import scoring
 from brorl_jax import sizing
+from brorl_jax.evaluate import Evaluator, eval_key
+from brorl_jax.metrics import MetricsWriter
 from brorl_jax.model.sharding import reshard
 from brorl_jax.rl import batch as batch_lib
 from brorl_jax.rl import diagnostics as diag_lib
 from brorl_jax.rl import train_state as ts_lib
 from brorl_jax.rl.update import RolloutBatch, make_update_fn
+from brorl_jax.rollout_archive import RolloutArchive
+from brorl_jax.warmstart import run_warmstart
 
 log = logging.getLogger("brorl_jax.train")
 
@@ -60,7 +68,6 @@ class Preemption:
     """True on every process once any process was asked to stop."""
     flag = self.requested_at is not None
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
       flag = bool(np.any(multihost_utils.process_allgather(np.array(flag))))
     return flag
 
@@ -141,8 +148,6 @@ class Trainer:
         out_shardings=self.state_sh)
     self._update = None
     self._diag_fns = None
-    from brorl_jax.metrics import MetricsWriter
-    from brorl_jax.rollout_archive import RolloutArchive
     self.writer = MetricsWriter(self.workdir,
                                 tensorboard=cfg.logging.tensorboard,
                                 enabled=exp.is_main)
@@ -153,7 +158,6 @@ class Trainer:
         async_save=cfg.checkpoint.async_save)
     self.evaluator = None
     if self.pipeline.config.eval_files:
-      from brorl_jax.evaluate import Evaluator
       self.evaluator = Evaluator(exp, self.pool)
 
   # ---- state ---------------------------------------------------------------
@@ -183,7 +187,6 @@ class Trainer:
             "config": self.cfg.raw}
     ws = self.cfg.warmstart
     if ws.steps > 0 and self.cfg.init.path is None:
-      from brorl_jax.warmstart import run_warmstart
       params, ws_metrics = run_warmstart(self.exp, params, ws)
       self.writer.write(0, ws_metrics)
     return self._make_state(params), train_iter, meta
@@ -426,7 +429,6 @@ class Trainer:
     # The same key at every evaluation (common random numbers): pass@1
     # differences between steps are then the policy's, not the draws'; the
     # evaluate CLI on a checkpoint reproduces the loop's numbers.
-    from brorl_jax.evaluate import eval_key
     out = self.evaluator.evaluate(params, step, eval_key(self.cfg.seed))
     out["time/eval_s"] = time.perf_counter() - t0
     # The pool's counters belong to the evaluation, not the next RL step.
@@ -532,7 +534,6 @@ class Trainer:
   def _progress(self, start: int):
     if not (self.cfg.logging.progress_bar and self.exp.is_main):
       return None
-    from tqdm import tqdm
     return tqdm(total=self.cfg.total_steps, initial=start, desc="RL steps",
                 dynamic_ncols=True)
 
@@ -546,8 +547,6 @@ def train(config: Any, workdir: str) -> dict[str, float]:
 # ---- command line ------------------------------------------------------------
 
 def run(argv: list[str] | None = None) -> None:
-  from absl import app, flags
-  from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "ml-collections config file",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "run directory (resumes if present)")

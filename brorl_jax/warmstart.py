@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from brorl_jax import rewards
 from brorl_jax.config import check, check_choice
 from brorl_jax.data import records as records_lib
 from brorl_jax.model.sharding import activation_rules, constrain
@@ -151,7 +152,6 @@ def solution_examples(pipeline: Any, split: str, *, max_solution_len: int
   Returns:
     The examples and what was skipped.
   """
-  from brorl_jax import rewards
   cfg = pipeline.config
   specs = cfg.train_files if split == "train" else cfg.eval_files
   tok = pipeline.tokenizer

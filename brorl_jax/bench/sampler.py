@@ -78,8 +78,9 @@ def _brorl(policy, params, prompts, n, new_tokens, prefill_only=False):
 
 def _hf_generate(hf_dir, prompts, n, new_tokens, threads):
   """A closure running transformers' generate the same way, blocking."""
-  import torch
-  import transformers
+  # Imported here: torch and transformers are optional (the `test` extra).
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(threads)
   model = transformers.Qwen2ForCausalLM.from_pretrained(hf_dir).eval()
   ids = torch.from_numpy(prompts.astype(np.int64))

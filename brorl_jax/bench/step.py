@@ -18,6 +18,7 @@ be no update to time) and reports, from the same run:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import pathlib
 import statistics
@@ -26,6 +27,9 @@ import time
 
 import jax
 import jax.numpy as jnp
+
+from brorl_jax import run_config
+from brorl_jax.train import Preemption, Trainer
 
 
 def _flops(trainer) -> float:
@@ -67,9 +71,6 @@ class _Run:
   """A Trainer driven one iteration at a time."""
 
   def __init__(self, config_path: str, workdir: pathlib.Path, overrides):
-    from brorl_jax import run_config
-    from brorl_jax.train import Preemption, Trainer
-    import importlib.util
     spec = importlib.util.spec_from_file_location("bench_config",
                                                   config_path)
     module = importlib.util.module_from_spec(spec)

@@ -45,6 +45,7 @@ import numpy as np
 
 from brorl_jax import config as config_lib
 from brorl_jax.data import records as records_lib
+from brorl_jax.data import tasks
 from brorl_jax.data import tokenizer as tokenizer_lib
 
 _log = logging.getLogger(__name__)
@@ -119,7 +120,6 @@ class DataConfig:
                      "data.num_epochs",
                      f"must be None (forever) or >= 1, got {self.num_epochs}")
     if self.synthetic is not None:
-      from brorl_jax.data import tasks
       spec = dict(self.synthetic)
       allowed = {"task", "train", "eval", "seed", "difficulty"}
       unknown = sorted(set(spec) - allowed)

@@ -36,6 +36,7 @@ import fractions
 import hashlib
 import json
 import logging
+import os
 import random
 import re
 import sys
@@ -239,7 +240,6 @@ def materialize(directory: str, *, task: str, train: int, eval: int,  # noqa
     (train path, eval path or None when `eval` is 0). Existing files with
     the same name are reused: the name encodes every argument.
   """
-  import os
   levels = "-".join(str(d) for d in difficulty)
   stem = os.path.join(directory, f"{task}_s{seed}_d{levels}")
   paths = (f"{stem}_train{train}.jsonl", f"{stem}_eval{eval}.jsonl")

@@ -44,6 +44,7 @@ def make_record(dataset: str, entry: Mapping[str, Any]) -> dict[str, Any]:
 @functools.lru_cache(maxsize=256)
 def _scorer(dataset: str) -> Callable[[str | None, dict[str, Any]], float]:
   try:
+    # Imported here: reasoning-gym is optional (the `test` extra).
     import reasoning_gym  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError(_INSTALL) from e

@@ -73,12 +73,16 @@ def _timeouts(config: MathConfig) -> int | None:
 
 @functools.lru_cache(maxsize=8192)
 def _parse_gold(gold: str, timeout: int | None):
+  # Imported here: slow to import; only the worker processes that score
+  # math items pay for it.
   import math_verify  # pylint: disable=g-import-not-at-top
   return math_verify.parse(_wrap_gold(gold), parsing_timeout=timeout)
 
 
 def _judge(gold: str, prediction: str, timeout: int | None) -> bool:
   """math-verify's judgement; `prediction` is a LaTeX string to parse."""
+  # Imported here: slow to import; only the worker processes that score
+  # math items pay for it.
   import math_verify  # pylint: disable=g-import-not-at-top
   return bool(math_verify.verify(
       _parse_gold(gold, timeout),

@@ -60,6 +60,8 @@ def _setup(setup: dict, parent_pid: int) -> None:
 
 def _warm_up(config, verifiers) -> None:
   """Pays first-call costs (imports, grammar loading) before timing starts."""
+  # Imported here, once `setup` (the parent's sys.path, the memory limit)
+  # has been applied: the verifiers load under the worker's limits.
   from brorl_jax.rewards import registry  # pylint: disable=g-import-not-at-top
   if "math" in verifiers:
     try:
@@ -70,6 +72,8 @@ def _warm_up(config, verifiers) -> None:
 
 
 def _score_one(item, config, verifiers):
+  # Imported here, once `setup` (the parent's sys.path, the memory limit)
+  # has been applied: the verifiers load under the worker's limits.
   from brorl_jax.rewards import registry  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   try:
