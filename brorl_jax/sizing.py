@@ -51,7 +51,7 @@ from brorl_jax.model.sharding import (SAMPLE_RULES, TRAIN_RULES, MeshRules,
                                       make_mesh)
 from brorl_jax.model.transformer import Policy
 from brorl_jax.rl import train_state as ts_lib
-from brorl_jax.rl.update import RolloutBatch, make_update_fn
+from brorl_jax.rl.update import RolloutBatch, compile_update
 from brorl_jax.rollout import sampling
 from brorl_jax.rollout.sampler import Prefill, Sampler, plan_chunks
 from brorl_jax.rollout.shared_prefix import SharedPrefixAttention
@@ -113,11 +113,6 @@ def per_device_bytes(tree: Any) -> float:
   return float(total)
 
 
-def _with(tree: Any, shardings: Any) -> Any:
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(
-      a.shape, a.dtype, sharding=s), tree, shardings)
-
-
 def _tpu_devices(topology: str):
   try:
     # Imported here: inside the try, so a JAX without it reports below.
@@ -155,16 +150,17 @@ class _Builder:
     cfg.update.check_rows(samples)
     self.optimizer = ts_lib.make_optimizer(cfg.optim, samples)
     abstract = self.policy.abstract_params()
-    self.params = _with(abstract, self.policy.shardings(self.train_rules))
-    self.sample_params = _with(abstract,
-                               self.policy.shardings(self.sample_rules))
+    with_sh = checkpointing.abstract_with_shardings
+    self.params = with_sh(abstract, self.policy.shardings(self.train_rules))
+    self.sample_params = with_sh(abstract,
+                                 self.policy.shardings(self.sample_rules))
     with_reference = cfg.loss.kl_coef > 0
     state_sh = ts_lib.state_shardings(
         abstract, self.policy.shardings(self.train_rules), self.optimizer,
         with_reference=with_reference, replicated=self.rep)
-    self.state = _with(jax.eval_shape(lambda p: ts_lib.TrainState.create(
+    self.state = with_sh(jax.eval_shape(lambda p: ts_lib.TrainState.create(
         p, self.optimizer, with_reference=with_reference), abstract),
-                       state_sh)
+                         state_sh)
     # Decoding needs no rematerialization (no backward pass); and nnx.remat
     # inside the decode while_loop fails to trace (flax TraceContextError),
     # so the sampler is sized without it.
@@ -181,10 +177,9 @@ class _Builder:
     r = self.sample_rules
     tokens = self._sds(r, (p, lp), jnp.int32, ("batch", None))
     lengths = self._sds(r, (p,), jnp.int32, ("batch",))
-    # The sampler's own jitted function, lowered from abstract arguments.
-    prefill = self.sampler._prefill  # pylint: disable=protected-access
-    return Mem.of(prefill.lower(self.sample_params, tokens,
-                                lengths).compile())
+    # The sampler's own program, lowered from abstract arguments.
+    return Mem.of(self.sampler.lower_prefill(self.sample_params, tokens,
+                                             lengths).compile())
 
   @property
   def num_prompts(self) -> int:
@@ -209,9 +204,8 @@ class _Builder:
     keys = jax.eval_shape(lambda: sampling.row_keys(
         jax.random.key(0), jnp.arange(pc), jnp.arange(gc)))
     keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=self.rep)
-    decode = self.sampler._decode  # pylint: disable=protected-access
-    return Mem.of(decode.lower(self.sample_params, part, keys,
-                               group=gc).compile())
+    return Mem.of(self.sampler.lower_decode(self.sample_params, part, keys,
+                                            group=gc).compile())
 
   def update(self) -> Mem:
     c = self.cfg
@@ -227,16 +221,10 @@ class _Builder:
                             ("batch",) + (None,) * (len(s[0]) - 1)),
         shapes, is_leaf=lambda s: isinstance(s, tuple) and len(s) == 2
         and isinstance(s[0], tuple))
-    temperature = 1.0 if c.rollout.is_greedy else c.rollout.temperature
-    fn = make_update_fn(self.policy, c.update, c.loss, self.optimizer,
-                        temperature=temperature, mesh_rules=self.train_rules)
-    state_sh = jax.tree.map(lambda x: x.sharding, self.state)
-    batch_sh = jax.tree.map(lambda x: x.sharding, batch)
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=self.rep)
-    jitted = jax.jit(fn, in_shardings=(state_sh, batch_sh, self.rep),
-                     out_shardings=(state_sh, self.rep), donate_argnums=0)
-    return Mem.of(jitted.lower(self.state, batch, key).compile())
+    return Mem.of(compile_update(
+        self.policy, c.update, c.loss, self.optimizer,
+        temperature=c.rollout.logprob_temperature,
+        mesh_rules=self.train_rules, state=self.state, batch=batch))
 
 
 def _row_plans(num_prompts: int, group: int, max_rows: int):

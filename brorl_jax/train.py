@@ -41,7 +41,8 @@ from brorl_jax.model.sharding import reshard
 from brorl_jax.rl import batch as batch_lib
 from brorl_jax.rl import diagnostics as diag_lib
 from brorl_jax.rl import train_state as ts_lib
-from brorl_jax.rl.update import RolloutBatch, make_update_fn
+from brorl_jax.rl import update as update_lib
+from brorl_jax.rl.update import RolloutBatch
 from brorl_jax.rollout_archive import RolloutArchive
 from brorl_jax.warmstart import run_warmstart
 
@@ -194,27 +195,17 @@ class Trainer:
   def compile_update(self, state, rollout_batch_abstract):
     """AOT-compiles the update for the configured shapes; logs its memory."""
     cfg = self.cfg
-    fn = make_update_fn(self.policy, cfg.update, cfg.loss, self.optimizer,
-                        temperature=self._loss_temperature(),
-                        mesh_rules=self.exp.mesh_train)
-    state_sh = jax.tree.map(lambda x: x.sharding, state)
     mr = self.exp.mesh_train
-    batch_sh = jax.tree.map(
-        lambda x: mr.sharding(("batch",) + (None,) * (x.ndim - 1), x.shape),
-        rollout_batch_abstract)
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    batch_sh = update_lib.batch_shardings(mr, rollout_batch_abstract)
     self._state_sh, self._batch_sh = state_sh, batch_sh
-    jitted = jax.jit(fn, in_shardings=(state_sh, batch_sh, mr.replicated()),
-                     out_shardings=(state_sh, mr.replicated()),
-                     donate_argnums=0)
-    # Lowered from abstract values carrying the target shardings: the
-    # concrete batch may sit in another layout (it is moved before the
-    # call), and jit refuses committed arguments whose sharding differs.
-    abstract = lambda tree, sh: jax.tree.map(  # noqa: E731
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        tree, sh)
-    compiled = jitted.lower(abstract(state, state_sh),
-                            abstract(rollout_batch_abstract, batch_sh),
-                            jax.random.key(0)).compile()
+    # The concrete batch is moved into `batch_sh` before each call.
+    compiled = update_lib.compile_update(
+        self.policy, cfg.update, cfg.loss, self.optimizer,
+        temperature=cfg.rollout.logprob_temperature, mesh_rules=mr,
+        state=checkpointing.abstract_with_shardings(state, state_sh),
+        batch=checkpointing.abstract_with_shardings(rollout_batch_abstract,
+                                                    batch_sh))
     mem = compiled.memory_analysis()
     if mem is not None:
       log.info("update memory per device: arguments %.1f MiB, temporaries "
@@ -223,10 +214,6 @@ class Trainer:
                mem.temp_size_in_bytes / 2**20,
                mem.output_size_in_bytes / 2**20)
     return compiled
-
-  def _loss_temperature(self) -> float:
-    r = self.cfg.rollout
-    return 1.0 if r.is_greedy else r.temperature
 
   # ---- one iteration -------------------------------------------------------
 
@@ -337,7 +324,7 @@ class Trainer:
   def _diag_functions(self):
     if self._diag_fns is None:
       u = self.cfg.update
-      kw = dict(temperature=self._loss_temperature(),
+      kw = dict(temperature=self.cfg.rollout.logprob_temperature,
                 vocab_chunk=u.vocab_chunk, seq_chunk=u.seq_chunk)
       seq = jax.jit(lambda params, rb, rows: diag_lib.sequence_logp(
           self.policy, params, diag_lib.subset_rows(rb, rows), **kw))

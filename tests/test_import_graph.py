@@ -157,7 +157,7 @@ def _has_reason(lines: list[str], lineno: int) -> bool:
       return False
 
 
-# ---- the checks on this repository -------------------------------------------
+# ---- the checks on this repository ------------------------------------------
 
 def test_no_cycle_among_files():
   graph, _ = scan(ROOT)
@@ -179,7 +179,7 @@ def test_imports_inside_functions_say_why():
       bare)
 
 
-# ---- the checker itself, on a small package written here -----------------------
+# ---- the checker itself, on a small package written here -------------------
 
 def _write(root: pathlib.Path, files: dict[str, str]) -> pathlib.Path:
   for name, text in files.items():

@@ -32,7 +32,8 @@ def load_tokenizer(path: str | os.PathLike) -> tokenizer_lib.Tokenizer:
   if path.is_file() and path.name in ("tokenizer.json", tokenizer_lib.SPM_FILE):
     path = path.parent
   if not path.is_dir():
-    raise tokenizer_lib.TokenizerError(f"tokenizer folder {path} does not exist")
+    raise tokenizer_lib.TokenizerError(
+        f"tokenizer folder {path} does not exist")
   if (path / "tokenizer.json").exists():
     return hf_tokenizer.HFTokenizer.from_directory(path)
   if (path / tokenizer_lib.SPM_FILE).exists():

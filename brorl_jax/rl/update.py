@@ -272,3 +272,40 @@ def make_update_fn(policy: Policy, cfg: UpdateConfig,
       return state.replace(step=state.step + 1), metrics
 
   return update
+
+
+def batch_shardings(mesh_rules: MeshRules, batch: Any) -> Any:
+  """The update's batch layout: rows (the leading axis) over `batch`."""
+  return jax.tree.map(
+      lambda x: mesh_rules.sharding(("batch",) + (None,) * (x.ndim - 1),
+                                    x.shape), batch)
+
+
+def compile_update(policy: Policy, cfg: UpdateConfig,
+                   loss_cfg: losses.LossConfig,
+                   optimizer: optax.GradientTransformation, *,
+                   temperature: float, mesh_rules: MeshRules, state: Any,
+                   batch: Any) -> jax.stages.Compiled:
+  """AOT-compiles the update; the train loop and the dry run share it.
+
+  Args:
+    policy, cfg, loss_cfg, optimizer, temperature: as `make_update_fn`.
+    mesh_rules: the training mesh (the rng and the metrics are replicated).
+    state, batch: trees of `jax.ShapeDtypeStruct` carrying the shardings the
+      compiled update takes (and returns, for the donated state). Abstract,
+      because a concrete batch may sit in another layout, and jit refuses
+      committed arguments whose sharding differs.
+
+  Returns:
+    The compiled `(state, batch, rng) -> (state, metrics)`.
+  """
+  fn = make_update_fn(policy, cfg, loss_cfg, optimizer,
+                      temperature=temperature, mesh_rules=mesh_rules)
+  rep = mesh_rules.replicated()
+  state_sh = jax.tree.map(lambda x: x.sharding, state)
+  batch_sh = jax.tree.map(lambda x: x.sharding, batch)
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep)
+  jitted = jax.jit(fn, in_shardings=(state_sh, batch_sh, rep),
+                   out_shardings=(state_sh, rep), donate_argnums=0)
+  return jitted.lower(state, batch, key).compile()

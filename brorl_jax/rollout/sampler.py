@@ -77,6 +77,12 @@ class SamplerConfig:
   def is_greedy(self) -> bool:
     return self.greedy or self.temperature == 0
 
+  @property
+  def logprob_temperature(self) -> float:
+    """The temperature of the recorded log-probs (1 when greedy); the loss
+    and the diagnostics re-score at the same one."""
+    return 1.0 if self.is_greedy else self.temperature
+
 
 @struct.dataclass
 class Prefill:
@@ -295,6 +301,16 @@ class Sampler:
     return self._prefill(params, jnp.asarray(tokens, jnp.int32),
                          jnp.asarray(lengths, jnp.int32))
 
+  def lower_prefill(self, params, tokens, lengths) -> jax.stages.Lowered:
+    """The prefill program lowered for (abstract) arguments: the dry run
+    compiles it to read its memory without running it."""
+    return self._prefill.lower(params, tokens, lengths)
+
+  def lower_decode(self, params, prefill: Prefill, keys, *, group: int
+                   ) -> jax.stages.Lowered:
+    """The decode program of one chunk, lowered for (abstract) arguments."""
+    return self._decode.lower(params, prefill, keys, group=group)
+
   def chunks(self, params, prefill: Prefill, rng: jax.Array, *,
              n: int | None = None, prompt_offset: int = 0
              ) -> Iterator[tuple[slice, slice, dict]]:
@@ -325,8 +341,8 @@ class Sampler:
 
   def first_probs(self, prefill: Prefill) -> jax.Array:
     """[P, V] softmax(logits / T) of the first response token."""
-    t = 1.0 if self.cfg.is_greedy else self.cfg.temperature
-    return jax.nn.softmax(prefill.logits / t, axis=-1)
+    return jax.nn.softmax(prefill.logits / self.cfg.logprob_temperature,
+                          axis=-1)
 
   def generate(self, params, tokens, lengths, rng: jax.Array, *,
                n: int | None = None, prompt_offset: int = 0) -> Rollouts:
