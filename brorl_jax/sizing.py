@@ -51,7 +51,8 @@ from brorl_jax.model.sharding import (SAMPLE_RULES, TRAIN_RULES, MeshRules,
                                       make_mesh)
 from brorl_jax.model.transformer import Policy
 from brorl_jax.rl import train_state as ts_lib
-from brorl_jax.rl.update import RolloutBatch, compile_update
+from brorl_jax.rl.batch import RolloutBatch
+from brorl_jax.rl.update import compile_update
 from brorl_jax.rollout import sampling
 from brorl_jax.rollout.sampler import Prefill, Sampler, plan_chunks
 from brorl_jax.rollout.shared_prefix import SharedPrefixAttention

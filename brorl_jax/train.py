@@ -42,7 +42,6 @@ from brorl_jax.rl import batch as batch_lib
 from brorl_jax.rl import diagnostics as diag_lib
 from brorl_jax.rl import train_state as ts_lib
 from brorl_jax.rl import update as update_lib
-from brorl_jax.rl.update import RolloutBatch
 from brorl_jax.rollout_archive import RolloutArchive
 from brorl_jax.warmstart import run_warmstart
 
@@ -331,7 +330,7 @@ class Trainer:
       self._diag_fns = (seq, jax.jit(diag_lib.realized))
     return self._diag_fns
 
-  def _diag_before(self, state, rb: RolloutBatch, key):
+  def _diag_before(self, state, rb: batch_lib.RolloutBatch, key):
     seq, _ = self._diag_functions()
     rows_total = rb.tokens.shape[0] * rb.tokens.shape[1]
     k = min(self.cfg.diagnostics.rescore_rollouts, rows_total)

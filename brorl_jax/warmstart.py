@@ -8,7 +8,7 @@ supervised stage first teaches the answer format and some of the task:
     -> rows `prompt ++ solution`, the prompt rendered and tokenized exactly
        as the RL pipeline does (chat template, instruction, add_bos)
     -> loss = -mean log pi(solution token | prefix) at temperature 1, over
-       solution tokens only (`rl.update.response_logprobs`, chunked over
+       solution tokens only (`rl.logprobs.response_logprobs`, chunked over
        the vocabulary)
     -> AdamW with warmup (`rl.train_state.make_optimizer`), one jitted step
        with explicit shardings on the training mesh.
@@ -41,7 +41,7 @@ from brorl_jax.data import records as records_lib
 from brorl_jax.model.sharding import activation_rules, constrain
 from brorl_jax.rl.train_state import (OptimConfig, make_optimizer,
                                       opt_state_shardings)
-from brorl_jax.rl.update import response_logprobs
+from brorl_jax.rl.logprobs import response_logprobs
 
 log = logging.getLogger(__name__)
 SECTION = "warmstart"
@@ -182,7 +182,7 @@ def solution_examples(pipeline: Any, split: str, *, max_solution_len: int
 
 def pack_rows(examples: SolutionSet, indices: np.ndarray, *, prompt_len: int,
               solution_len: int, pad_id: int) -> dict[str, np.ndarray]:
-  """`prompt ++ solution` rows in the layout of `rl.update.make_rows`.
+  """`prompt ++ solution` rows in the layout of `rl.batch.make_rows`.
 
   Args:
     examples: the examples.

@@ -65,7 +65,7 @@ def test_pack_rows_layout():
   rows = warmstart.pack_rows(ex, np.array([0, 1, -1]), prompt_len=3,
                              solution_len=3, pad_id=0)
   # prompt (left-padded to 3) ++ response[:-1], the response right-padded
-  # to 3, as rl.update.make_rows lays out rollouts; row 1's eos is an input
+  # to 3, as rl.batch.make_rows lays out rollouts; row 1's eos is an input
   # whose own prediction (of padding) is masked out of the loss.
   np.testing.assert_array_equal(rows["inputs"], [[0, 11, 12, 5, 6],
                                                  [21, 22, 23, 7, 3],

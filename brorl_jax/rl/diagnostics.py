@@ -18,8 +18,8 @@ import jax.numpy as jnp
 
 from brorl_jax.model.transformer import Policy
 from brorl_jax.rl import mass_balance
-from brorl_jax.rl.update import RolloutBatch, Rows, make_rows, \
-    response_logprobs
+from brorl_jax.rl.batch import RolloutBatch, Rows, make_rows
+from brorl_jax.rl.logprobs import response_logprobs
 
 
 def subset_rows(batch: RolloutBatch, rows: jax.Array) -> Rows:

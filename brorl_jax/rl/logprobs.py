@@ -30,6 +30,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+from brorl_jax.model import attention as attn_lib
+from brorl_jax.model.transformer import Policy, positions_from_valid
+
 
 def _vocab_step(carry, chunk, hidden, targets, w, inv_temp, vocab_chunk,
                 with_entropy):
@@ -130,3 +133,23 @@ def token_logprobs(
   # [nT, B, tc] -> [B, T]
   unchunk = lambda x: x.swapaxes(0, 1).reshape(batch, -1)[:, :length]
   return unchunk(logp), (unchunk(entropy) if return_entropy else None)
+
+
+def response_logprobs(policy: Policy, params: Any, inputs: jax.Array,
+                      valid: jax.Array, targets: jax.Array, *,
+                      temperature: float, vocab_chunk: int, seq_chunk: int,
+                      with_entropy: bool = True):
+  """Log-probs (and entropies) of the response tokens of `prompt ++ response`
+  rows under softmax(logits / temperature), chunked over the vocabulary.
+
+  Returns:
+    (logp [B, T] f32, entropy [B, T] f32 or None).
+  """
+  model = policy.bind(params)
+  hidden, _ = model(inputs, positions_from_valid(valid),
+                    attn_lib.FullAttention(attn_lib.causal_mask(valid)))
+  t = targets.shape[1]
+  hidden = hidden[:, -t:]                     # positions predicting responses
+  return token_logprobs(hidden, model.unembed_matrix(), targets, temperature,
+                        vocab_chunk=vocab_chunk, seq_chunk=seq_chunk,
+                        return_entropy=with_entropy)

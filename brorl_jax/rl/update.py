@@ -19,14 +19,13 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct
 
 from brorl_jax.config import check
-from brorl_jax.model import attention as attn_lib
 from brorl_jax.model.sharding import MeshRules, activation_rules, constrain
-from brorl_jax.model.transformer import Policy, positions_from_valid
+from brorl_jax.model.transformer import Policy
 from brorl_jax.rl import losses
-from brorl_jax.rl.logprobs import token_logprobs
+from brorl_jax.rl.batch import RolloutBatch, Rows, make_rows
+from brorl_jax.rl.logprobs import response_logprobs
 from brorl_jax.rl.train_state import TrainState
 
 SECTION = "algo"
@@ -68,89 +67,6 @@ class UpdateConfig:
     per = rows // self.num_minibatches
     check(per % self.micro_batch_size == 0, f"{SECTION}.micro_batch_size",
           f"must divide the {per} rollouts of a mini-batch")
-
-
-@struct.dataclass
-class RolloutBatch:
-  """One RL step's training data, on device.
-
-  Attributes:
-    prompt_tokens: [P, Lp] int32, left-padded.
-    prompt_lengths: [P] int32.
-    tokens: [P, G, T] int32 responses.
-    logprobs: [P, G, T] f32 the sampler's log-probs (PPO's old log-probs).
-    lengths: [P, G] int32 response lengths.
-    advantages: [P, G] f32.
-    mask: [P, G] bool, rollouts that enter the loss (valid, in a kept group).
-  """
-
-  prompt_tokens: jax.Array
-  prompt_lengths: jax.Array
-  tokens: jax.Array
-  logprobs: jax.Array
-  lengths: jax.Array
-  advantages: jax.Array
-  mask: jax.Array
-
-
-@struct.dataclass
-class Rows:
-  """Flattened `prompt ++ response` rows ([R, ...] or [M, K, mb, ...]).
-
-  Attributes:
-    inputs: [..., Lp + T - 1] int32 model inputs.
-    valid: [..., Lp + T - 1] bool, real tokens (left padding False).
-    targets: [..., T] int32 response tokens.
-    loss_mask: [..., T] bool, response tokens that count.
-    old_logp: [..., T] f32.
-    advantages: [...] f32.
-  """
-
-  inputs: jax.Array
-  valid: jax.Array
-  targets: jax.Array
-  loss_mask: jax.Array
-  old_logp: jax.Array
-  advantages: jax.Array
-
-
-def make_rows(batch: RolloutBatch) -> Rows:
-  """[P, G] groups -> R = P * G rows (the prompt repeated per rollout)."""
-  p, g, t = batch.tokens.shape
-  lp = batch.prompt_tokens.shape[1]
-  prompt = jnp.repeat(batch.prompt_tokens, g, axis=0)            # [R, Lp]
-  prompt_len = jnp.repeat(batch.prompt_lengths, g, axis=0)
-  prompt_valid = jnp.arange(lp)[None] >= (lp - prompt_len)[:, None]
-  response = batch.tokens.reshape(p * g, t)
-  resp_valid = jnp.arange(t)[None] < batch.lengths.reshape(p * g)[:, None]
-  # The last response token is only a target, never an input.
-  return Rows(
-      inputs=jnp.concatenate([prompt, response[:, :-1]], axis=1),
-      valid=jnp.concatenate([prompt_valid, resp_valid[:, :-1]], axis=1),
-      targets=response,
-      loss_mask=resp_valid & batch.mask.reshape(p * g)[:, None],
-      old_logp=batch.logprobs.reshape(p * g, t),
-      advantages=batch.advantages.reshape(p * g).astype(jnp.float32))
-
-
-def response_logprobs(policy: Policy, params: Any, inputs: jax.Array,
-                      valid: jax.Array, targets: jax.Array, *,
-                      temperature: float, vocab_chunk: int, seq_chunk: int,
-                      with_entropy: bool = True):
-  """Log-probs (and entropies) of the response tokens of `prompt ++ response`
-  rows under softmax(logits / temperature), chunked over the vocabulary.
-
-  Returns:
-    (logp [B, T] f32, entropy [B, T] f32 or None).
-  """
-  model = policy.bind(params)
-  hidden, _ = model(inputs, positions_from_valid(valid),
-                    attn_lib.FullAttention(attn_lib.causal_mask(valid)))
-  t = targets.shape[1]
-  hidden = hidden[:, -t:]                     # positions predicting responses
-  return token_logprobs(hidden, model.unembed_matrix(), targets, temperature,
-                        vocab_chunk=vocab_chunk, seq_chunk=seq_chunk,
-                        return_entropy=with_entropy)
 
 
 def _tree_where(ok, new, old):

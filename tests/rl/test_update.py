@@ -10,7 +10,9 @@ from brorl_jax.config import ConfigError
 from brorl_jax.rl import losses
 from brorl_jax.rl.train_state import (OptimConfig, TrainState,
                                       make_optimizer, reset_reference)
-from brorl_jax.rl.update import RolloutBatch, UpdateConfig, make_update_fn
+from brorl_jax.rl.batch import RolloutBatch, make_rows
+from brorl_jax.rl.logprobs import response_logprobs
+from brorl_jax.rl.update import UpdateConfig, make_update_fn
 
 P, G, LP, T = 2, 4, 6, 5
 
@@ -92,7 +94,6 @@ def test_non_finite_update_is_skipped(tiny_policy, tiny_params):
 
 def test_update_learns_on_the_advantage_sign(tiny_policy, tiny_params):
   """A positive-advantage rollout's log-prob rises, a negative one's falls."""
-  from brorl_jax.rl.update import make_rows, response_logprobs
   batch = _batch(tiny_policy.cfg.vocab_size, seed=3)
   batch = batch.replace(mask=jnp.ones((P, G), bool),
                         advantages=jnp.asarray([[1., -1, 1, -1]] * P))
