@@ -147,7 +147,12 @@ class Trainer:
             reset_optimizer=cfg.reference.reset_optimizer), donate_argnums=0,
         out_shardings=self.state_sh)
     self._update = None
-    self._diag_fns = None
+    u = cfg.update
+    self.diagnostics = diag_lib.StepDiagnostics(
+        self.policy, temperature=cfg.rollout.logprob_temperature,
+        vocab_chunk=u.vocab_chunk, seq_chunk=u.seq_chunk,
+        rescore_rollouts=cfg.diagnostics.rescore_rollouts,
+        correct_threshold=cfg.rewards.correct_threshold)
     self.writer = MetricsWriter(self.workdir,
                                 tensorboard=cfg.logging.tensorboard,
                                 enabled=exp.is_main)
@@ -244,19 +249,22 @@ class Trainer:
 
     # ---- 3. Advantages (device): dynamic sampling, shaping -----------------
     t1 = time.perf_counter()
-    rb, stats, sel, masks = self._prepare(
-        self.batch_cfg, tokens, lengths, ro.tokens, ro.logprobs, ro.lengths,
-        ro.stopped, scored.rewards, ro.first_probs, jnp.int32(step))
+    prep = self._prepare(self.batch_cfg, tokens, lengths, ro, scored.rewards,
+                         jnp.int32(step))
+    rb = prep.batch
 
     # ---- 4. Update (device, state donated) ---------------------------------
     if self._update is None:
       self._update = self.compile_update(state, rb)
     diag_every = cfg.diagnostics.every
     do_diag = diag_every > 0 and step % diag_every == 0
-    before = self._diag_before(state, rb, key) if do_diag else None
+    before = (self.diagnostics.before(state.params, rb,
+                                      jax.random.fold_in(key, DIAG))
+              if do_diag else None)
     # On-device moves into the compiled update's layouts (no-ops when equal).
     state = jax.device_put(state, self._state_sh)
     rb = jax.device_put(rb, self._batch_sh)
+    prep = prep.replace(batch=rb)
     new_state, upd = self._update(state, rb, jax.random.fold_in(key, UPDATE))
     # Host sync for an honest phase time (the metrics need it next anyway).
     jax.block_until_ready(upd)
@@ -267,12 +275,12 @@ class Trainer:
     mass_after = {}
     if do_diag:
       mass_after = jax.block_until_ready(self._diag_after(
-          new_state, rb, before, ro, sel, masks, tokens, lengths,
-          scored.rewards))
+          new_state, before, prep, tokens, lengths, ro, scored.rewards))
     times["diag_s"] = time.perf_counter() - t2
 
     # ---- 6. Metrics (one explicit device -> host transfer) -----------------
-    host = _to_host({**stats, **{f"loss/{k}": v for k, v in upd.items()},
+    host = _to_host({**prep.stats,
+                     **{f"loss/{k}": v for k, v in upd.items()},
                      **mass_after,
                      "rollout/finished_slot_frac": ro.finished_slots /
                      jnp.maximum(ro.total_slots, 1),
@@ -320,44 +328,17 @@ class Trainer:
 
   # ---- diagnostics ---------------------------------------------------------
 
-  def _diag_functions(self):
-    if self._diag_fns is None:
-      u = self.cfg.update
-      kw = dict(temperature=self.cfg.rollout.logprob_temperature,
-                vocab_chunk=u.vocab_chunk, seq_chunk=u.seq_chunk)
-      seq = jax.jit(lambda params, rb, rows: diag_lib.sequence_logp(
-          self.policy, params, diag_lib.subset_rows(rb, rows), **kw))
-      self._diag_fns = (seq, jax.jit(diag_lib.realized))
-    return self._diag_fns
-
-  def _diag_before(self, state, rb: batch_lib.RolloutBatch, key):
-    seq, _ = self._diag_functions()
-    rows_total = rb.tokens.shape[0] * rb.tokens.shape[1]
-    k = min(self.cfg.diagnostics.rescore_rollouts, rows_total)
-    if k == 0:
-      return None
-    rows = jax.random.choice(jax.random.fold_in(key, DIAG), rows_total, (k,),
-                             replace=False)
-    return rows, seq(state.params, rb, rows)
-
-  def _diag_after(self, state, rb, before, ro, sel, masks, tokens, lengths,
-                  rewards):
-    seq, realized = self._diag_functions()
-    sample_params = reshard(state.params, self.sample_shardings)
-    pre = self.sampler.prefill(sample_params, jnp.take(tokens, sel, 0),
-                               jnp.take(lengths, sel, 0))
-    probs_after = self.sampler.first_probs(pre)
-    probs_before = jnp.take(ro.first_probs, sel, 0)
-    correct_mask, incorrect_mask, group_mask = masks
+  def _diag_after(self, state, before, prep, tokens, lengths, ro, rewards):
+    """The realized change: the kept prompts' first token re-scored by the
+    sampler under the updated parameters, the rest in rl/diagnostics.py."""
     if before is None:
       return {}
-    rows, logp_before = before
-    logp_after = seq(state.params, rb, rows)
-    row_rewards = jnp.take(jnp.take(rewards, sel, 0).reshape(-1), rows)
-    row_correct = row_rewards >= self.cfg.rewards.correct_threshold
-    out = realized(probs_before, probs_after, correct_mask, incorrect_mask,
-                   group_mask, logp_before, logp_after, row_correct)
-    return {f"mass/{k}": v for k, v in out.items()}
+    sample_params = reshard(state.params, self.sample_shardings)
+    sel = prep.selected
+    pre = self.sampler.prefill(sample_params, jnp.take(tokens, sel, 0),
+                               jnp.take(lengths, sel, 0))
+    return self.diagnostics.after(state.params, self.sampler.first_probs(pre),
+                                  before, prep, ro.first_probs, rewards)
 
   # ---- logging -------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
   sampled groups [P_over, G] --(dynamic sampling, oversampling: keep the
   first P informative groups)--> [P, G] --(shaping, advantages)-->
-  RolloutBatch + the step's group statistics + pre-update mass-balance terms.
+  `Prepared`: the RolloutBatch + the step's group statistics + pre-update
+  mass-balance terms.
 
 Shapes never depend on how many groups survive: dropped or missing groups
 are masked, so nothing recompiles.
@@ -19,6 +20,7 @@ from flax import struct
 from brorl_jax.rl import advantages as adv_lib
 from brorl_jax.rl import mass_balance
 from brorl_jax.rl.shaping import ShapingConfig, shape_rewards
+from brorl_jax.rollout.sampler import Rollouts
 
 
 @struct.dataclass
@@ -103,22 +105,45 @@ class BatchConfig:
   shaping: ShapingConfig
 
 
-def prepare(cfg: BatchConfig, prompt_tokens, prompt_lengths, tokens, logprobs,
-            lengths, stopped, rewards, first_probs, step):
+@struct.dataclass
+class Prepared:
+  """What `prepare` hands the update and the diagnostics.
+
+  Attributes:
+    batch: the update's RolloutBatch, [P, G].
+    stats: the step's scalar metrics (rewards, groups, advantages, the
+      pre-update mass balance).
+    selected: [P] int32, the kept groups' indices among the P_over sampled.
+    correct_mask / incorrect_mask: the first-token masks of the kept groups
+      (`mass_balance.first_token_masks`), for the post-update diagnostics.
+    group_mask: [P] bool, groups that enter the update.
+  """
+
+  batch: RolloutBatch
+  stats: dict
+  selected: jax.Array
+  correct_mask: jax.Array
+  incorrect_mask: jax.Array
+  group_mask: jax.Array
+
+
+def prepare(cfg: BatchConfig, prompt_tokens, prompt_lengths,
+            rollouts: Rollouts, rewards, step) -> Prepared:
   """Selects groups, shapes rewards, computes advantages and diagnostics.
 
   Args:
     cfg: static settings.
     prompt_tokens: [P_over, Lp]; prompt_lengths: [P_over].
-    tokens / logprobs: [P_over, G, T]; lengths / stopped / rewards:
-      [P_over, G] (rewards are the verifier's).
-    first_probs: [P_over, V] the first response token's distribution.
+    rollouts: the sampler's rollouts of the P_over prompts, whole.
+    rewards: [P_over, G] the verifier's rewards.
     step: int32, the RL step (cosine-penalty cycle).
 
   Returns:
-    (RolloutBatch [P, G], stats dict of scalars, selected indices [P],
-    first-token masks for the post-update diagnostics).
+    The batch, its statistics, and what the diagnostics need.
   """
+  tokens, logprobs, lengths, stopped, first_probs = (
+      rollouts.tokens, rollouts.logprobs, rollouts.lengths, rollouts.stopped,
+      rollouts.first_probs)
   thr = cfg.correct_threshold
   valid = jnp.ones(rewards.shape, bool)                     # [P_over, G]
   num_correct, num_valid = adv_lib.group_counts(rewards, valid, thr)
@@ -177,4 +202,6 @@ def prepare(cfg: BatchConfig, prompt_tokens, prompt_lengths, tokens, logprobs,
     stats["reward/shaped_mean"] = jnp.where(mask, shaped, 0).sum() / \
         jnp.maximum(mask.sum(), 1)
   stats.update({f"mass/{k}": v for k, v in mass.items()})
-  return batch, stats, idx, (correct_mask, incorrect_mask, group_mask)
+  return Prepared(batch=batch, stats=stats, selected=idx,
+                  correct_mask=correct_mask, incorrect_mask=incorrect_mask,
+                  group_mask=group_mask)

@@ -65,3 +65,61 @@ def realized(probs_before: jax.Array, probs_after: jax.Array,
       logp_before, logp_after, row_correct,
       jnp.ones(row_correct.shape, bool)))
   return out
+
+
+class StepDiagnostics:
+  """The train loop's bookkeeping of the realized diagnostics of one step.
+
+  `before` re-scores a random subset of the step's rollouts under the
+  pre-update parameters; `after` re-scores them, and the kept prompts' first
+  token, under the updated ones and returns the `mass/*` metrics.
+  """
+
+  def __init__(self, policy: Policy, *, temperature: float, vocab_chunk: int,
+               seq_chunk: int, rescore_rollouts: int,
+               correct_threshold: float):
+    kw = dict(temperature=temperature, vocab_chunk=vocab_chunk,
+              seq_chunk=seq_chunk)
+    self._seq = jax.jit(lambda params, rb, rows: sequence_logp(
+        policy, params, subset_rows(rb, rows), **kw))
+    self._realized = jax.jit(realized)
+    self.rescore_rollouts = rescore_rollouts
+    self.correct_threshold = correct_threshold
+
+  def before(self, params: Any, rb: RolloutBatch, key: jax.Array):
+    """(rows [k], their sequence log-probs [k]) before the update, or None
+    when no rollout is re-scored."""
+    rows_total = rb.tokens.shape[0] * rb.tokens.shape[1]
+    k = min(self.rescore_rollouts, rows_total)
+    if k == 0:
+      return None
+    rows = jax.random.choice(key, rows_total, (k,), replace=False)
+    return rows, self._seq(params, rb, rows)
+
+  def after(self, params: Any, first_probs_after: jax.Array, before,
+            prepared: Any, first_probs_before: jax.Array,
+            rewards: jax.Array) -> dict[str, jax.Array]:
+    """The `mass/*` metrics of the realized change (device scalars).
+
+    Args:
+      params: the updated parameters (training layout).
+      first_probs_after: [P, V] the kept prompts' first-token distribution
+        under the updated policy.
+      before: what `before` returned.
+      prepared: the step's `batch.Prepared`.
+      first_probs_before: [P_over, V] the sampler's, before the update.
+      rewards: [P_over, G] the verifier's rewards.
+    """
+    if before is None:
+      return {}
+    sel = prepared.selected
+    probs_before = jnp.take(first_probs_before, sel, 0)
+    rows, logp_before = before
+    logp_after = self._seq(params, prepared.batch, rows)
+    row_rewards = jnp.take(jnp.take(rewards, sel, 0).reshape(-1), rows)
+    row_correct = row_rewards >= self.correct_threshold
+    out = self._realized(probs_before, first_probs_after,
+                         prepared.correct_mask, prepared.incorrect_mask,
+                         prepared.group_mask, logp_before, logp_after,
+                         row_correct)
+    return {f"mass/{k}": v for k, v in out.items()}
