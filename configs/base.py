@@ -68,7 +68,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.apply_chat_template = True
   c.data.add_bos = False
   c.data.prefetch = 1
-  c.data.synthetic = ml_collections.FieldReference(None, dict)
+  # Typed `object`, not `dict`: the command line can then set, clear
+  # (`--config.data.synthetic=None`) or edit (`...synthetic.train=100`) it.
+  c.data.synthetic = ml_collections.FieldReference(None, object)
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.prompts_per_step = 128

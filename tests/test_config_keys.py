@@ -22,7 +22,7 @@ from brorl_jax.warmstart import WarmstartConfig
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from configs import base  # noqa: E402
+from configs import base, demo_cpu  # noqa: E402
 
 # Where each stage's dataclass sits in the config (as `config.load` reads
 # it). The tests below check this table against `load` itself, so a new
@@ -112,3 +112,12 @@ def test_keys_the_base_once_lacked_override_on_the_command_line():
   # A typed None overrides one field of the preset and keeps the others.
   assert cfg.model.num_layers == 2 and cfg.model.embed_dim == 1536
   assert cfg.rewards.code.time_budget_s == 2.0  # derived from the timeout
+
+
+def test_resolved_is_the_inverse_of_load():
+  for c in (base.get_config(), demo_cpu.get_config()):
+    cfg = config_lib.load(c)
+    tree = config_lib.resolved(cfg)
+    assert config_lib.load(tree) == cfg
+    # Every key of the base, nothing else: `--print_config` shows them all.
+    assert _config_keys(tree) == _config_keys(base.get_config().to_dict())

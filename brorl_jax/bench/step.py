@@ -27,6 +27,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from brorl_jax import cli
+
 
 def _flops(trainer) -> float:
   """Model FLOPs of one update (forward + backward, every padded position).
@@ -70,6 +72,7 @@ class _Run:
     from brorl_jax import config as config_lib
     from brorl_jax.train import Preemption, Trainer
     import importlib.util
+    cli.add_config_root(["--config", config_path])  # its `from configs ...`
     spec = importlib.util.spec_from_file_location("bench_config",
                                                   config_path)
     module = importlib.util.module_from_spec(spec)
