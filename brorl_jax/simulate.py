@@ -96,7 +96,7 @@ def summary_table(results: dict[int, dict[str, np.ndarray]]) -> str:
 
 
 def theorem_report(etas=(1e-1, 1e-2, 1e-3, 1e-4, 1e-5), seed: int = 0) -> str:
-  """The `--check-theorem` table (float64)."""
+  """The `--check_theorem` table (float64)."""
   errs = theorem_errors(jax.random.key(seed), tuple(etas))
   finite = errs["finite"]
   lines = [
