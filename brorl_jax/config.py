@@ -11,6 +11,7 @@ imports nothing from the project; `run_config.py` assembles the whole run's
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from typing import Any, Iterable, Mapping, TypeVar
 
 
@@ -37,6 +38,38 @@ def check_choice(value: Any, key: str, allowed: Iterable[Any]) -> None:
         f"got {value!r}; allowed values: {', '.join(map(repr, allowed))}")
 
 
+def unknown_key_error(key: str, known: Iterable[str]) -> ConfigError:
+  """The one error for an unknown key, in a config file or on the command line.
+
+  Args:
+    key: the dotted key, e.g. "rollout.nn".
+    known: the names known at that level (without the section prefix).
+
+  Returns:
+    A `ConfigError` naming the key and the closest known keys (all of them
+    when none is close).
+  """
+  prefix, _, name = key.rpartition(".")
+  known = sorted(known)
+  close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+  dotted = [f"{prefix}.{k}" if prefix else k for k in close or known]
+  where = f"'{prefix}'" if prefix else "the top level"
+  hint = ("closest known keys" if close else f"known keys of {where}")
+  return ConfigError(f"config key '{key}': unknown key; {hint}: "
+                     f"{', '.join(dotted)}")
+
+
+def config_fields(cls: type) -> list[dataclasses.Field]:
+  """The fields of dataclass `cls` that are config keys.
+
+  A field marked `metadata={"config_key": False}` (e.g. the section name
+  `SamplerConfig` carries for its error messages) is set by code, not by a
+  config.
+  """
+  return [f for f in dataclasses.fields(cls)
+          if f.metadata.get("config_key", True)]
+
+
 T = TypeVar("T")
 
 
@@ -53,10 +86,10 @@ def from_mapping(cls: type[T], section: Mapping[str, Any] | None,
     An instance of `cls`; its `__post_init__` validates the values.
   """
   section = dict(section or {})
-  names = {f.name for f in dataclasses.fields(cls)}
+  names = {f.name for f in config_fields(cls)}
   unknown = sorted(set(section) - names)
-  check(not unknown, f"{prefix}.{unknown[0]}" if unknown else prefix,
-        f"unknown key; known keys of '{prefix}': {', '.join(sorted(names))}")
+  if unknown:
+    raise unknown_key_error(f"{prefix}.{unknown[0]}", names)
   return cls(**section)
 
 

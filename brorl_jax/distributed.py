@@ -139,7 +139,10 @@ def exit_on_error() -> Iterator[None]:
       raise
     if not (jax.distributed.is_initialized() and jax.process_count() > 1):
       raise
-    if isinstance(e, SystemExit):
+    status = 1
+    if isinstance(e, SystemExit) and isinstance(e.code, int):
+      status = e.code  # its message is out already (`cli.fail`)
+    elif isinstance(e, SystemExit):
       print(e.code, file=sys.stderr)
     else:
       traceback.print_exc()
@@ -149,7 +152,7 @@ def exit_on_error() -> Iterator[None]:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(1)  # pylint: disable=protected-access
+    os._exit(status)  # pylint: disable=protected-access
 
 
 # ---- gathers across processes (host side of the loop's logging) ----------

@@ -2,7 +2,8 @@
 
   python -m brorl_jax.evaluate --config configs/demo_cpu.py --workdir W \\
       [--n 16] [--k 1,4,16] [--json PATH] [--greedy] [--step S] \\
-      [--hf-dir DIR] [--max-prompts M] [--config.eval.temperature=0.6 ...]
+      [--hf_dir DIR] [--max_prompts M] [--config.eval.temperature=0.6 ...]
+  python -m brorl_jax.evaluate --config C [--config.a.b=v ...] --print_config
 
 Every held-out prompt (`data.eval_files`, or the `data.synthetic` held-out
 set) goes through the training stack's own sampler and verifiers
@@ -14,7 +15,9 @@ over prompts, overall and per task family (a record's `task`: the benchmark
 file's name for benchmark files). Greedy decoding forces n = 1.
 
 The policy comes from the workdir's latest (or `--step`) checkpoint, or from
-a Hugging Face / `hf import` directory (`--hf-dir`, with its tokenizer).
+a Hugging Face / `hf import` directory (`--hf_dir`, with its tokenizer).
+`--print_config` prints the resolved config and exits. Dashed spellings of
+the flags (`--hf-dir`, `--max-prompts`) are aliases.
 """
 
 from __future__ import annotations
@@ -35,10 +38,9 @@ from absl import app, flags
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from brorl_jax import checkpointing, experiment, hf, rewards, run_config
-from brorl_jax.config import ConfigError, check
+from brorl_jax import checkpointing, cli, experiment, hf, rewards, run_config
+from brorl_jax.config import check
 from brorl_jax.data.prompts import PromptPipeline
-from brorl_jax.data.records import DataError
 from brorl_jax.experiment import global_prompt_arrays
 from brorl_jax.hf import CheckpointFormatError
 from brorl_jax.rewards import is_correct
@@ -299,7 +301,7 @@ def _flags(argv: Sequence[str]):
                                   flag_values=fv, lock_config=True,
                                   sys_argv=list(argv))
   flags.DEFINE_string("workdir", None, "Training workdir (or `hf import` "
-                      "model dir) to evaluate; unused with --hf-dir.",
+                      "model dir) to evaluate; unused with --hf_dir.",
                       flag_values=fv)
   flags.DEFINE_integer("n", None, "Samples per prompt (eval.n).",
                        flag_values=fv)
@@ -310,16 +312,21 @@ def _flags(argv: Sequence[str]):
                     flag_values=fv)
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).",
                        flag_values=fv)
-  flags.DEFINE_string("hf-dir", None, "Evaluate this Hugging Face (or `hf "
+  flags.DEFINE_string("hf_dir", None, "Evaluate this Hugging Face (or `hf "
                       "import`) directory instead of a checkpoint.",
                       flag_values=fv)
-  flags.DEFINE_integer("max-prompts", None, "Evaluate at most M held-out "
+  flags.DEFINE_integer("max_prompts", None, "Evaluate at most M held-out "
                        "prompts (eval.max_prompts).", flag_values=fv)
+  flags.DEFINE_bool("print_config", False, "Print the resolved config "
+                    "(after overrides, as the run would use it) and exit.",
+                    flag_values=fv)
+  for alias, name in cli.dashed_aliases(("hf_dir", "max_prompts")).items():
+    flags.DEFINE_alias(alias, name, flag_values=fv)
   return fv
 
 
 def _apply_overrides(config: Any, fv: Any) -> None:
-  """--n / --k / --max-prompts into the ConfigDict (validated by load)."""
+  """--n / --k / --max_prompts into the ConfigDict (validated by load)."""
   # The flags may set keys a minimal config leaves to their defaults.
   with config.unlocked():
     if "eval" not in config:
@@ -334,8 +341,8 @@ def _apply_overrides(config: Any, fv: Any) -> None:
         section.k = tuple(k for k in ks if k <= fv.n) or (1,)
     if fv.k is not None:
       section.k = tuple(int(k) for k in fv.k)
-    if fv["max-prompts"].value is not None:
-      section.max_prompts = fv["max-prompts"].value
+    if fv.max_prompts is not None:
+      section.max_prompts = fv.max_prompts
 
 
 def _load_policy(exp: Any, source: pathlib.Path, step: int | None,
@@ -355,16 +362,22 @@ def _load_policy(exp: Any, source: pathlib.Path, step: int | None,
 
 def main(argv: Sequence[str]) -> dict[str, Any]:
   """Parses `argv` (program name first), evaluates, prints, writes JSON."""
+  cli.add_config_root(argv)
   fv = _flags(argv)
   if any(a in ("-h", "--help") for a in argv[1:]):
     print(__doc__ + "\nflags:\n" + fv.get_help())
     return {}
-  fv(list(argv))
-  hf_dir = fv["hf-dir"].value
-  if fv.config is None or (fv.workdir is None and hf_dir is None):
-    raise app.UsageError("--config and --workdir (or --hf-dir) are required")
+  cli.parse_flags(fv, argv)
+  hf_dir = fv.hf_dir
+  if fv.config is None:
+    raise app.UsageError("--config is required")
   _apply_overrides(fv.config, fv)
   cfg = run_config.load(fv.config)
+  if fv.print_config:
+    print(run_config.dumps(cfg))
+    return {}
+  if fv.workdir is None and hf_dir is None:
+    raise app.UsageError("--workdir (or --hf_dir) is required")
   experiment.setup_jax(cfg)
   with tempfile.TemporaryDirectory(prefix="brorl_eval_") as tmp:
     if hf_dir is not None:
@@ -372,7 +385,7 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
       # directory: a training workdir's model_config.json would win over
       # the HF config.json (experiment.model_config_for).
       if fv.workdir is not None:
-        log.warning("--hf-dir given: --workdir %s is not used", fv.workdir)
+        log.warning("--hf_dir given: --workdir %s is not used", fv.workdir)
       source = pathlib.Path(hf_dir)
       cfg = dataclasses.replace(cfg, init=dataclasses.replace(
           cfg.init, path=str(source), tokenizer=None))
@@ -385,7 +398,7 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
         raise FileNotFoundError(
             f"--workdir {workdir} lacks {', '.join(missing)}: pass the "
             "workdir of a training run (or an `hf import` directory), or "
-            "--hf-dir")
+            "--hf_dir")
     exp = experiment.build(cfg, workdir)
     params, step = _load_policy(exp, source, fv.step, hf_dir is not None)
     with exp.reward_pool() as pool:
@@ -410,13 +423,12 @@ def run(argv: Sequence[str] | None = None) -> None:
   """Console entry point (`brorl-evaluate`)."""
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   try:
-    main(sys.argv if argv is None else argv)
-  except (app.UsageError, flags.Error) as e:
-    sys.exit(f"usage error: {e}\nusage:\n" + "\n".join(
-        __doc__.splitlines()[2:5]))
-  except (ConfigError, DataError, CheckpointFormatError,
-          FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
+    with cli.input_errors(CheckpointFormatError, FileNotFoundError):
+      main(sys.argv if argv is None else argv)
+  except app.UsageError as e:
+    print(f"usage error: {e}\nusage:\n" + "\n".join(
+        __doc__.splitlines()[2:6]), file=sys.stderr)
+    sys.exit(cli.INPUT_ERROR)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Hugging Face interchange: safetensors + config.json import and export.
 
-  python -m brorl_jax.hf import --hf-dir HF_DIR --out runs/x/init
+  python -m brorl_jax.hf import --hf_dir HF_DIR --out runs/x/init
   python -m brorl_jax.hf export --workdir runs/demo [--step S] --out HF_DIR
 
 One table (`_MAPPING`) maps every Hugging Face tensor name to our parameter
@@ -17,7 +17,6 @@ import os
 import pathlib
 import re
 import shutil
-import sys
 from typing import Any, Callable, Iterator
 
 import jax
@@ -27,7 +26,7 @@ from jax.experimental import multihost_utils
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from brorl_jax import checkpointing
+from brorl_jax import checkpointing, cli
 from brorl_jax.model.config import ModelConfig
 from brorl_jax.model.transformer import Policy
 
@@ -419,24 +418,23 @@ def run(argv: list[str] | None = None) -> None:
                                    description=__doc__.split("\n\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
   imp = sub.add_parser("import", help="HF directory -> brorl_jax model dir")
-  imp.add_argument("--hf-dir", required=True)
+  imp.add_argument("--hf_dir", "--hf-dir", required=True)
   imp.add_argument("--out", required=True)
-  imp.add_argument("--param-dtype", choices=("float32", "bfloat16"))
+  imp.add_argument("--param_dtype", "--param-dtype",
+                   choices=("float32", "bfloat16"))
   exp = sub.add_parser("export", help="brorl_jax workdir -> HF directory")
   exp.add_argument("--workdir", required=True)
   exp.add_argument("--step", type=int)
   exp.add_argument("--out", required=True)
   exp.add_argument("--dtype", choices=("float32", "bfloat16"))
   args = parser.parse_args(argv)
-  try:
+  with cli.input_errors(CheckpointFormatError, FileNotFoundError):
     if args.command == "import":
       cfg = import_hf(args.hf_dir, args.out, param_dtype=args.param_dtype)
       print(f"imported {cfg.num_params():,} parameters into {args.out}")
     else:
       export_hf(args.workdir, args.out, step=args.step, dtype=args.dtype)
       print(f"exported to {args.out}")
-  except (CheckpointFormatError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

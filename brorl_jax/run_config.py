@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable, Mapping
 
-from brorl_jax.config import check, from_mapping, to_dict
+from brorl_jax.config import (check, config_fields, from_mapping, to_dict,
+                              unknown_key_error)
 from brorl_jax.data.prompts import DataConfig
 from brorl_jax.distributed import MeshConfig
 from brorl_jax.model.config import ModelConfig, model_config
@@ -251,8 +252,8 @@ def load(config: Any) -> RunConfig:
 
   raw = to_dict(config)
   unknown = sorted(set(raw) - set(TOP_LEVEL))
-  check(not unknown, unknown[0] if unknown else "",
-        f"unknown top-level key; known: {', '.join(TOP_LEVEL)}")
+  if unknown:
+    raise unknown_key_error(unknown[0], TOP_LEVEL)
   check(isinstance(raw.get("seed", 0), int), "seed", "must be an integer")
   total_steps = raw.get("total_steps", 0)
   check(isinstance(total_steps, int) and total_steps >= 0, "total_steps",
@@ -299,3 +300,50 @@ def load(config: Any) -> RunConfig:
       init=from_mapping(InitConfig, raw.get("init"), "init"),
       logging=from_mapping(LoggingConfig, raw.get("logging"), "logging"),
       raw=raw)
+
+
+def _keys(section: Any) -> dict[str, Any]:
+  """A stage config's config keys and values (nested dataclasses as dicts)."""
+  return {f.name: (_keys(v) if dataclasses.is_dataclass(v := getattr(
+      section, f.name)) else v) for f in config_fields(type(section))}
+
+
+def resolved(cfg: RunConfig) -> dict[str, Any]:
+  """The config as the run uses it, in the config file's key layout.
+
+  The inverse of `load`: presets expanded, derived values filled in (e.g.
+  `rewards.code.time_budget_s`), every key present; `load(resolved(cfg))`
+  gives `cfg` back.
+  """
+  return {
+      "seed": cfg.seed, "total_steps": cfg.total_steps,
+      "max_generated_tokens": cfg.max_generated_tokens,
+      "model": {"preset": dict(cfg.raw.get("model") or {}).get("preset"),
+                **_keys(cfg.model)},
+      "mesh": _keys(cfg.mesh), "data": _keys(cfg.data),
+      "rollout": {**_keys(cfg.loop), **_keys(cfg.rollout)},
+      "rewards": _keys(cfg.rewards),
+      "algo": {**_keys(cfg.update), "advantage": _keys(cfg.advantage),
+               "loss": _keys(cfg.loss), "shaping": _keys(cfg.shaping),
+               "reference": _keys(cfg.reference)},
+      "optim": _keys(cfg.optim), "checkpoint": _keys(cfg.checkpoint),
+      "eval": _keys(cfg.eval), "diagnostics": _keys(cfg.diagnostics),
+      "warmstart": _keys(cfg.warmstart), "init": _keys(cfg.init),
+      "logging": _keys(cfg.logging),
+  }
+
+
+def dumps(cfg: RunConfig) -> str:
+  """`resolved(cfg)` one `key = value` line per key (`--print_config`).
+
+  Keys are dotted and values Python literals, as `--config.KEY=VALUE`
+  overrides spell them.
+  """
+  def lines(tree: Mapping[str, Any], prefix: str) -> Iterable[str]:
+    for name, value in tree.items():
+      if isinstance(value, Mapping) and not (prefix == "data."
+                                             and name == "synthetic"):
+        yield from lines(value, f"{prefix}{name}.")
+      else:
+        yield f"{prefix}{name} = {value!r}"
+  return "\n".join(lines(resolved(cfg), ""))

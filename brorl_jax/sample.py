@@ -1,8 +1,10 @@
 """Sample from a trained or imported policy with the in-mesh group sampler.
 
-  python -m brorl_jax.sample (--workdir W | --hf-dir DIR) --prompt "..."
-      [--prompt "..."] [--chat] [--n 8] [--greedy] [--max-new-tokens T]
-      [--temperature 1.0] [--top-p 1.0] [--top-k 0] [--step S] [--json P]
+  python -m brorl_jax.sample (--workdir W | --hf_dir DIR) --prompt "..."
+      [--prompt "..."] [--chat] [--n 8] [--greedy] [--max_new_tokens T]
+      [--temperature 1.0] [--top_p 1.0] [--top_k 0] [--step S] [--json P]
+
+Dashed spellings (`--hf-dir`, `--max-new-tokens`, ...) are aliases.
 
 `--prompt` is raw text; `--chat` renders it as a user turn with the
 tokenizer's chat template first. Prints the completions, or writes
@@ -16,12 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 
 import jax
 import numpy as np
 
-from brorl_jax import checkpointing, hf
+from brorl_jax import checkpointing, cli, hf
 from brorl_jax.data import tokenizer_loader
 from brorl_jax.model.sharding import SAMPLE_RULES, MeshRules, make_mesh
 from brorl_jax.model.transformer import Policy
@@ -94,15 +95,17 @@ def run(argv: list[str] | None = None) -> None:
                                    description=__doc__.split("\n\n")[0])
   src = parser.add_mutually_exclusive_group(required=True)
   src.add_argument("--workdir", help="training workdir or model directory")
-  src.add_argument("--hf-dir", help="Hugging Face model directory")
+  src.add_argument("--hf_dir", "--hf-dir",
+                   help="Hugging Face model directory")
   parser.add_argument("--prompt", action="append", required=True)
   parser.add_argument("--chat", action="store_true")
   parser.add_argument("--n", type=int, default=8)
   parser.add_argument("--greedy", action="store_true")
-  parser.add_argument("--max-new-tokens", type=int, default=256)
+  parser.add_argument("--max_new_tokens", "--max-new-tokens", type=int,
+                      default=256)
   parser.add_argument("--temperature", type=float, default=1.0)
-  parser.add_argument("--top-p", type=float, default=1.0)
-  parser.add_argument("--top-k", type=int, default=0)
+  parser.add_argument("--top_p", "--top-p", type=float, default=1.0)
+  parser.add_argument("--top_k", "--top-k", type=int, default=0)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--step", type=int, help="checkpoint step (workdir)")
   parser.add_argument("--json", help="write the result as JSON here")
@@ -118,7 +121,7 @@ def run(argv: list[str] | None = None) -> None:
                     temperature=args.temperature, top_p=args.top_p,
                     top_k=args.top_k, seed=args.seed, mesh_rules=mesh_rules)
   except (FileNotFoundError, ValueError, hf.CheckpointFormatError) as e:
-    sys.exit(f"error: {e}")
+    cli.fail(e)  # ConfigError and DataError are ValueErrors
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.json}")

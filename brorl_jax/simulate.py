@@ -1,7 +1,7 @@
 """The simulator's command line: CSV, PNG and tables (host side).
 
   python -m brorl_jax.simulate --config configs/simulator.py --out DIR
-  python -m brorl_jax.simulate --check-theorem
+  python -m brorl_jax.simulate --check_theorem
 
 The simulation itself (device code) is `brorl_jax/simulator.py`.
 """
@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 import time
 
 import jax
 import numpy as np
 
+from brorl_jax import cli
 from brorl_jax.config import from_mapping
 from brorl_jax.simulator import (CSV_COLUMNS, METRICS, SimulatorConfig,
                                  simulate, theorem_errors)
@@ -96,7 +98,7 @@ def summary_table(results: dict[int, dict[str, np.ndarray]]) -> str:
 
 
 def theorem_report(etas=(1e-1, 1e-2, 1e-3, 1e-4, 1e-5), seed: int = 0) -> str:
-  """The `--check-theorem` table (float64)."""
+  """The `--check_theorem` table (float64)."""
   errs = theorem_errors(jax.random.key(seed), tuple(etas))
   finite = errs["finite"]
   lines = [
@@ -148,14 +150,15 @@ def main(argv):
   fl = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if fl["check-theorem"].value:
+  if fl.check_theorem:
     print(theorem_report())
   elif fl.config is None or fl.out is None:
     raise app.UsageError("give --config configs/simulator.py and --out DIR "
-                         "(or --check-theorem)")
+                         "(or --check_theorem)")
   else:
-    run_cli(from_mapping(SimulatorConfig, fl.config.to_dict(), "config"),
-            fl.out)
+    with cli.input_errors():
+      cfg = from_mapping(SimulatorConfig, fl.config.to_dict(), "config")
+    run_cli(cfg, fl.out)
 
 
 def run():
@@ -164,13 +167,17 @@ def run():
   # beside other entry points that also define --config.
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  argv = list(sys.argv)
+  cli.add_config_root(argv)
   config_flags.DEFINE_config_file(
       "config", None, "configs/simulator.py; override keys with "
       "--config.KEY=VALUE", lock_config=True)
   flags.DEFINE_string("out", None, "output folder for simulator.csv/.png")
-  flags.DEFINE_bool("check-theorem", False,
+  flags.DEFINE_bool("check_theorem", False,
                     "check Theorem 1 numerically in float64 and exit")
-  app.run(main)
+  flags.DEFINE_alias("check-theorem", "check_theorem")
+  app.run(main, argv=argv,
+          flags_parser=lambda args: cli.parse_flags(flags.FLAGS, args))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ over seeds; every step is recorded.
 Theorem check (PAPER.md §1-2). Theorem 1 is about a different surrogate: the
 set-based -(1/N) sum_i R_i p_i over the vocabulary, with each distinct sampled
 token counted once, uncentred R_c = +1 / R_w = -1, unsampled tokens 0, and one
-plain gradient step of size eta. `--check-theorem` compares the measured
+plain gradient step of size eta. `--check_theorem` compares the measured
 change of Q_pos after that step with the theorem's three terms in float64.
 
 This module is the device side (pure jnp); `simulate.py` is the command

@@ -1,5 +1,9 @@
 """The RL loop: `python -m brorl_jax.train --config C --workdir W`.
 
+  python -m brorl_jax.train --config C --workdir W [--config.a.b=v ...]
+  python -m brorl_jax.train --config C [--config.a.b=v ...] --print_config
+  python -m brorl_jax.train --config C --dry_run [--device_memory_gb G]
+
 One SPMD program: every host runs this loop; the sampler and the trainer
 share one set of parameters on one mesh. One iteration:
 
@@ -29,7 +33,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from brorl_jax import checkpointing
-from brorl_jax import config as config_lib
+from brorl_jax import cli
 from brorl_jax import distributed
 from brorl_jax import experiment as exp_lib
 from brorl_jax import run_config
@@ -514,9 +518,18 @@ def train(config: Any, workdir: str) -> dict[str, float]:
 # ---- command line ------------------------------------------------------------
 
 def run(argv: list[str] | None = None) -> None:
+  """Console entry point (`brorl-train`); `argv` excludes the program name.
+
+  `--print_config` prints the resolved config (overrides applied, presets
+  expanded, derived values filled in) and exits before anything is built.
+  """
+  argv = [sys.argv[0]] + (sys.argv[1:] if argv is None else list(argv))
+  cli.add_config_root(argv)
   config_flags.DEFINE_config_file("config", None, "ml-collections config file",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "run directory (resumes if present)")
+  flags.DEFINE_bool("print_config", False, "print the resolved config (after "
+                    "overrides, as the run would use it) and exit")
   flags.DEFINE_bool("dry_run", False, "report per-device memory; no training")
   flags.DEFINE_float("device_memory_gb", None, "--dry_run: memory per device "
                      "in GiB (default: the TPU's HBM, the GPU's JAX limit, "
@@ -528,26 +541,33 @@ def run(argv: list[str] | None = None) -> None:
                        "models compile at 1 and 2 layers, 2 and 4 with "
                        "remat, extrapolated); >= depth compiles the full "
                        "model")
+  for alias, name in cli.dashed_aliases(
+      ("print_config", "dry_run", "device_memory_gb", "dry_run_topology",
+       "dry_run_layers")).items():
+    flags.DEFINE_alias(alias, name)
   flags.mark_flags_as_required(["config"])
 
   def main(_):
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-      cfg = run_config.load(flags.FLAGS.config)
-    except config_lib.ConfigError as e:
-      sys.exit(f"error: {e}")
-    if flags.FLAGS.dry_run:
-      sizing.dry_run(cfg, device_memory_gb=flags.FLAGS.device_memory_gb,
-                     topology=flags.FLAGS.dry_run_topology,
-                     layers=flags.FLAGS.dry_run_layers)
+    fl = flags.FLAGS
+    with cli.input_errors():
+      cfg = run_config.load(fl.config)
+    if fl.print_config:
+      print(run_config.dumps(cfg))
       return
-    if not flags.FLAGS.workdir:
-      sys.exit("error: --workdir is required (the run's directory)")
-    with distributed.exit_on_error():
-      Trainer(cfg, flags.FLAGS.workdir).run()
+    if fl.dry_run:
+      with cli.input_errors():
+        sizing.dry_run(cfg, device_memory_gb=fl.device_memory_gb,
+                       topology=fl.dry_run_topology, layers=fl.dry_run_layers)
+      return
+    if not fl.workdir:
+      cli.fail("--workdir is required (the run's directory)")
+    with distributed.exit_on_error(), cli.input_errors():
+      Trainer(cfg, fl.workdir).run()
 
-  app.run(main, argv=[sys.argv[0]] + (sys.argv[1:] if argv is None else argv))
+  app.run(main, argv=argv,
+          flags_parser=lambda args: cli.parse_flags(flags.FLAGS, args))
 
 
 if __name__ == "__main__":

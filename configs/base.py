@@ -3,9 +3,13 @@
   python -m brorl_jax.train --config configs/base.py --workdir W \
       --config.data.train_files="('train.jsonl',)" --config.init.path=HF_DIR
 
-Keys are documented next to the dataclass that validates them
-(brorl_jax/config.py and each stage's config class); the comments here say
-why a default was chosen.
+Every key of every section's config dataclass is here with its default, so
+any of them can be overridden on the command line (`--config.a.b=v`); a test
+(tests/test_config_keys.py) keeps the key sets equal. Keys are documented
+next to the dataclass that validates them (brorl_jax/config.py and each
+stage's config class); the comments here say why a default was chosen.
+Optional values are typed `None`s (`FieldReference(None, int)`), so a command
+line such as `--config.model.num_layers=2` parses into the right type.
 """
 
 import ml_collections
@@ -25,6 +29,21 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"   # f32 master weights; bf16 compute below
   c.model.dtype = "bfloat16"
   c.model.remat = True
+  # The preset's fields, overridable one by one; None keeps the preset's.
+  c.model.vocab_size = ml_collections.FieldReference(None, int)
+  c.model.embed_dim = ml_collections.FieldReference(None, int)
+  c.model.num_layers = ml_collections.FieldReference(None, int)
+  c.model.num_heads = ml_collections.FieldReference(None, int)
+  c.model.num_kv_heads = ml_collections.FieldReference(None, int)
+  c.model.head_dim = ml_collections.FieldReference(None, int)
+  c.model.mlp_dim = ml_collections.FieldReference(None, int)
+  c.model.rope_theta = ml_collections.FieldReference(None, float)
+  c.model.rms_norm_eps = ml_collections.FieldReference(None, float)
+  c.model.tie_embeddings = ml_collections.FieldReference(None, bool)
+  c.model.qkv_bias = ml_collections.FieldReference(None, bool)
+  c.model.max_position_embeddings = ml_collections.FieldReference(None, int)
+  c.model.bos_id = ml_collections.FieldReference(None, int)
+  c.model.eos_id = ml_collections.FieldReference(None, int)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)         # (data, fsdp, tensor)
@@ -49,7 +68,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.apply_chat_template = True
   c.data.add_bos = False
   c.data.prefetch = 1
-  c.data.synthetic = ml_collections.FieldReference(None, dict)
+  # Typed `object`, not `dict`: the command line can then set, clear
+  # (`--config.data.synthetic=None`) or edit (`...synthetic.train=100`) it.
+  c.data.synthetic = ml_collections.FieldReference(None, object)
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.prompts_per_step = 128
@@ -66,7 +87,48 @@ def get_config() -> ml_collections.ConfigDict:
   c.rewards = ml_collections.ConfigDict()
   c.rewards.correct_threshold = 0.5
   c.rewards.num_workers = 0         # one per core
-  c.rewards.timeout_s = 10.0
+  c.rewards.worker_cpus = ()        # e.g. (2, 3): pinned away from XLA
+  c.rewards.timeout_s = 10.0        # per item; bounds every verifier
+  c.rewards.default_score = 0.0     # of an item that timed out or failed
+  c.rewards.recycle_every = 10_000
+  c.rewards.worker_memory_mb = 4096
+  c.rewards.chunk_size = 8
+  c.rewards.kill_grace_s = 1.0
+  c.rewards.format = ml_collections.ConfigDict()
+  c.rewards.format.require = ()     # e.g. ("boxed",) or ("answer_tag",)
+  c.rewards.format.after_think = False
+  c.rewards.format.unmet_reward = 0.0
+  c.rewards.math = ml_collections.ConfigDict()
+  c.rewards.math.answer_pattern = ml_collections.FieldReference(None, str)
+  c.rewards.math.allow_unboxed = False
+  c.rewards.math.string_match = True  # ProRL: string match OR math-verify
+  c.rewards.math.max_answer_chars = 1000
+  c.rewards.math.signal_timeout_s = 0  # the pool's timeout is the bound
+  c.rewards.numeric = ml_collections.ConfigDict()
+  c.rewards.numeric.answer_pattern = ml_collections.FieldReference(None, str)
+  c.rewards.numeric.rel_tol = 1e-6
+  c.rewards.numeric.abs_tol = 1e-9
+  c.rewards.numeric.last_number_fallback = True
+  c.rewards.choice = ml_collections.ConfigDict()
+  c.rewards.choice.answer_pattern = ml_collections.FieldReference(None, str)
+  c.rewards.choice.letters = "ABCDEFGHIJ"
+  c.rewards.exact = ml_collections.ConfigDict()
+  c.rewards.exact.answer_pattern = ml_collections.FieldReference(None, str)
+  c.rewards.exact.case_sensitive = True
+  c.rewards.code = ml_collections.ConfigDict()
+  # None: derived from rewards.timeout_s (5 s as in ProRL, less when the
+  # per-item timeout leaves no room for it).
+  c.rewards.code.time_budget_s = ml_collections.FieldReference(None, float)
+  c.rewards.code.memory_mb = 1024
+  c.rewards.code.max_output_bytes = 1 << 20
+  c.rewards.code.max_file_mb = 16
+  c.rewards.code.max_open_files = 64
+  c.rewards.code.tmpfs_mb = 64
+  c.rewards.code.python = ml_collections.FieldReference(None, str)
+  c.rewards.code.sandbox = "auto"   # bubblewrap, else util-linux unshare
+  c.rewards.code.allow_unsandboxed = False  # trusted settings only
+  c.rewards.reasoning_gym = ml_collections.ConfigDict()
+  c.rewards.reasoning_gym.answer_tag = "answer"
 
   c.algo = ml_collections.ConfigDict()
   c.algo.num_minibatches = 4
@@ -76,6 +138,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.algo.seq_chunk = 1024
   c.algo.advantage = ml_collections.ConfigDict()
   c.algo.advantage.estimator = "reinforce_pp_baseline"
+  c.algo.advantage.eps = 1e-6
   c.algo.advantage.dynamic_sampling = True
   c.algo.advantage.oversample_factor = 1.0
   c.algo.loss = ml_collections.ConfigDict()
@@ -84,17 +147,39 @@ def get_config() -> ml_collections.ConfigDict:
   c.algo.loss.aggregation = "token_mean"
   c.algo.loss.kl_coef = 1e-4        # ProRL v2 (NeMo RL / OpenRLHF examples)
   c.algo.loss.kl_estimator = "k2"
+  c.algo.loss.kl_log_ratio_clamp = 10.0
+  c.algo.loss.log_ratio_clamp = 20.0
   c.algo.loss.ratio_cap = ml_collections.FieldReference(None, float)
+  c.algo.loss.ratio_cap_mode = "truncate"
+  c.algo.loss.ratio_cap_low = 0.0
   c.algo.loss.entropy_coef = 0.0
-  c.algo.shaping = ml_collections.ConfigDict()
+  c.algo.shaping = ml_collections.ConfigDict()  # all off
+  c.algo.shaping.truncation_reward = ml_collections.FieldReference(None, float)
+  c.algo.shaping.truncation_penalty = 0.0
+  c.algo.shaping.cosine_length_coef = 0.0
+  c.algo.shaping.cosine_eta_min = -1.0
+  c.algo.shaping.cosine_eta_max = 0.0
+  c.algo.shaping.cosine_length_limit = ml_collections.FieldReference(None, int)
+  c.algo.shaping.cosine_cycle_on = 0
+  c.algo.shaping.cosine_cycle_off = 0
+  c.algo.shaping.overlong_cache = 0
+  c.algo.shaping.overlong_coef = 1.0
   c.algo.reference = ml_collections.ConfigDict()
   c.algo.reference.reset_every = 0
+  c.algo.reference.reset_kl_above = ml_collections.FieldReference(None, float)
+  c.algo.reference.reset_on_eval_drop = ml_collections.FieldReference(
+      None, float)
   c.algo.reference.reset_optimizer = False
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 1e-6
   c.optim.warmup_steps = 0
-  c.optim.schedule = "constant"
+  c.optim.schedule = "constant"     # or "cosine" / "linear" over decay_steps
+  c.optim.decay_steps = 0
+  c.optim.end_lr_ratio = 0.0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
   c.optim.weight_decay = 0.01
   c.optim.grad_clip = 1.0
   c.optim.reference_samples_per_step = ml_collections.FieldReference(None, int)
@@ -123,6 +208,15 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.warmstart = ml_collections.ConfigDict()
   c.warmstart.steps = 0             # off: real runs start from a checkpoint
+  c.warmstart.batch_size = 32
+  c.warmstart.learning_rate = 1e-3
+  c.warmstart.warmup_steps = 20
+  c.warmstart.schedule = "cosine"
+  c.warmstart.weight_decay = 0.0
+  c.warmstart.grad_clip = 1.0
+  c.warmstart.max_solution_len = 128
+  c.warmstart.eval_every = 0
+  c.warmstart.log_every = 20
   c.warmstart.seed = ml_collections.FieldReference(None, int)  # None: `seed`
 
   c.init = ml_collections.ConfigDict()
@@ -134,5 +228,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.logging.tensorboard = True
   c.logging.progress_bar = True
   c.logging.archive_rollouts = True
+  c.logging.archive_every = 1
   c.logging.text_samples = 4
   return c

@@ -23,7 +23,7 @@ import jax  # noqa: E402  (after the environment is set)
 
 jax.config.update("jax_threefry_partitionable", True)
 
-# Real tokenizer files and math benchmarks, copied from ../shared/data so a
+# Real tokenizer files and math benchmarks, copied into the repository so a
 # clean clone has them (provenance in each folder's README).
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 

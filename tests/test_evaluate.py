@@ -229,7 +229,7 @@ def test_cli_end_to_end(run, tmp_path, capsys):
   out = tmp_path / "out" / "eval.json"
   report = evaluate.main(["evaluate", f"--config={config}",
                           f"--workdir={workdir}", "--n", "4", "--k", "1,4",
-                          "--max-prompts", "16", "--json", str(out)])
+                          "--max_prompts", "16", "--json", str(out)])
   printed = capsys.readouterr().out
   assert json.loads(out.read_text()) == report
   assert report["step"] == 7 and report["n"] == 4

@@ -145,15 +145,19 @@ def test_bad_checkpoints_name_the_tensor(tmp_path):
     hf.config_from_hf({"architectures": ["GPT2LMHeadModel"]})
 
 
-def test_cli_import_export(tmp_path):
+def test_cli_import_export(tmp_path, capsys):
   _, path = _make_hf_model(tmp_path, tied=True, kv_heads=2)
-  hf.run(["import", "--hf-dir", str(path), "--out", str(tmp_path / "w")])
+  hf.run(["import", "--hf_dir", str(path), "--out", str(tmp_path / "w")])
   hf.run(["export", "--workdir", str(tmp_path / "w"), "--out",
           str(tmp_path / "o")])
   assert (tmp_path / "o" / "model.safetensors").exists()
-  with pytest.raises(SystemExit, match="neither checkpoints/ nor params/"):
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "model_config.json").write_text(
-        (tmp_path / "w" / "model_config.json").read_text())
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "empty" / "model_config.json").write_text(
+      (tmp_path / "w" / "model_config.json").read_text())
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exit_:
     hf.run(["export", "--workdir", str(tmp_path / "empty"), "--out",
             str(tmp_path / "o2")])
+  assert exit_.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and "neither checkpoints/ nor params/" in err

@@ -27,7 +27,7 @@ def test_sample_json_from_model_dir(model_dir, tmp_path):
   out = tmp_path / "s.json"
   sample.run(["--workdir", str(model_dir), "--prompt", "What is 3 + 4?",
               "--prompt", "What is 1 + 1?", "--chat", "--n", "3",
-              "--max-new-tokens", "6", "--json", str(out)])
+              "--max_new_tokens", "6", "--json", str(out)])
   result = json.loads(out.read_text())
   assert len(result["completions"]) == 2
   assert all(len(c) == 3 for c in result["completions"])
@@ -59,6 +59,9 @@ def test_greedy_from_hf_dir_matches_model_dir(model_dir, tmp_path, tiny_cfg,
   np.testing.assert_allclose(a["logprobs"], b["logprobs"], atol=1e-5)
 
 
-def test_missing_model_is_a_clear_error(tmp_path):
-  with pytest.raises(SystemExit, match="model_config.json"):
+def test_missing_model_is_a_clear_error(tmp_path, capsys):
+  with pytest.raises(SystemExit) as exit_:
     sample.run(["--workdir", str(tmp_path), "--prompt", "x"])
+  assert exit_.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and "model_config.json" in err

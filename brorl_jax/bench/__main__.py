@@ -3,6 +3,8 @@
 import importlib
 import sys
 
+from brorl_jax import cli
+
 BENCHES = ("sampler", "step", "verifiers")
 
 
@@ -12,7 +14,8 @@ def run(argv: list[str] | None = None) -> None:
     sys.exit(f"usage: python -m brorl_jax.bench {{{'|'.join(BENCHES)}}} "
              "[--json PATH] [options]")
   module = importlib.import_module(f"brorl_jax.bench.{argv[0]}")
-  module.main(argv[1:])
+  with cli.input_errors():  # e.g. `step --config` with a bad key
+    module.main(argv[1:])
 
 
 if __name__ == "__main__":

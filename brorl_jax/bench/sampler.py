@@ -116,9 +116,10 @@ def main(argv: list[str]) -> dict:
   parser.add_argument("--json", help="write the results here")
   parser.add_argument("--preset", default="demo")
   parser.add_argument("--reps", type=int, default=3)
-  parser.add_argument("--prompt-len", type=int, default=64)
-  parser.add_argument("--new-tokens", type=int, default=64)
-  parser.add_argument("--long-prompt-len", type=int, default=1024,
+  parser.add_argument("--prompt_len", "--prompt-len", type=int, default=64)
+  parser.add_argument("--new_tokens", "--new-tokens", type=int, default=64)
+  parser.add_argument("--long_prompt_len", "--long-prompt-len", type=int,
+                      default=1024,
                       help="prompt length of the extra N = 512 : 16 "
                            "comparison (0 = skip it)")
   args = parser.parse_args(argv)

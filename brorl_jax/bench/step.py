@@ -28,7 +28,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from brorl_jax import run_config
+from brorl_jax import cli, run_config
 from brorl_jax.train import Preemption, Trainer
 
 
@@ -71,6 +71,7 @@ class _Run:
   """A Trainer driven one iteration at a time."""
 
   def __init__(self, config_path: str, workdir: pathlib.Path, overrides):
+    cli.add_config_root(["--config", config_path])  # its `from configs ...`
     spec = importlib.util.spec_from_file_location("bench_config",
                                                   config_path)
     module = importlib.util.module_from_spec(spec)

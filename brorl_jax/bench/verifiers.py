@@ -291,13 +291,15 @@ def main(argv: Sequence[str], decode: Callable[[], Any] | None = None
   parser.add_argument("--json", default=None, help="write the report here")
   parser.add_argument("--workers", type=_ints, default=[1, 2, 4],
                       help="pool sizes for throughput, e.g. 1,2,4")
-  parser.add_argument("--overlap-workers", type=_ints, default=[1, 2],
+  parser.add_argument("--overlap_workers", "--overlap-workers", type=_ints,
+                      default=[1, 2],
                       help="pool sizes for the overlap measurement")
-  parser.add_argument("--math-items", type=int, default=1500,
+  parser.add_argument("--math_items", "--math-items", type=int, default=1500,
                       help="math items per throughput run")
-  parser.add_argument("--code-items", type=int, default=48,
+  parser.add_argument("--code_items", "--code-items", type=int, default=48,
                       help="code items per throughput run")
-  parser.add_argument("--overlap-items", type=int, default=800,
+  parser.add_argument("--overlap_items", "--overlap-items", type=int,
+                      default=800,
                       help="math items per overlap measurement")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(list(argv))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from brorl_jax.config import check, check_choice
+from brorl_jax.config import check, check_choice, unknown_key_error
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -156,11 +156,14 @@ def model_config(preset: str | None = None,
   if preset is not None:
     check_choice(preset, "model.preset", PRESETS)
     fields.update(PRESETS[preset])
-  fields.update(dict(overrides or {}))
+  # None keeps the preset's value: configs/base.py lists every field as a
+  # typed None so that each can be overridden on the command line.
+  fields.update({k: v for k, v in dict(overrides or {}).items()
+                 if v is not None})
   known = {f.name for f in dataclasses.fields(ModelConfig)}
   unknown = sorted(set(fields) - known)
-  check(not unknown, f"model.{unknown[0]}" if unknown else "model",
-        f"unknown key; known keys: {', '.join(sorted(known))}")
+  if unknown:
+    raise unknown_key_error(f"model.{unknown[0]}", known | {"preset"})
   missing = sorted(f.name for f in dataclasses.fields(ModelConfig)
                    if f.default is dataclasses.MISSING and f.name not in fields)
   check(not missing, f"model.{missing[0]}" if missing else "model",

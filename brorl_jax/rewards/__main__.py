@@ -7,9 +7,14 @@ mean reward, timeouts and errors per verifier) is printed at the end.
 
 A malformed line (invalid UTF-8 or JSON, a missing or mistyped field, an
 unknown verifier) stops the run before anything is scored, naming the file
-and line; with `--skip-bad-lines` such lines are left out and counted.
+and line; with `--skip_bad_lines` such lines are left out and counted.
 Verifier options: `--set math.answer_pattern='####\\s*(.+)' --set
 format.after_think=true` (values are JSON, else strings).
+
+`--timeout S` sets the per-item timeout (`rewards.timeout_s`); the code
+verifier's budget for a program's tests is derived from it (5 s, or what S
+leaves after the sandbox's start-up: 1 s at `--timeout 2`, 4 s at
+`--timeout 5`) unless `--set code.time_budget_s=B` sets it.
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
                       help="worker processes (default: rewards.num_workers)")
   parser.add_argument("--timeout", type=float, default=None,
                       help="per-item timeout in seconds (rewards.timeout_s)")
-  parser.add_argument("--skip-bad-lines", action="store_true",
+  parser.add_argument("--skip_bad_lines", "--skip-bad-lines",
+                      action="store_true",
                       help="skip and count malformed lines instead of failing")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VAL",
                       help="a rewards option, e.g. math.allow_unboxed=true")
@@ -89,7 +95,7 @@ def read_items(path: str, verifiers: Sequence[str], skip_bad: bool
       except ValueError as e:
         if not skip_bad:
           raise BadLine(f"{path}:{lineno}: {e} (fix the line, or pass "
-                        "--skip-bad-lines to skip such lines)") from None
+                        "--skip_bad_lines to skip such lines)") from None
         print(f"skipping {path}:{lineno}: {e}", file=sys.stderr)
         skipped += 1
         continue
@@ -149,6 +155,12 @@ def _summary(pool_stats: dict[str, float], skipped: int) -> str:
   return "\n".join(lines)
 
 
+def _budgets(config: RewardsConfig) -> str:
+  return (f"budgets: {config.timeout_s:g} s per item (rewards.timeout_s), "
+          f"{config.code.time_budget_s:g} s for a program's tests "
+          "(rewards.code.time_budget_s)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Scores a JSONL file; returns the exit code (2 on bad input)."""
   args = _parse_args(sys.argv[1:] if argv is None else argv)
@@ -176,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(_summary(pool_stats, skipped))
+  print(_budgets(config))
   return 0
 
 

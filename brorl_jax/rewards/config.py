@@ -154,7 +154,9 @@ class CodeConfig:
 
   Attributes:
     time_budget_s: wall-clock budget for all tests of one completion (ProRL
-      uses 5 s); tests not finished within it fail.
+      uses 5 s); tests not finished within it fail. None (the default):
+      derived from `rewards.timeout_s` by `RewardsConfig`, see
+      `code_time_budget`.
     memory_mb: address-space limit (RLIMIT_AS) of the program.
     max_output_bytes: stdout kept per test; a program printing more fails.
     max_file_mb: largest file the program may write (RLIMIT_FSIZE).
@@ -168,7 +170,7 @@ class CodeConfig:
       Only for trusted settings: the program can then read and write what
       the worker can, and reach the network.
   """
-  time_budget_s: float = 5.0
+  time_budget_s: float | None = None
   memory_mb: int = 1024
   max_output_bytes: int = 1 << 20
   max_file_mb: int = 16
@@ -179,8 +181,9 @@ class CodeConfig:
   allow_unsandboxed: bool = False
 
   def __post_init__(self):
-    check(self.time_budget_s > 0, "rewards.code.time_budget_s",
-          f"must be > 0, got {self.time_budget_s}")
+    check(self.time_budget_s is None or self.time_budget_s > 0,
+          "rewards.code.time_budget_s",
+          f"must be > 0 (or None: derived), got {self.time_budget_s}")
     for key in ("memory_mb", "max_output_bytes", "max_file_mb",
                 "max_open_files", "tmpfs_mb"):
       value = getattr(self, key)
@@ -205,6 +208,28 @@ class ReasoningGymConfig:
           f"must be a tag name, got {self.answer_tag!r}")
 
 
+# ProRL's budget for the tests of one program.
+DEFAULT_CODE_BUDGET_S = 5.0
+
+
+def startup_margin(timeout_s: float) -> float:
+  """Room left in one item's timeout for the sandbox and interpreter start.
+
+  1 s, or half the timeout when that is below 2 s.
+  """
+  return min(1.0, timeout_s / 2)
+
+
+def code_time_budget(timeout_s: float) -> float:
+  """The code verifier's budget derived from the per-item timeout.
+
+  ProRL's 5 s where the timeout leaves room for it and the start-up margin,
+  else what the timeout leaves: `--timeout 2` gives 1 s, `--timeout 5` 4 s,
+  `--timeout 10` 5 s.
+  """
+  return min(DEFAULT_CODE_BUDGET_S, timeout_s - startup_margin(timeout_s))
+
+
 _SECTIONS = {
     "format": FormatConfig, "math": MathConfig, "numeric": NumericConfig,
     "choice": ChoiceConfig, "exact": ExactConfig, "code": CodeConfig,
@@ -227,6 +252,7 @@ class RewardsConfig:
       slow each other down); empty: not pinned.
     timeout_s: per-item timeout T, enforced by the pool (the worker is
       killed and replaced); it bounds every verifier, math-verify included.
+      The code verifier's budget is derived from it unless set.
     default_score: the reward of an item that timed out or failed.
     recycle_every: items after which a worker is replaced by a fresh one
       (bounds leaks in verifier libraries); 0: never.
@@ -273,15 +299,20 @@ class RewardsConfig:
           f"must be >= 1, got {self.chunk_size}")
     check(self.kill_grace_s > 0, "rewards.kill_grace_s",
           f"must be > 0, got {self.kill_grace_s}")
-    # A sandboxed run needs its budget plus start-up time inside one item's
-    # timeout, or every slow-but-legal program would read as a pool timeout.
-    check(self.code.time_budget_s + 1.0 <= self.timeout_s,
-          "rewards.code.time_budget_s",
-          f"must be at least 1 s below rewards.timeout_s ({self.timeout_s}),"
-          f" got {self.code.time_budget_s}")
     for name, cls in _SECTIONS.items():
       check(isinstance(getattr(self, name), cls), f"rewards.{name}",
             f"must be a {cls.__name__} (use RewardsConfig.from_mapping)")
+    if self.code.time_budget_s is None:
+      object.__setattr__(self, "code", dataclasses.replace(
+          self.code, time_budget_s=code_time_budget(self.timeout_s)))
+    # A sandboxed run needs its budget plus start-up time inside one item's
+    # timeout, or every slow-but-legal program would read as a pool timeout.
+    margin = startup_margin(self.timeout_s)
+    check(self.code.time_budget_s + margin <= self.timeout_s,
+          "rewards.code.time_budget_s",
+          f"must be at least {margin:g} s below rewards.timeout_s "
+          f"({self.timeout_s:g}), got {self.code.time_budget_s:g}; leave it "
+          "unset to derive it from the timeout")
 
   @classmethod
   def from_mapping(cls, section: Mapping[str, Any] | None,

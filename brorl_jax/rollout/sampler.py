@@ -57,7 +57,9 @@ class SamplerConfig:
   top_k: int = 0
   greedy: bool = False
   early_stop: bool = True
-  section: str = dataclasses.field(default="rollout", compare=False)
+  # The section named in error messages; not a config key.
+  section: str = dataclasses.field(default="rollout", compare=False,
+                                   metadata={"config_key": False})
 
   def __post_init__(self):
     s = self.section

@@ -41,7 +41,7 @@ def test_scoring_is_fully_hidden_behind_an_idle_decode():
 @needs_sandbox
 def test_main_writes_the_report(tmp_path):
   path = tmp_path / "bench.json"
-  report = bench.main(["--workers", "1", "--math-items", "30",
+  report = bench.main(["--workers", "1", "--math_items", "30",
                        "--code-items", "3", "--overlap-items", "30",
                        "--overlap-workers", "1", "--json", str(path)])
   assert json.loads(path.read_text()) == report

@@ -40,7 +40,10 @@ def test_from_config_dict_builds_nested_sections():
     ({"code": {"sandbox": "docker"}}, "rewards.code.sandbox"),
     ({"math": {"answer_pattern": "(unclosed"}}, "rewards.math.answer_pattern"),
     ({"format": {"require": ["box"]}}, "rewards.format.require"),
-    ({"timeout_s": 4.0}, "rewards.code.time_budget_s"),
+    ({"timeout_s": 4.0, "code": {"time_budget_s": 5.0}},
+     "rewards.code.time_budget_s"),
+    ({"timeout_s": 1.0, "code": {"time_budget_s": 0.75}},
+     "rewards.code.time_budget_s"),
     ({"num_workers": -1}, "rewards.num_workers"),
     ({"worker_cpus": [-1]}, "rewards.worker_cpus"),
     ({"code": 3}, "rewards.code"),
@@ -48,6 +51,17 @@ def test_from_config_dict_builds_nested_sections():
 def test_errors_name_the_dotted_key(section, key):
   with pytest.raises(ConfigError, match=f"'{key}'"):
     RewardsConfig.from_mapping(section)
+
+
+@pytest.mark.parametrize("timeout_s, budget_s", [
+    (0.5, 0.25), (2.0, 1.0), (5.0, 4.0), (6.0, 5.0), (30.0, 5.0)])
+def test_code_budget_is_derived_from_the_timeout(timeout_s, budget_s):
+  config = RewardsConfig.from_mapping({"timeout_s": timeout_s})
+  assert config.code.time_budget_s == budget_s
+  # An explicit budget is kept, not re-derived.
+  explicit = RewardsConfig.from_mapping(
+      {"timeout_s": 30.0, "code": {"time_budget_s": 2.5}})
+  assert explicit.code.time_budget_s == 2.5
 
 
 def test_is_correct_uses_threshold_inclusively():

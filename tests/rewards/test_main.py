@@ -49,6 +49,27 @@ def test_scores_a_file_end_to_end(tmp_path):
   assert "math" in out.stdout and "5 scored, 0 timeouts, 1 errors" in out.stdout
 
 
+@needs_sandbox
+@pytest.mark.parametrize("timeout, budget, sleeper_reward", [
+    ("2", "1", 0.0), ("5", "4", 1.0)])
+def test_timeout_flag_derives_the_code_budget(tmp_path, capsys, timeout,
+                                              budget, sleeper_reward):
+  # A program that sleeps 1.2 s fails its test inside a 1 s budget and
+  # passes inside 4 s; either way the verifier, not the pool, decides.
+  sleeper = {"completion": "```python\nimport time\ntime.sleep(1.2)\n"
+                           "print(int(input()) + 1)\n```",
+             "verifier": "code", "tests": {"inputs": ["1"], "outputs": ["2"]}}
+  src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+  _write(src, [LINES[3], sleeper])
+  assert cli.main(["--input", str(src), "--output", str(dst), "--workers",
+                   "1", "--timeout", timeout]) == 0
+  scored = [json.loads(line) for line in dst.read_text().splitlines()]
+  assert [s["reward"] for s in scored] == [0.5, sleeper_reward]
+  assert [s["status"] for s in scored] == ["ok", "ok"]
+  assert (f"budgets: {timeout} s per item (rewards.timeout_s), {budget} s "
+          "for a program's tests") in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("bad, message", [
     (b"{not json\n", "invalid JSON"),
     (b"\xff\xfe{}\n", "invalid UTF-8"),
@@ -75,7 +96,7 @@ def test_skip_bad_lines_counts_them(tmp_path, capsys):
   src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
   _write(src, [b"{oops\n"] + LINES[:2] + [b"\xff\n"])
   assert cli.main(["--input", str(src), "--output", str(dst), "--workers",
-                   "1", "--skip-bad-lines"]) == 0
+                   "1", "--skip_bad_lines"]) == 0
   captured = capsys.readouterr()
   assert len(dst.read_text().splitlines()) == 2
   assert "2 bad lines skipped" in captured.out
