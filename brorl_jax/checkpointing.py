@@ -60,13 +60,13 @@ def error_text(error: BaseException) -> str:
 
 class _DropTraceback(logging.Filter):
   """orbax logs a failed async save with tracebacks of hundreds of lines
-  (from its commit and finalize threads); `CheckpointError` reports it in
-  one line. Their own one-line messages are kept."""
-
-  _MESSAGES = ("Checkpointer failed", "raised an exception")
+  (from its commit, metadata and finalize threads); `CheckpointError`
+  reports the cause in one line. orbax's error messages are kept, without
+  their tracebacks."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if any(m in str(record.msg) for m in self._MESSAGES):
+    if (record.levelno >= logging.ERROR and record.exc_info
+        and f"{os.sep}orbax{os.sep}" in record.pathname):
       record.exc_info, record.exc_text = None, None
     return True
 

@@ -233,3 +233,17 @@ def test_records_without_solutions_give_a_clear_error(tmp_path):
   msg = str(e.value)
   assert str(path) in msg and "meta.solution" in msg
   assert "warmstart.steps=0" in msg and "50 training records" in msg
+
+
+def test_should_stop_abandons_the_warm_start_between_steps(exp):
+  calls = []
+
+  def stop():                     # SIGTERM arrives before the 4th check
+    calls.append(1)
+    return len(calls) > 3
+
+  out = warmstart.run_warmstart(
+      exp, exp.initial_params(),
+      warmstart.WarmstartConfig(steps=1000, batch_size=8), should_stop=stop)
+  assert out is None
+  assert len(calls) == 4          # abandoned at the first True
