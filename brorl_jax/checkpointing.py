@@ -45,16 +45,22 @@ def error_text(error: BaseException) -> str:
   long message) read `[Errno 28] No space left on device`; anything else is
   the exception's first line, at most 300 characters.
   """
-  seen = error
-  while seen is not None:
+  chain, seen = [], error
+  while seen is not None and len(chain) < 20:
     if isinstance(seen, OSError) and seen.errno:
       return f"[Errno {seen.errno}] {seen.strerror or os.strerror(seen.errno)}"
+    chain.append(seen)
     seen = seen.__cause__ or seen.__context__
-  text = str(error)
-  code = re.search(r"os_error_code='?(\d+)", text)
+  texts = " ".join(str(e) for e in chain)
+  code = re.search(r"os_error_code='?(\d+)", texts)
   if code:
     return f"[Errno {code.group(1)}] {os.strerror(int(code.group(1)))}"
-  first = (text.strip().splitlines() or [""])[0]
+  # tensorstore's status ("DATA_LOSS: Error reading ...") says the most.
+  status = re.search(r"\b([A-Z]+(?:_[A-Z]+)+): [^\n]+", texts)
+  if status:
+    return status.group(0)[:300]
+  first = (str(error).strip().splitlines() or [""])[0]
+  first = first.split(" See full TensorStore details")[0]
   return f"{type(error).__name__}: {first[:300]}"
 
 
