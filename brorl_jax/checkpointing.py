@@ -233,7 +233,7 @@ class TrainCheckpointer:
   def _save_error(self, step: int | None, error: BaseException
                   ) -> CheckpointError:
     self._failed = True
-    good = [s for s in self._mngr.all_steps(read=True) if s != step]
+    good = [s for s in self._mngr.all_steps() if s != step]
     return CheckpointError(
         f"checkpoint step {step} could not be saved to {self.directory}/"
         f"{step}: {error_text(error)}; the run stopped. Fix that, then rerun "

@@ -183,7 +183,7 @@ def test_restarts_after_sigterm_in_the_warm_start_and_kill9_before_the_first_che
   workdir = tmp_path / "run"
   metrics = workdir / "metrics.jsonl"
   args = ("--config.total_steps=2", "--config.checkpoint.every=0",
-          "--config.checkpoint.preempt_grace_s=20")
+          "--config.checkpoint.preempt_grace_s=30")
   # 1. SIGTERM during a (long) warm start: exit 0 within the grace, nothing
   #    kept; the next start redoes the warm start.
   proc = _cli(workdir, *args, "--config.warmstart.steps=1000000")
@@ -192,7 +192,9 @@ def test_restarts_after_sigterm_in_the_warm_start_and_kill9_before_the_first_che
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode == 0, out
-  assert time.monotonic() - t0 < 20, out
+  # Within the grace although the signal may land in the first step's
+  # compile (25 s of the 28 s measured on 2 cores at load 19).
+  assert time.monotonic() - t0 < 30, out
   assert "preempted during the warm start" in out
   assert not metrics.exists() or read_metrics(workdir) == []
   # 2. kill -9 after step 1 was logged, before any checkpoint.
