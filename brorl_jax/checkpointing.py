@@ -273,7 +273,7 @@ class TrainCheckpointer:
     if damaged:
       raise CheckpointError(
           f"no checkpoint in {self.directory} can be read (steps "
-          f"{sorted(damaged)}; step {damaged[0]}: {reason}); restore them, "
+          f"{sorted(damaged)}; step {damaged[-1]}: {reason}); restore them, "
           "or move that directory aside to start the run afresh")
     return None
 
