@@ -8,13 +8,23 @@ Two on-disk forms:
     `tokenizer/`.
 Restores always go into an abstract target that carries the wanted sharding,
 so a checkpoint restores onto a different mesh.
+
+A training workdir survives a bad disk: a failed save (async included) is
+raised as one `CheckpointError` line naming the path and the OS error at the
+next step boundary at the latest (`TrainCheckpointer.check`), and a resume
+falls back from a checkpoint that cannot be read to the newest intact one
+(`TrainCheckpointer.restore_latest`), setting the damaged ones aside.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
 import pathlib
+import re
+import shutil
 from typing import Any
 
 import jax
@@ -23,7 +33,10 @@ import orbax.checkpoint as ocp
 from brorl_jax.model.config import ModelConfig
 from brorl_jax.model.transformer import Policy
 
+log = logging.getLogger(__name__)
 MODEL_CONFIG_FILE = "model_config.json"
+# Damaged steps are moved here (beside `checkpoints/`), not deleted.
+DAMAGED_DIR = "checkpoints.damaged"
 
 
 # ---- model config (model directories and workdirs) ------------------------
@@ -43,6 +56,54 @@ def load_model_config(directory: pathlib.Path) -> ModelConfig:
         f"{path} not found: {directory} is not a brorl_jax model directory "
         "(create one with `python -m brorl_jax.hf import` or by training)")
   return ModelConfig(**json.loads(path.read_text()))
+
+
+# ---- errors ----------------------------------------------------------------
+
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be written or read (one line: path and cause)."""
+
+
+def error_text(error: BaseException) -> str:
+  """The cause of a failed save or restore in one line.
+
+  OS errors (also those tensorstore reports as `os_error_code=N` inside a
+  long message) read `[Errno 28] No space left on device`; anything else is
+  the exception's first line, at most 300 characters.
+  """
+  chain, seen = [], error
+  while seen is not None and len(chain) < 20:
+    if isinstance(seen, OSError) and seen.errno:
+      return f"[Errno {seen.errno}] {seen.strerror or os.strerror(seen.errno)}"
+    chain.append(seen)
+    seen = seen.__cause__ or seen.__context__
+  texts = " ".join(str(e) for e in chain)
+  code = re.search(r"os_error_code='?(\d+)", texts)
+  if code:
+    return f"[Errno {code.group(1)}] {os.strerror(int(code.group(1)))}"
+  # tensorstore's status ("DATA_LOSS: Error reading ...") says the most.
+  status = re.search(r"\b([A-Z]+(?:_[A-Z]+)+): [^\n]+", texts)
+  if status:
+    return status.group(0)[:300]
+  first = (str(error).strip().splitlines() or [""])[0]
+  first = first.split(" See full TensorStore details")[0]
+  return f"{type(error).__name__}: {first[:300]}"
+
+
+class _DropTraceback(logging.Filter):
+  """orbax logs a failed async save with tracebacks of hundreds of lines
+  (from its commit, metadata and finalize threads); `CheckpointError`
+  reports the cause in one line. orbax's error messages are kept, without
+  their tracebacks."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if (record.levelno >= logging.ERROR and record.exc_info
+        and f"{os.sep}orbax{os.sep}" in record.pathname):
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
+_DROP_TRACEBACK = _DropTraceback()
 
 
 # ---- parameters ------------------------------------------------------------
@@ -145,10 +206,15 @@ class TrainCheckpointer:
   def __init__(self, directory: str | pathlib.Path, *, keep: int,
                async_save: bool = True):
     self.directory = pathlib.Path(directory).absolute()
+    logging.getLogger("absl").addFilter(_DROP_TRACEBACK)
     self._mngr = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save,
-            create=True))
+            # A save cut short (full disk, kill -9) leaves a temporary
+            # folder; it is removed on the next start.
+            create=True, cleanup_tmp_directories=True))
+    self._pending: int | None = None     # the step of a save in flight
+    self._failed = False
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
@@ -167,7 +233,94 @@ class TrainCheckpointer:
              META: ocp.args.JsonSave(meta)}
     if data_iterator is not None:
       items[DATA] = ocp.args.JsonSave(data_iterator.get_state())
-    self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
+    self.wait()                        # a failed earlier save stops here
+    try:
+      self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # orbax and tensorstore raise many types
+      raise self._save_error(step, e) from None
+    self._pending = step
+    if not self._mngr.is_saving_in_progress():
+      self.wait()                      # synchronous saves: errors now
+
+  def check(self) -> None:
+    """Raises `CheckpointError` if a background save has failed (does not
+    wait for one still running; the loop calls it at every step start)."""
+    if self._pending is not None and not self._mngr.is_saving_in_progress():
+      self.wait()
+
+  def wait(self) -> None:
+    """Waits for the save in flight; raises `CheckpointError` if it failed."""
+    step, self._pending = self._pending, None
+    try:
+      self._mngr.wait_until_finished()
+    except Exception as e:  # orbax and tensorstore raise many types
+      raise self._save_error(step, e) from None
+
+  def _save_error(self, step: int | None, error: BaseException
+                  ) -> CheckpointError:
+    self._failed = True
+    good = [s for s in self._mngr.all_steps() if s != step]
+    return CheckpointError(
+        f"checkpoint step {step} could not be saved to {self.directory}/"
+        f"{step}: {error_text(error)}; the run stopped. Fix that, then rerun "
+        "the same command: it resumes from "
+        + (f"step {max(good)}, the last saved checkpoint" if good
+           else "the start (no checkpoint was saved)"))
+
+  def restore_latest(self, abstract_state: Any, data_iterator: Any
+                     ) -> tuple[int, Any, dict] | None:
+    """Restores the newest checkpoint that reads back.
+
+    A step that cannot be read (a truncated or missing file) is reported in
+    one warning line and moved to `checkpoints.damaged/`, so later saves of
+    that step number can happen; the next older step is tried.
+
+    Returns:
+      (step, state, meta), or None when there is no checkpoint.
+
+    Raises:
+      CheckpointError: there are checkpoints but none reads back.
+    """
+    steps = sorted(self.all_steps(), reverse=True)
+    damaged, reason = [], ""
+    for i, step in enumerate(steps):
+      try:
+        state, meta = self.restore(step, abstract_state, data_iterator)
+      except Exception as e:  # orbax and tensorstore raise many types
+        reason = error_text(e)
+        damaged.append(step)
+        log.warning("checkpoint step %d in %s cannot be read (%s); %s", step,
+                    self.directory, reason,
+                    f"falling back to step {steps[i + 1]}"
+                    if i + 1 < len(steps) else "no older checkpoint")
+        continue
+      self._set_aside(damaged)
+      return step, state, meta
+    if damaged:
+      raise CheckpointError(
+          f"no checkpoint in {self.directory} can be read (steps "
+          f"{sorted(damaged)}; step {damaged[-1]}: {reason}); restore them, "
+          "or move that directory aside to start the run afresh")
+    return None
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves unreadable steps to `checkpoints.damaged/<step>` (process 0)."""
+    if not steps:
+      return
+    aside = self.directory.parent / DAMAGED_DIR
+    if jax.process_index() == 0:
+      aside.mkdir(exist_ok=True)
+      for step in steps:
+        target = aside / str(step)
+        if target.exists():
+          shutil.rmtree(target)
+        os.replace(self.directory / str(step), target)
+      log.warning("moved unreadable checkpoint steps %s to %s", steps, aside)
+    if jax.process_count() > 1:
+      # Imported here: multihost_utils is only needed by multi-process runs.
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("checkpoints set aside")
+    self._mngr.reload()
 
   def restore(self, step: int, abstract_state: Any, data_iterator: Any):
     """Restores `(state, meta)`; `data_iterator` is set in place."""
@@ -196,9 +349,17 @@ class TrainCheckpointer:
         updates=opt["updates"], skipped=opt["skipped"])
     return state, out[META]
 
-  def wait(self) -> None:
-    self._mngr.wait_until_finished()
-
   def close(self) -> None:
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+    """Waits for the save in flight (raising if it failed), then closes.
+
+    After a reported failure, orbax's own re-raise on closing is dropped.
+    """
+    try:
+      if not self._failed:
+        self.wait()
+    finally:
+      try:
+        self._mngr.close()
+      except Exception:  # pylint: disable=broad-except
+        if not self._failed:
+          raise

@@ -164,10 +164,11 @@ def _fail_in_one_line(error: BaseException) -> None:
   fail(f"{message} (--helpfull lists the flags)")
 
 
-def fail(error: BaseException | str) -> None:
-  """Prints `error: <message>` on stderr and exits with status 2."""
+def fail(error: BaseException | str, status: int = INPUT_ERROR) -> None:
+  """Prints `error: <message>` on stderr and exits with `status` (default 2:
+  bad input)."""
   print(f"error: {error}", file=sys.stderr)
-  sys.exit(INPUT_ERROR)
+  sys.exit(status)
 
 
 @contextlib.contextmanager

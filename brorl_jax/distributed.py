@@ -123,14 +123,17 @@ def initialize(cfg: MeshConfig) -> bool:
 
 
 @contextlib.contextmanager
-def exit_on_error() -> Iterator[None]:
+def exit_on_error(one_line: tuple[type[BaseException], ...] = ()
+                  ) -> Iterator[None]:
   """In a multi-process run, an uncaught exception ends the process at once.
 
-  The traceback is printed, then `os._exit(1)`: no interpreter shutdown, so
-  no wait at JAX's shutdown barrier. The peers, blocked in a collective with
-  this process, are then stopped by the coordination service within the
-  heartbeat timeout (at once when this is process 0), and every process of
-  the job exits non-zero. Single-process runs raise as usual.
+  The traceback is printed (only `error: <message>` for the types in
+  `one_line`, whose messages name the cause), then `os._exit(1)`: no
+  interpreter shutdown, so no wait at JAX's shutdown barrier. The peers,
+  blocked in a collective with this process, are then stopped by the
+  coordination service within the heartbeat timeout (at once when this is
+  process 0), and every process of the job exits non-zero. Single-process
+  runs raise as usual.
   """
   try:
     yield
@@ -144,6 +147,8 @@ def exit_on_error() -> Iterator[None]:
       status = e.code  # its message is out already (`cli.fail`)
     elif isinstance(e, SystemExit):
       print(e.code, file=sys.stderr)
+    elif isinstance(e, one_line):
+      print(f"error: {e}", file=sys.stderr)
     else:
       traceback.print_exc()
     print(f"error: process {jax.process_index()} of {jax.process_count()} "

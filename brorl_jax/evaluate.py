@@ -29,7 +29,7 @@ import pathlib
 import sys
 import tempfile
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -242,12 +242,17 @@ class Evaluator:
         prompts_per_step=self.batch_size,
         known_verifiers=set(rewards.VERIFIERS))
 
-  def evaluate(self, params: Any, step: int, rng: jax.Array
-               ) -> dict[str, float]:
-    """Flat `eval/*` metrics of `params` (in the sampling layout)."""
-    return self.run(params, step, rng).flat()
+  def evaluate(self, params: Any, step: int, rng: jax.Array, *,
+               should_stop: Callable[[], bool] | None = None
+               ) -> dict[str, float] | None:
+    """Flat `eval/*` metrics of `params` (in the sampling layout); None when
+    `should_stop` (see `run`) said so."""
+    result = self.run(params, step, rng, should_stop=should_stop)
+    return None if result is None else result.flat()
 
-  def run(self, params: Any, step: int | None, rng: jax.Array) -> EvalResult:
+  def run(self, params: Any, step: int | None, rng: jax.Array, *,
+          should_stop: Callable[[], bool] | None = None
+          ) -> EvalResult | None:
     """Samples n completions per held-out prompt and scores them.
 
     Args:
@@ -255,9 +260,11 @@ class Evaluator:
       step: the policy's step (recorded only).
       rng: sampling key; the same key gives the same samples (pass the same
         one at every step for common random numbers across steps).
+      should_stop: asked before each batch and after each decode chunk (on
+        every process, in the same order); True abandons the evaluation.
 
     Returns:
-      The per-prompt outcomes.
+      The per-prompt outcomes, or None when abandoned.
     """
     t0 = time.perf_counter()
     limit = self.max_prompts
@@ -267,6 +274,8 @@ class Evaluator:
       first = b * self.batch_size
       if limit is not None and first >= limit:
         break
+      if should_stop is not None and should_stop():
+        return None
       keep = batch.valid & (limit is None or
                             first + np.arange(self.batch_size) < limit)
       # The whole global batch (every host has it, `_view`); each host's
@@ -276,7 +285,9 @@ class Evaluator:
       scored = sample_and_score(
           self.sampler, self.pool, self.exp.tokenizer, params, tokens,
           lengths, batch.records, rng, n=self.n, keep_texts=False,
-          prompt_offset=first)
+          prompt_offset=first, should_stop=should_stop)
+      if scored is None:
+        return None
       rewards = _to_host(scored.rewards)[keep]                 # [B', n]
       resp_len = _to_host(scored.rollouts.lengths)[keep]       # [B', n]
       stopped = _to_host(scored.rollouts.stopped)[keep]        # [B', n]

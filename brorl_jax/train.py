@@ -39,6 +39,7 @@ from brorl_jax import experiment as exp_lib
 from brorl_jax import run_config
 from brorl_jax import scoring
 from brorl_jax import sizing
+from brorl_jax import workdir as workdir_lib
 from brorl_jax.evaluate import Evaluator, eval_key
 from brorl_jax.metrics import MetricsWriter
 from brorl_jax.model.sharding import reshard
@@ -118,6 +119,9 @@ class Trainer:
 
   def __init__(self, cfg: run_config.RunConfig, workdir):
     exp_lib.setup_jax(cfg)
+    # Config and workdir checks before anything expensive or written.
+    workdir = workdir_lib.preflight(cfg, workdir)
+    workdir_lib.record_config(workdir, cfg.raw)
     self.cfg = cfg
     self.exp = exp = exp_lib.build(cfg, workdir)
     self.workdir = exp.workdir
@@ -129,7 +133,6 @@ class Trainer:
     self.num_groups = cfg.loop.prompts_per_step
     self.group = cfg.rollout.n
     samples = self.num_groups * self.group
-    cfg.update.check_rows(samples)
     self.optimizer = ts_lib.make_optimizer(cfg.optim, samples)
     self.lr_schedule = cfg.optim.schedule_fn(samples)
     self.sample_shardings = exp.param_shardings(sampling=True)
@@ -171,32 +174,39 @@ class Trainer:
 
   # ---- state ---------------------------------------------------------------
 
-  def init_state(self):
-    """Restores the latest checkpoint, or creates (and warm-starts) one.
+  def init_state(self, preempt):
+    """Restores the newest readable checkpoint, or creates (and
+    warm-starts) a state; what was logged after it is cut first.
 
     Returns:
-      (state, data iterator, loop meta).
+      (state, data iterator, loop meta), or None when SIGTERM abandoned the
+      warm start (nothing saved: the next start redoes it).
     """
     shardings = self.exp.param_shardings()
     abstract_params = checkpointing.abstract_with_shardings(
         self.policy.abstract_params(), shardings)
     train_iter = self.pipeline.train_iterator()
-    step = self.checkpointer.latest_step()
-    if step is not None:
-      abstract = jax.tree.map(
-          lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-          jax.eval_shape(self._make_state, abstract_params), self.state_sh)
-      state, meta = self.checkpointer.restore(step, abstract, train_iter)
+    abstract = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        jax.eval_shape(self._make_state, abstract_params), self.state_sh)
+    restored = self.checkpointer.restore_latest(abstract, train_iter)
+    workdir_lib.cut_back(restored and restored[0], self.writer, self.archive)
+    if restored is not None:
+      step, state, meta = restored
       log.info("resumed from step %d", step)
-      self.writer.truncate_after(step)
-      self.archive.truncate_after(step)
       return state, train_iter, meta
     params = self.exp.initial_params()
+    # `eval_due`: the step whose evaluation is still to be written (a
+    # preempted evaluation is redone on resume, a finished one is not).
     meta = {"generated_tokens_total": 0, "best_eval": None, "resets": 0,
-            "config": self.cfg.raw}
+            "eval_due": 0, "config": self.cfg.raw}
     ws = self.cfg.warmstart
     if ws.steps > 0 and self.cfg.init.path is None:
-      params, ws_metrics = run_warmstart(self.exp, params, ws)
+      out = run_warmstart(self.exp, params, ws,
+                          should_stop=preempt.requested)
+      if out is None:
+        return None
+      params, ws_metrics = out
       self.writer.write(0, ws_metrics)
     return self._make_state(params), train_iter, meta
 
@@ -258,6 +268,8 @@ class Trainer:
     rb = prep.batch
 
     # ---- 4. Update (device, state donated) ---------------------------------
+    if preempt.requested():                # last exit before the update
+      return None
     if self._update is None:
       self._update = self.compile_update(state, rb)
     diag_every = cfg.diagnostics.every
@@ -392,7 +404,8 @@ class Trainer:
 
   # ---- evaluation, references ----------------------------------------------
 
-  def evaluate(self, state, step: int) -> dict[str, float]:
+  def evaluate(self, state, step: int, preempt) -> dict[str, float] | None:
+    """The `eval/*` metrics; None when SIGTERM cut the evaluation short."""
     if self.evaluator is None:
       return {}
     t0 = time.perf_counter()
@@ -400,7 +413,11 @@ class Trainer:
     # The same key at every evaluation (common random numbers): pass@1
     # differences between steps are then the policy's, not the draws'; the
     # evaluate CLI on a checkpoint reproduces the loop's numbers.
-    out = self.evaluator.evaluate(params, step, eval_key(self.cfg.seed))
+    out = self.evaluator.evaluate(params, step, eval_key(self.cfg.seed),
+                                  should_stop=preempt.requested)
+    if out is None:
+      self.pool.pop_stats()
+      return None
     out["time/eval_s"] = time.perf_counter() - t0
     # The pool's counters belong to the evaluation, not the next RL step.
     verify = distributed.sum_over_processes(self.pool.pop_stats(),
@@ -436,14 +453,30 @@ class Trainer:
   def run(self) -> dict[str, float]:
     cfg = self.cfg
     preempt = Preemption()
-    state, train_iter, meta = self.init_state()
+    try:
+      init = self.init_state(preempt)
+    except BaseException:
+      self.close(preempt)
+      raise
+    if init is None:
+      log.warning("preempted during the warm start: nothing saved; the next "
+                  "start redoes it")
+      self.close(preempt)
+      return {}
+    state, train_iter, meta = init
     start = int(state.step)
     last: dict[str, float] = {}
-    if start == 0 and self.evaluator is not None:
-      # Held-out pass@1 before any RL update.
-      last = self.evaluate(state, 0)
-      meta["best_eval"] = last.get("eval/pass@1")
-      self.writer.write(0, last)
+    # Older checkpoints lack `eval_due`: their step-0 evaluation is redone.
+    due = meta.get("eval_due", 0 if start == 0 else None)
+    if due == start and self.evaluator is not None:
+      # Held-out pass@1 before any RL update (or the one SIGTERM cut short).
+      out = self.evaluate(state, start, preempt)
+      if out is not None:
+        last = out
+        meta["eval_due"] = None
+        if start == 0:
+          meta["best_eval"] = last.get("eval/pass@1")
+        self.writer.write(start, last)
     bar = self._progress(start)
     step = start
     budget = cfg.max_generated_tokens
@@ -455,7 +488,9 @@ class Trainer:
           budget is not None and meta["generated_tokens_total"] >= budget)
 
     try:
-      while not finished(step):
+      while not finished(step) and not preempt.requested():
+        # A background save that failed stops the run here (CheckpointError).
+        self.checkpointer.check()
         data_state = train_iter.get_state()
         prompts = next(train_iter)
         out = self.iteration(state, prompts, step, meta, preempt)
@@ -467,7 +502,10 @@ class Trainer:
         last_step = finished(step)
         if self.evaluator is not None and (
             last_step or (cfg.eval.every and step % cfg.eval.every == 0)):
-          metrics.update(self.evaluate(state, step))
+          out = self.evaluate(state, step, preempt)
+          if out is None:               # preempted: evaluated on resume
+            meta["eval_due"] = step
+          metrics.update(out or {})
           if metrics.get("eval/pass@1") is not None:
             best = meta["best_eval"]
             meta["best_eval"] = max(best if best is not None else -1.0,
@@ -490,14 +528,30 @@ class Trainer:
         self.checkpointer.wait()
         log.warning("preempted: saved step %d in %.1f s", step,
                     time.perf_counter() - t0)
+    except checkpointing.CheckpointError:
+      # Nothing logged after the last good checkpoint is kept (best effort:
+      # the disk may be full; the next start cuts it back anyway).
+      try:
+        workdir_lib.cut_back(self.checkpointer.latest_step(), self.writer,
+                             self.archive)
+      except OSError as e:
+        log.warning("could not cut the logs back now (%s); the next start "
+                    "will", e)
+      raise
     finally:
+      if bar is not None:
+        bar.close()
+      self.close(preempt)
+    return last
+
+  def close(self, preempt) -> None:
+    """Waits for the last save, then closes writers, pool and handler."""
+    try:
       self.checkpointer.close()
+    finally:
       self.writer.close()
       self.pool.close()
       preempt.restore()
-      if bar is not None:
-        bar.close()
-    return last
 
   def _meta(self, meta: dict) -> dict:
     return {**meta, "versions": {"jax": jax.__version__}}
@@ -564,7 +618,10 @@ def run(argv: list[str] | None = None) -> None:
     if not fl.workdir:
       cli.fail("--workdir is required (the run's directory)")
     with distributed.exit_on_error(), cli.input_errors():
-      Trainer(cfg, fl.workdir).run()
+      try:
+        Trainer(cfg, fl.workdir).run()
+      except checkpointing.CheckpointError as e:  # a save or restore failed
+        cli.fail(e, status=1)
 
   app.run(main, argv=argv,
           flags_parser=lambda args: cli.parse_flags(flags.FLAGS, args))

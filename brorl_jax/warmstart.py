@@ -20,7 +20,9 @@ would teach answers without their box) and prompts longer than
 the same cross-entropy on the eval records' solutions, before and after.
 
 The train loop runs it on a fresh policy only: a run that starts from a
-checkpoint or an HF model (`init.path`), or resumes, skips it.
+checkpoint or an HF model (`init.path`), or resumes, skips it. SIGTERM
+(`should_stop`) abandons it between steps and held-out batches: nothing of
+it is kept, and the next start redoes it.
 """
 
 from __future__ import annotations
@@ -282,11 +284,15 @@ class _Steps:
 
 def heldout_loss(steps: _Steps, params: Any, examples: SolutionSet, *,
                  batch_size: int, prompt_len: int, solution_len: int,
-                 pad_id: int) -> float:
-  """Mean cross-entropy per solution token over all held-out examples."""
+                 pad_id: int, should_stop: Callable[[], bool] | None = None
+                 ) -> float | None:
+  """Mean cross-entropy per solution token over all held-out examples; None
+  when `should_stop()` (asked before each batch) said so."""
   total, count = 0.0, 0.0
   n = len(examples.prompts)
   for start in range(0, n, batch_size):
+    if should_stop is not None and should_stop():
+      return None
     idx = np.arange(start, start + batch_size)
     idx = np.where(idx < n, idx, -1)
     rows = pack_rows(examples, idx, prompt_len=prompt_len,
@@ -315,8 +321,9 @@ def _no_solutions_error(examples: SolutionSet, cfg: WarmstartConfig) -> str:
 
 
 def run_warmstart(exp: Any, params: Any, cfg: WarmstartConfig, *,
-                  log_fn: Callable[[int, dict[str, float]], None] | None = None
-                  ) -> tuple[Any, dict[str, float]]:
+                  log_fn: Callable[[int, dict[str, float]], None] | None = None,
+                  should_stop: Callable[[], bool] | None = None
+                  ) -> tuple[Any, dict[str, float]] | None:
   """Trains `params` on the training records' worked solutions.
 
   Args:
@@ -328,6 +335,9 @@ def run_warmstart(exp: Any, params: Any, cfg: WarmstartConfig, *,
       `warmstart/loss` (mean over those steps), `warmstart/grad_norm` and
       `warmstart/lr`, and every `eval_every` steps with
       `warmstart/heldout_loss`; `step` counts warm-start steps from 1.
+    should_stop: asked before every step and held-out batch (on every
+      process, in the same order: it may be a collective); True abandons
+      the warm start.
 
   Returns:
     (parameters in the train layout, metrics): `warmstart/loss` (train loss
@@ -335,7 +345,7 @@ def run_warmstart(exp: Any, params: Any, cfg: WarmstartConfig, *,
     `_after` (when the eval records have solutions), `warmstart/examples`,
     `warmstart/skipped_no_solution`, `warmstart/skipped_long_solution`,
     `warmstart/skipped_long_prompt`, `warmstart/skipped_updates`,
-    `warmstart/steps`, `warmstart/time_s`.
+    `warmstart/steps`, `warmstart/time_s`. None when `should_stop` said so.
 
   Raises:
     WarmstartError: no training record has a usable worked solution.
@@ -367,9 +377,11 @@ def run_warmstart(exp: Any, params: Any, cfg: WarmstartConfig, *,
   params = steps.copy(params)
   opt_state = steps.init_opt(params)
 
+  stop = should_stop or (lambda: False)
+
   def evaluate():
     return heldout_loss(steps, params, heldout, batch_size=cfg.batch_size,
-                        **shapes)
+                        should_stop=stop, **shapes)
 
   metrics = {"warmstart/examples": train.counts["kept"],
              "warmstart/skipped_no_solution": train.counts["no_solution"],
@@ -380,11 +392,17 @@ def run_warmstart(exp: Any, params: Any, cfg: WarmstartConfig, *,
            train.counts["kept"], train.counts)
   if heldout:
     metrics["warmstart/heldout_loss_before"] = evaluate()
+    if metrics["warmstart/heldout_loss_before"] is None:
+      return None
   order = np.random.default_rng([cfg.resolved_seed(exp.cfg.seed),
                                  _ORDER_PURPOSE])
   queue = np.zeros(0, np.int64)
   window, skipped = [], 0
   for step in range(1, cfg.steps + 1):
+    if stop():
+      log.warning("warm start abandoned at step %d of %d", step - 1,
+                  cfg.steps)
+      return None
     # Epochs of fresh permutations, consumed batch_size at a time.
     while len(queue) < cfg.batch_size:
       queue = np.concatenate([queue, order.permutation(len(train.prompts))])
@@ -409,9 +427,14 @@ def run_warmstart(exp: Any, params: Any, cfg: WarmstartConfig, *,
       window = []
     if heldout and cfg.eval_every and step % cfg.eval_every == 0 \
         and step != cfg.steps and log_fn is not None:
-      log_fn(step, {"warmstart/heldout_loss": evaluate()})
+      loss = evaluate()
+      if loss is None:
+        return None
+      log_fn(step, {"warmstart/heldout_loss": loss})
   if heldout:
     metrics["warmstart/heldout_loss_after"] = evaluate()
+    if metrics["warmstart/heldout_loss_after"] is None:
+      return None
   metrics["warmstart/skipped_updates"] = skipped
   metrics["warmstart/time_s"] = time.perf_counter() - t0
   log.info("warm start done: %s", metrics)

@@ -140,4 +140,106 @@ def test_bad_config_is_rejected_before_anything_runs(tmp_path):
     _train(tmp_path / "bad", **{"algo.micro_batch_size": 3})
   with pytest.raises(ConfigError, match="rollout.top_p"):
     _train(tmp_path / "bad2", **{"rollout.top_p": 1.5})
-  assert not (tmp_path / "bad2").exists()
+  with pytest.raises(ConfigError, match=r"mesh.shape.*needs 3 devices"):
+    _train(tmp_path / "bad3", **{"mesh.shape": (3, 1, 1)})
+  assert not any((tmp_path / b).exists() for b in ("bad", "bad2", "bad3"))
+
+
+def test_unusable_workdir_is_one_error_line_with_status_2(tmp_path):
+  (tmp_path / "file").write_text("x")
+  proc = _cli(tmp_path / "file")
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 2, out
+  assert out.strip().splitlines()[-1] == (
+      f"error: --workdir {tmp_path / 'file'} is a file, not a directory; "
+      "give a directory path (it is created when missing)"), out
+  assert "Traceback" not in out
+
+
+def _read_until(proc, text, timeout=300):
+  """The child's output up to the first line containing `text`."""
+  lines, deadline = [], time.monotonic() + timeout
+  for line in proc.stdout:
+    lines.append(line)
+    if text in line or time.monotonic() > deadline:
+      break
+  assert text in "".join(lines[-1:]), "".join(lines)
+  return "".join(lines)
+
+
+def _wait_for_step(proc, metrics, step, timeout=300):
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline and proc.poll() is None:
+    if metrics.exists() and any(json.loads(l)["step"] >= step
+                                for l in metrics.read_text().splitlines()):
+      return
+    time.sleep(0.2)
+  raise AssertionError(proc.stdout.read() if proc.poll() is not None
+                       else "timed out")
+
+
+@pytest.mark.slow
+def test_restarts_after_sigterm_in_the_warm_start_and_kill9_before_the_first_checkpoint(tmp_path):
+  workdir = tmp_path / "run"
+  metrics = workdir / "metrics.jsonl"
+  args = ("--config.total_steps=2", "--config.checkpoint.every=0",
+          "--config.checkpoint.preempt_grace_s=30")
+  # 1. SIGTERM during a (long) warm start: exit 0 within the grace, nothing
+  #    kept; the next start redoes the warm start.
+  proc = _cli(workdir, *args, "--config.warmstart.steps=1000000")
+  _read_until(proc, "warm start: 1000000 steps")
+  t0 = time.monotonic()
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out
+  # Within the grace although the signal may land in the first step's
+  # compile (25 s of the 28 s measured on 2 cores at load 19).
+  assert time.monotonic() - t0 < 30, out
+  assert "preempted during the warm start" in out
+  assert not metrics.exists() or read_metrics(workdir) == []
+  # 2. kill -9 after step 1 was logged, before any checkpoint.
+  proc = _cli(workdir, *args, "--config.warmstart.steps=3")
+  _wait_for_step(proc, metrics, 1)
+  proc.kill()
+  proc.wait()
+  assert not (workdir / "checkpoints" / "1").exists()
+  # 3. The restart cuts the logs back to nothing and runs to the end, each
+  #    step logged once.
+  proc = _cli(workdir, *args, "--config.warmstart.steps=3")
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out
+  assert "dropped what was logged after the start" in out
+  rows = read_metrics(workdir)
+  assert [r["step"] for r in rows] == [0, 0, 1, 2], rows
+  assert sum("eval/pass@1" in r for r in rows if r["step"] == 0) == 1
+  assert sum("warmstart/loss" in r for r in rows) == 1
+  # 4. A changed model is refused before anything runs, naming the key.
+  from brorl_jax.workdir import WorkdirError
+  with pytest.raises(WorkdirError, match="model.preset 'tiny' -> 'demo'"):
+    _train(workdir, **{"model.preset": "demo"})
+  assert read_metrics(workdir) == rows
+
+
+def test_failed_checkpoint_save_stops_the_run_and_keeps_nothing_after(
+    tmp_path, monkeypatch):
+  from tests.test_checkpointing import _fail_json_writes
+  from brorl_jax.checkpointing import CheckpointError
+  from brorl_jax import train
+  _fail_json_writes(monkeypatch, 1)      # the meta item of step 1: ENOSPC
+  started, iteration = [], train.Trainer.iteration
+  monkeypatch.setattr(train.Trainer, "iteration", lambda self, state, p, step,
+                      *a: started.append(step) or iteration(
+                          self, state, p, step, *a))
+  with pytest.raises(CheckpointError, match=r"checkpoint step 1 could not be "
+                     r"saved to .*/checkpoints/1: \[Errno 28\] No space"):
+    _train(tmp_path, total_steps=3, **{
+        "checkpoint.every": 1, "checkpoint.async_save": True,
+        "diagnostics.every": 0, "data.synthetic": {  # no evaluation
+            "task": "arithmetic", "train": 300, "eval": 0, "seed": 0}})
+  # Stopped at the next step start at the latest (the iteration that makes
+  # step 2 may have run while the save was in flight, not the next one); no
+  # good checkpoint, so nothing logged is kept.
+  assert started in ([0], [0, 1]), started
+  assert read_metrics(tmp_path) == []
+  assert checkpointing.TrainCheckpointer(tmp_path / "checkpoints",
+                                         keep=3).all_steps() == []

@@ -233,3 +233,14 @@ def test_records_without_solutions_give_a_clear_error(tmp_path):
   msg = str(e.value)
   assert str(path) in msg and "meta.solution" in msg
   assert "warmstart.steps=0" in msg and "50 training records" in msg
+
+
+def test_should_stop_abandons_the_warm_start_between_steps(exp):
+  logged = []                     # warm-start steps done
+  out = warmstart.run_warmstart(
+      exp, exp.initial_params(),
+      warmstart.WarmstartConfig(steps=1000, batch_size=8, log_every=1),
+      log_fn=lambda step, m: logged.append(step),
+      should_stop=lambda: len(logged) >= 2)   # SIGTERM after step 2
+  assert out is None
+  assert logged == [1, 2]         # abandoned before step 3

@@ -84,8 +84,8 @@ class _Run:
         node = node[p]
       node[last] = value
     self.trainer = Trainer(run_config.load(c), workdir)
-    self.state, self.iter, self.meta = self.trainer.init_state()
     self.preempt = Preemption()
+    self.state, self.iter, self.meta = self.trainer.init_state(self.preempt)
     self.step = 0
 
   def iterate(self) -> dict:
