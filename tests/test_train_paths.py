@@ -21,7 +21,7 @@ import pytest
 
 from brorl_jax import checkpointing
 from brorl_jax.data import tasks
-from brorl_jax.data.tokenizer import load_tokenizer
+from brorl_jax.data.tokenizer_loader import load_tokenizer
 from brorl_jax.metrics import read_metrics
 from brorl_jax.rl import advantages as adv_lib
 from brorl_jax.rl.shaping import ShapingConfig, shape_rewards
@@ -78,6 +78,12 @@ def _ref_and_params(workdir, step):
   return ref, _item(workdir, step, checkpointing.PARAMS)
 
 
+def _saved_steps(workdir):
+  """Finished checkpoints (orbax writes into a temporary name first)."""
+  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
+                if p.name.isdigit())
+
+
 def _equal(a, b):
   assert a.keys() == b.keys()
   return all(np.array_equal(a[k], b[k]) for k in a)
@@ -87,19 +93,24 @@ def _equal(a, b):
 def kl_runs(tmp_path_factory):
   """A 4-step KL run, and the same run stopped at 2 and resumed to 4."""
   base = tmp_path_factory.mktemp("kl")
-  run(base / "straight", {**KL, "total_steps": 4})
   run(base / "resumed", {**KL, "total_steps": 2})
+  # What is on disk the moment `train` returns: its async saves finished.
+  saved_at_return = _saved_steps(base / "resumed")
   shutil.copytree(base / "resumed", base / "at2")
-  return base
+  run(base / "straight", {**KL, "total_steps": 4})
+  return base, saved_at_return
 
 
 @pytest.mark.slow
 def test_kl_run_resumes_exactly_with_its_reference_and_async_saves(
     kl_runs, caplog):
-  straight, resumed = kl_runs / "straight", kl_runs / "resumed"
+  base, saved_at_return = kl_runs
+  straight, resumed = base / "straight", base / "resumed"
+  # The async save of the last step was complete when the run returned...
+  assert saved_at_return == [1, 2]
   with caplog.at_level(logging.INFO, logger="brorl_jax.train"):
     run(resumed, {**KL, "total_steps": 4})
-  # The async save of step 2 was complete when the first run returned.
+  # ...and the resumed run started from it.
   assert "resumed from step 2" in caplog.text
   for step in (2, 3, 4):
     ref_a, params_a = _ref_and_params(straight, step)
@@ -138,15 +149,16 @@ def _run_on(devices: int, workdir, overrides):
 
 @pytest.mark.slow
 def test_checkpoint_from_8_devices_resumes_on_4_and_on_1(kl_runs, tmp_path):
+  base, _ = kl_runs
   # Step 2 of an FSDP run on 8 devices; one more step (with the reference
   # reset) on 4 devices (2x2 mesh) and on 1.
   procs = {}
   for devices, mesh in ((4, [2, 2, 1]), (1, [1, 1, 1])):
     workdir = tmp_path / f"on{devices}"
-    shutil.copytree(kl_runs / "at2", workdir)
+    shutil.copytree(base / "at2", workdir)
     procs[devices] = (workdir, _run_on(devices, workdir, {
         **KL, "total_steps": 3, "mesh.shape": mesh}))
-  want = read_metrics(kl_runs / "straight")[2]
+  want = read_metrics(base / "straight")[2]
   assert want["step"] == 3
   for devices, (workdir, proc) in procs.items():
     out, _ = proc.communicate(timeout=600)
@@ -183,7 +195,8 @@ def _mixed_rewards(directory):
 
 
 @pytest.mark.slow
-def test_oversampling_refills_groups_that_dynamic_sampling_drops(tmp_path):
+def test_oversampling_refills_groups_that_dynamic_sampling_drops(tmp_path,
+                                                                 capsys):
   workdir = tmp_path / "run"
   run(workdir, {**_mixed_rewards(tmp_path), "total_steps": 2,
                 "algo.advantage.dynamic_sampling": True,
@@ -205,6 +218,11 @@ def test_oversampling_refills_groups_that_dynamic_sampling_drops(tmp_path):
   archive.close()
   assert mixed_seen > 0           # the data gave the refill something to do
   assert rows[-1]["optim/updates_total"] == 4
+  # `logging.progress = "lines"`: one line per step, then the summary.
+  out = capsys.readouterr().out.splitlines()
+  assert [line.split("  ")[0] for line in out
+          if line.startswith("RL step")] == ["RL step 1/2", "RL step 2/2"]
+  assert out[-1].startswith("done: step 2 (2 this run")
 
 
 @pytest.fixture(scope="module")
@@ -224,6 +242,9 @@ def test_token_budget_stops_the_run_and_saves(budget_run):
   # A step generates at most 4 x 8 x 10 = 320 tokens: the budget of 500 is
   # reached at step 2 or 3, long before total_steps = 10.
   assert len(rows) < 10 and totals[-1] >= 500 and totals[-2] < 500
+  # The pipeline's counts ride along in every row.
+  assert all(r["data/train/rows"] == 300 and r["data/train/kept"] == 300
+             and r["data/train/too_long"] == 0 for r in rows)
   saved = checkpointing.TrainCheckpointer(budget_run / "checkpoints", keep=3)
   assert saved.latest_step() == rows[-1]["step"]
   saved.close()
