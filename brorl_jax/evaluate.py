@@ -43,6 +43,7 @@ from brorl_jax.config import check
 from brorl_jax.data.prompts import PromptPipeline
 from brorl_jax.experiment import global_prompt_arrays
 from brorl_jax.hf import CheckpointFormatError
+from brorl_jax.progress import Progress
 from brorl_jax.rewards import is_correct
 from brorl_jax.scoring import sample_and_score
 
@@ -198,7 +199,8 @@ class Evaluator:
   def __init__(self, exp: Any, pool: Any, *, sampler_cfg: Any = None,
                ks: Sequence[int] | None = None,
                max_prompts: int | None = None, greedy: bool = False,
-               pipeline: Any = None, batch_size: int | None = None):
+               pipeline: Any = None, batch_size: int | None = None,
+               progress: str | None = None):
     """Builds the eval sampler and the held-out prompt set.
 
     Args:
@@ -212,6 +214,8 @@ class Evaluator:
         n = 1 and drops every k > 1.
       pipeline: the run's prompt pipeline (default `exp.pipeline()`).
       batch_size: prompts per sampler call (default: the training step's).
+      progress: "bar", "lines", "off" or None (default
+        `exp.cfg.logging.progress`): problems done and the running pass@1.
     """
     sampler_cfg = sampler_cfg or exp.cfg.eval_sampler()
     ks = tuple(exp.cfg.eval.k if ks is None else ks)
@@ -241,6 +245,14 @@ class Evaluator:
         max_prompt_len=pipeline.max_prompt_len,
         prompts_per_step=self.batch_size,
         known_verifiers=set(rewards.VERIFIERS))
+    self.progress = (exp.cfg.logging.progress if progress is None
+                     else progress)
+
+  def data_metrics(self) -> dict[str, int]:
+    """The held-out set's counts (`data/eval/rows`, `.../too_long`, ...),
+    read now if no evaluation has read them yet (a resumed run)."""
+    self._view.file_stats("eval")
+    return self._view.metrics()
 
   def evaluate(self, params: Any, step: int, rng: jax.Array, *,
                should_stop: Callable[[], bool] | None = None
@@ -270,6 +282,11 @@ class Evaluator:
     limit = self.max_prompts
     correct, tasks = [], []
     sums = np.zeros(3)  # reward, response length, truncated
+    total = sum(s.kept for s in self._view.file_stats("eval"))
+    total = total if limit is None else min(total, limit)
+    progress = Progress(self.progress, "eval", total, unit="problems",
+                        max_lines=10, enabled=self.exp.is_main)
+    done = num_correct = 0
     for b, batch in enumerate(self._view.eval_batches(self.batch_size)):
       first = b * self.batch_size
       if limit is not None and first >= limit:
@@ -294,6 +311,10 @@ class Evaluator:
       correct.append(is_correct(rewards, self.threshold).sum(-1))
       tasks += [r.task for r, k in zip(batch.records, keep) if k]
       sums += (rewards.sum(), resp_len.sum(), (~stopped).sum())
+      done, num_correct = done + len(rewards), num_correct + correct[-1].sum()
+      progress.update(done, {"pass@1": float(num_correct) /
+                             max(done * self.n, 1)})
+    progress.close()
     return EvalResult(
         n=self.n, ks=self.ks, step=step, greedy=self.greedy,
         correct=np.concatenate(correct) if correct else np.zeros(0, int),
@@ -361,7 +382,8 @@ def _load_policy(exp: Any, source: pathlib.Path, step: int | None,
   """(params in the sampling layout, checkpoint step or None)."""
   shardings = exp.param_shardings(sampling=True)
   if from_hf and not (source / checkpointing.MODEL_CONFIG_FILE).exists():
-    return hf.load_hf_params(source, exp.model_cfg, shardings), None
+    return hf.load_hf_params(source, exp.model_cfg, shardings,
+                             progress=exp.cfg.logging.progress), None
   if (source / "checkpoints").exists() and step is None:
     ckpt = checkpointing.TrainCheckpointer(source / "checkpoints", keep=1,
                                            async_save=False)

@@ -98,7 +98,8 @@ class Experiment:
       _, params, _ = checkpointing.load_policy_params(path,
                                                       shardings=shardings)
       return params
-    return hf.load_hf_params(path, self.model_cfg, shardings)
+    return hf.load_hf_params(path, self.model_cfg, shardings,
+                             progress=self.cfg.logging.progress)
 
   # ---- parts ---------------------------------------------------------------
 

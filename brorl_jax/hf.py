@@ -29,6 +29,7 @@ from safetensors.numpy import save_file
 from brorl_jax import checkpointing, cli
 from brorl_jax.model.config import ModelConfig
 from brorl_jax.model.transformer import Policy
+from brorl_jax.progress import Progress
 
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json",
@@ -237,7 +238,8 @@ def _set(tree: dict[str, Any], path: str, value: Any) -> None:
 
 
 def load_hf_params(hf_dir: str | os.PathLike, cfg: ModelConfig,
-                   shardings: dict[str, Any] | None = None) -> dict[str, Any]:
+                   shardings: dict[str, Any] | None = None, *,
+                   progress: str | None = None) -> dict[str, Any]:
   """Loads HF safetensors into our parameter tree, tensor by tensor.
 
   Args:
@@ -245,6 +247,8 @@ def load_hf_params(hf_dir: str | os.PathLike, cfg: ModelConfig,
     cfg: the model config (from `config_from_hf`).
     shardings: our NamedShardings tree; None puts arrays on the default
       device.
+    progress: "bar", "lines", "off" or None (bar on a terminal, else
+      lines): tensors loaded (process 0 reports).
 
   Returns:
     The parameter tree, in `cfg.param_dtype`.
@@ -259,6 +263,8 @@ def load_hf_params(hf_dir: str | os.PathLike, cfg: ModelConfig,
   dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
   params: dict[str, Any] = {}
   seen = set()
+  report = Progress(progress, "hf import", len(expected), unit="tensors",
+                    max_lines=10, enabled=jax.process_index() == 0)
   for name, tensor in iter_hf_tensors(pathlib.Path(hf_dir)):
     if cfg.tie_embeddings and name == "lm_head.weight":
       continue  # some tied checkpoints still store the (identical) head
@@ -285,7 +291,9 @@ def load_hf_params(hf_dir: str | os.PathLike, cfg: ModelConfig,
                                            lambda idx, v=value: v[idx])
     _set(params, path, array)
     seen.add(path)
+    report.update(len(seen))
     del value
+  report.close()
   missing = sorted(set(expected) - seen)
   if missing:
     name, _ = ours_to_hf(missing[0])
@@ -313,7 +321,8 @@ def save_hf(params: dict[str, Any], cfg: ModelConfig,
             out_dir: str | os.PathLike, *, dtype: str = "float32",
             tokenizer_dir: pathlib.Path | None = None,
             stop_ids: tuple[int, ...] = (),
-            max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+            max_shard_bytes: int = MAX_SHARD_BYTES,
+            progress: str | None = None) -> None:
   """Writes a transformers-loadable checkpoint (only on process 0).
 
   Args:
@@ -324,6 +333,8 @@ def save_hf(params: dict[str, Any], cfg: ModelConfig,
     tokenizer_dir: tokenizer files to copy alongside.
     stop_ids: extra eos ids for generation_config.json.
     max_shard_bytes: shard size limit (5 GB, as transformers).
+    progress: "bar", "lines", "off" or None (bar on a terminal, else
+      lines): tensors written (process 0 reports).
   """
   np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
   out = pathlib.Path(out_dir)
@@ -345,7 +356,10 @@ def save_hf(params: dict[str, Any], cfg: ModelConfig,
     shards.append({})
     size = 0
 
-  for path, array in sorted(_leaves(params).items()):
+  leaves = sorted(_leaves(params).items())
+  report = Progress(progress, "hf export", len(leaves), unit="tensors",
+                    max_lines=10, enabled=writer)
+  for done, (path, array) in enumerate(leaves, 1):
     if jax.process_count() > 1:
       array = multihost_utils.process_allgather(array, tiled=True)
     name, to_hf = ours_to_hf(path)
@@ -355,7 +369,9 @@ def save_hf(params: dict[str, Any], cfg: ModelConfig,
       flush()
     shards[-1][name] = value
     size += value.nbytes
+    report.update(done)
   flush()
+  report.close()
   n = len(shards) - 1
   if not writer:
     return
@@ -385,7 +401,8 @@ def save_hf(params: dict[str, Any], cfg: ModelConfig,
 
 
 def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *,
-              param_dtype: str | None = None) -> ModelConfig:
+              param_dtype: str | None = None,
+              progress: str | None = None) -> ModelConfig:
   """`hf import`: HF directory -> model dir (params, model config, tokenizer).
 
   The output directory holds `params/` (an orbax checkpoint),
@@ -397,7 +414,7 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *,
   source = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"
   cfg = config_from_hf(hf_config, param_dtype=param_dtype or source,
                        dtype=param_dtype or source)
-  params = load_hf_params(hf_dir, cfg)
+  params = load_hf_params(hf_dir, cfg, progress=progress)
   checkpointing.save_params(out / "params", params)
   checkpointing.save_model_config(cfg, out)
   copy_tokenizer_files(hf_dir, out / "tokenizer")
@@ -405,24 +422,32 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *,
 
 
 def export_hf(workdir: str | os.PathLike, out: str | os.PathLike, *,
-              step: int | None = None, dtype: str | None = None) -> None:
+              step: int | None = None, dtype: str | None = None,
+              progress: str | None = None) -> None:
   """`hf export`: a model dir or training workdir -> HF directory."""
   workdir = pathlib.Path(workdir)
   cfg, params, tokenizer_dir = checkpointing.load_policy_params(workdir, step)
   save_hf(params, cfg, out, dtype=dtype or cfg.param_dtype,
-          tokenizer_dir=tokenizer_dir)
+          tokenizer_dir=tokenizer_dir, progress=progress)
 
 
 def run(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(prog="python -m brorl_jax.hf",
                                    description=__doc__.split("\n\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
-  imp = sub.add_parser("import", help="HF directory -> brorl_jax model dir")
+  progress = argparse.ArgumentParser(add_help=False)
+  progress.add_argument(
+      "--progress", choices=("auto", "bar", "lines", "off"), default="auto",
+      help="tensors done: a bar, plain lines, or nothing (auto: a bar on a "
+      "terminal, else lines)")
+  imp = sub.add_parser("import", help="HF directory -> brorl_jax model dir",
+                       parents=[progress])
   imp.add_argument("--hf_dir", "--hf-dir", required=True)
   imp.add_argument("--out", required=True)
   imp.add_argument("--param_dtype", "--param-dtype",
                    choices=("float32", "bfloat16"))
-  exp = sub.add_parser("export", help="brorl_jax workdir -> HF directory")
+  exp = sub.add_parser("export", help="brorl_jax workdir -> HF directory",
+                       parents=[progress])
   exp.add_argument("--workdir", required=True)
   exp.add_argument("--step", type=int)
   exp.add_argument("--out", required=True)
@@ -430,10 +455,12 @@ def run(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   with cli.input_errors(CheckpointFormatError, FileNotFoundError):
     if args.command == "import":
-      cfg = import_hf(args.hf_dir, args.out, param_dtype=args.param_dtype)
+      cfg = import_hf(args.hf_dir, args.out, param_dtype=args.param_dtype,
+                      progress=args.progress)
       print(f"imported {cfg.num_params():,} parameters into {args.out}")
     else:
-      export_hf(args.workdir, args.out, step=args.step, dtype=args.dtype)
+      export_hf(args.workdir, args.out, step=args.step, dtype=args.dtype,
+                progress=args.progress)
       print(f"exported to {args.out}")
 
 

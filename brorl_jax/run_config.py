@@ -13,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable, Mapping
 
-from brorl_jax.config import (check, config_fields, from_mapping, to_dict,
-                              unknown_key_error)
+from brorl_jax import progress as progress_lib
+from brorl_jax.config import (check, check_choice, config_fields,
+                              from_mapping, to_dict, unknown_key_error)
 from brorl_jax.data.prompts import DataConfig
 from brorl_jax.distributed import MeshConfig
 from brorl_jax.model.config import ModelConfig, model_config
@@ -159,7 +160,12 @@ class LoggingConfig:
 
   Attributes:
     tensorboard: also write TensorBoard event files (tensorboardX).
-    progress_bar: show a tqdm bar (process 0 only).
+    progress: "bar" (tqdm), "lines" (one plain line per RL step, per
+      `warmstart.log_every` warm-start steps and per tenth of an
+      evaluation), "off" (only errors and the final summary); None = bar
+      when stdout is a terminal, lines otherwise. Process 0 only.
+    progress_bar: the older switch, an alias: True = "bar", False =
+      "lines" (no bar); None = unset.
     archive_rollouts: write rollouts to `rollouts/` (tensorstore).
     archive_every: archive every k-th step (a full BroRL step at 16k tokens
       is GBs).
@@ -167,7 +173,8 @@ class LoggingConfig:
   """
 
   tensorboard: bool = True
-  progress_bar: bool = True
+  progress: str | None = None
+  progress_bar: bool | None = None
   archive_rollouts: bool = True
   archive_every: int = 1
   text_samples: int = 4
@@ -175,6 +182,22 @@ class LoggingConfig:
   def __post_init__(self):
     check(self.archive_every >= 1, "logging.archive_every", "must be >= 1")
     check(self.text_samples >= 0, "logging.text_samples", "must be >= 0")
+    check_choice(self.progress, "logging.progress",
+                 (None, "bar", "lines", "off"))
+    check(self.progress_bar in (None, True, False), "logging.progress_bar",
+          f"must be True, False or None, got {self.progress_bar!r}")
+    alias = {None: None, True: "bar", False: "lines"}[self.progress_bar]
+    check(alias is None or self.progress in (None, alias),
+          "logging.progress_bar",
+          f"is an alias of logging.progress ({self.progress_bar} = "
+          f"{alias!r}) and contradicts logging.progress={self.progress!r}; "
+          "set only logging.progress")
+    if self.progress is None:
+      object.__setattr__(self, "progress", alias)
+
+  def progress_mode(self) -> str:
+    """"bar", "lines" or "off" (None resolved on stdout's terminal-ness)."""
+    return progress_lib.resolve(self.progress)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,7 +30,6 @@ import numpy as np
 from absl import app, flags
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
-from tqdm import tqdm
 
 from brorl_jax import checkpointing
 from brorl_jax import cli
@@ -43,6 +42,7 @@ from brorl_jax import workdir as workdir_lib
 from brorl_jax.evaluate import Evaluator, eval_key
 from brorl_jax.metrics import MetricsWriter
 from brorl_jax.model.sharding import reshard
+from brorl_jax.progress import Progress
 from brorl_jax.rl import batch as batch_lib
 from brorl_jax.rl import diagnostics as diag_lib
 from brorl_jax.rl import train_state as ts_lib
@@ -202,8 +202,14 @@ class Trainer:
             "eval_due": 0, "config": self.cfg.raw}
     ws = self.cfg.warmstart
     if ws.steps > 0 and self.cfg.init.path is None:
-      out = run_warmstart(self.exp, params, ws,
-                          should_stop=preempt.requested)
+      with self._progress("warm start", ws.steps) as progress:
+        def report(step, m):
+          progress.update(step, {"loss": m.get("warmstart/loss"),
+                                 "lr": m.get("warmstart/lr"),
+                                 "heldout_loss":
+                                 m.get("warmstart/heldout_loss")})
+        out = run_warmstart(self.exp, params, ws, log_fn=report,
+                            should_stop=preempt.requested)
       if out is None:
         return None
       params, ws_metrics = out
@@ -310,6 +316,11 @@ class Trainer:
     metrics.update({f"verify/{k}": v for k, v in _global_verify_stats(
         self.pool.pop_stats(), {r.verifier for r in prompts.records})
                     .items()})
+    # The prompt sets' counts (rows read, malformed, too long, kept): fixed
+    # once the files are read, logged each step so every row carries them.
+    metrics.update(self.pipeline.metrics())
+    if self.evaluator is not None:
+      metrics.update(self.evaluator.data_metrics())
     times["step_s"] = time.perf_counter() - t0
     metrics.update({f"time/{k}": v for k, v in times.items()})
     metrics["throughput/tokens_per_s"] = (
@@ -477,7 +488,8 @@ class Trainer:
         if start == 0:
           meta["best_eval"] = last.get("eval/pass@1")
         self.writer.write(start, last)
-    bar = self._progress(start)
+    t_start = time.perf_counter()
+    bar = self._progress("RL step", cfg.total_steps, initial=start)
     step = start
     budget = cfg.max_generated_tokens
 
@@ -513,10 +525,12 @@ class Trainer:
         state = self.maybe_reset_reference(state, step, metrics, meta)
         self.writer.write(step, metrics)
         last = metrics
-        if bar is not None:
-          bar.update(1)
-          bar.set_postfix({"reward": f"{metrics['reward/mean']:.3f}",
-                           "pass@1": metrics.get("eval/pass@1", "-")})
+        bar.update(step, {
+            "reward": metrics["reward/mean"],
+            "pass_rate": metrics["reward/pass_rate"],
+            "tokens/s": metrics["throughput/tokens_per_s"],
+            "s": metrics["time/step_s"],
+            "eval_pass@1": metrics.get("eval/pass@1")})
         if (last_step or preempt.requested()
             or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)):
           self.checkpointer.save(step, state, train_iter, self._meta(meta))
@@ -539,9 +553,11 @@ class Trainer:
                     "will", e)
       raise
     finally:
-      if bar is not None:
-        bar.close()
+      bar.close()
       self.close(preempt)
+    if self.exp.is_main:
+      self._summary(start, step, last, time.perf_counter() - t_start,
+                    preempted=preempt.requested_at is not None)
     return last
 
   def close(self, preempt) -> None:
@@ -556,11 +572,23 @@ class Trainer:
   def _meta(self, meta: dict) -> dict:
     return {**meta, "versions": {"jax": jax.__version__}}
 
-  def _progress(self, start: int):
-    if not (self.cfg.logging.progress_bar and self.exp.is_main):
-      return None
-    return tqdm(total=self.cfg.total_steps, initial=start, desc="RL steps",
-                dynamic_ncols=True)
+  def _progress(self, desc: str, total: int, initial: int = 0) -> Progress:
+    return Progress(self.cfg.logging.progress_mode(), desc, total,
+                    initial=initial, enabled=self.exp.is_main)
+
+  @staticmethod
+  def _summary(start: int, step: int, last: dict, seconds: float, *,
+               preempted: bool) -> None:
+    """The run's last line, in every progress mode (stdout, process 0)."""
+    parts = [f"{'preempted' if preempted else 'done'}: step {step} "
+             f"({step - start} this run, {seconds:.1f} s)"]
+    for key in ("reward/mean", "reward/pass_rate", "eval/pass@1",
+                "rollout/generated_tokens_total"):
+      if last.get(key) is not None:
+        value = last[key]
+        parts.append(f"{key} {value:.4g}" if isinstance(value, float)
+                     else f"{key} {value}")
+    print("  ".join(parts), flush=True)
 
 
 def train(config: Any, workdir: str) -> dict[str, float]:
@@ -607,6 +635,9 @@ def run(argv: list[str] | None = None) -> None:
     fl = flags.FLAGS
     with cli.input_errors():
       cfg = run_config.load(fl.config)
+    if cfg.logging.progress_mode() == "off":
+      # Only errors, and the final summary (printed, not logged).
+      logging.getLogger().setLevel(logging.ERROR)
     if fl.print_config:
       print(run_config.dumps(cfg))
       return

@@ -226,7 +226,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.logging = ml_collections.ConfigDict()
   c.logging.tensorboard = True
-  c.logging.progress_bar = True
+  # None: a bar on a terminal, one line per step otherwise (pod logs).
+  c.logging.progress = ml_collections.FieldReference(None, str)
+  c.logging.progress_bar = ml_collections.FieldReference(None, bool)  # alias
   c.logging.archive_rollouts = True
   c.logging.archive_every = 1
   c.logging.text_samples = 4

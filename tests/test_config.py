@@ -35,6 +35,7 @@ def test_shipped_configs_validate():
     ("mesh.shape", (2, 2), "mesh.shape"),
     ("checkpoint.keep", 0, "checkpoint.keep"),
     ("logging.archive_every", 0, "logging.archive_every"),
+    ("logging.progress", "bars", "logging.progress"),
 ])
 def test_bad_values_name_the_key(key, value, named):
   c = demo_cpu.get_config()
@@ -60,4 +61,16 @@ def test_unknown_keys_are_named():
   c = ml_collections.ConfigDict(demo_cpu.get_config().to_dict())
   c.optimizer = ml_collections.ConfigDict({"lr": 1.0})
   with pytest.raises(config_lib.ConfigError, match="optimizer"):
+    run_config.load(c)
+
+
+def test_progress_bar_is_an_alias_of_progress():
+  c = demo_cpu.get_config()
+  assert run_config.load(c).logging.progress is None      # auto
+  c.logging.progress_bar = True
+  assert run_config.load(c).logging.progress == "bar"
+  c.logging.progress_bar = False
+  assert run_config.load(c).logging.progress_mode() == "lines"
+  c.logging.progress = "off"
+  with pytest.raises(config_lib.ConfigError, match=r"logging\.progress_bar"):
     run_config.load(c)

@@ -147,7 +147,7 @@ def _independent_greedy(exp, params):
   return np.asarray(correct)
 
 
-def test_greedy_pass1_equals_independent_scoring(run):
+def test_greedy_pass1_equals_independent_scoring(run, capsys):
   exp, pool = run["exp"], run["pool"]
   want = _independent_greedy(exp, run["warm"])
   assert len(want) == 14 and 0 < want.mean() < 1, want.mean()
@@ -160,9 +160,15 @@ def test_greedy_pass1_equals_independent_scoring(run):
   assert metrics["eval/arithmetic/pass@1"] == metrics["eval/pass@1"]
   assert metrics["eval/num_prompts"] == 14
   # Batches of 12 end in 4 filler rows, which must not count.
-  by_12 = evaluate.Evaluator(exp, pool, greedy=True, batch_size=12).run(
+  capsys.readouterr()
+  by_12 = evaluate.Evaluator(exp, pool, greedy=True, batch_size=12,
+                             progress="lines").run(
       run["warm"], 3, jax.random.key(0))
   np.testing.assert_array_equal(by_12.correct, result.correct)
+  # Progress lines: problems done (fillers excluded), running pass@1.
+  lines = capsys.readouterr().out.splitlines()
+  assert lines == [f"eval 12/14 problems  pass@1 {want[:12].mean():.4g}",
+                   f"eval 14/14 problems  pass@1 {want.mean():.4g}"]
 
 
 def test_sampled_evaluation(run):

@@ -99,13 +99,18 @@ def test_sharded_export_and_bf16(tmp_path):
   assert cfg16.param_dtype == "bfloat16"
 
 
-def test_import_sharded_onto_mesh(tmp_path):
+def test_import_sharded_onto_mesh(tmp_path, capsys):
   from brorl_jax.model.sharding import TRAIN_RULES, MeshRules, make_mesh
   _, path = _make_hf_model(tmp_path, tied=False, kv_heads=2)
   cfg = hf.config_from_hf(json.loads((path / "config.json").read_text()))
   mesh_rules = MeshRules(make_mesh((1, 4, 2)), TRAIN_RULES)
   params = hf.load_hf_params(path, cfg,
-                             Policy.create(cfg).shardings(mesh_rules))
+                             Policy.create(cfg).shardings(mesh_rules),
+                             progress="lines")
+  lines = capsys.readouterr().out.splitlines()
+  total = len(jax.tree.leaves(params))
+  assert lines[-1] == f"hf import {total}/{total} tensors"
+  assert 1 < len(lines) <= 10
   q = params["layer_0"]["attn"]["q_proj"]
   assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
   assert len(q.addressable_shards) == 8

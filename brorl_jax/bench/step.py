@@ -109,7 +109,7 @@ def main(argv: list[str]) -> dict:
   parser.add_argument("--steps", type=int, default=8,
                       help="timed iterations per arm (after 2 warm-up ones)")
   args = parser.parse_args(argv)
-  base = {"warmstart.steps": 0, "logging.progress_bar": False,
+  base = {"warmstart.steps": 0, "logging.progress": "off",
           "logging.tensorboard": False, "logging.archive_rollouts": False,
           "data.synthetic.eval": 0,
           "algo.advantage.dynamic_sampling": False}

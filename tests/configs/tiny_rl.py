@@ -34,5 +34,5 @@ def get_config():
   c.checkpoint.every = 2
   c.checkpoint.async_save = False
   c.diagnostics.rescore_rollouts = 8
-  c.logging.progress_bar = False
+  c.logging.progress = "lines"
   return c
