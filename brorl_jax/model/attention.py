@@ -7,8 +7,6 @@ owns the cache layout:
   * `FullAttention`: no cache; a causal (and padding) mask over the given
     sequence. Used for training forwards and for the sampler's prefill, where
     it also returns the fresh keys/values so the prompt's KV can be stored.
-  * `CachedAttention`: a plain `[B, S, K, H]` cache written at a shared end
-    index (left-padded prompts keep every row aligned).
   * `SharedPrefixAttention` (rollout/): the prompt's KV kept once per prompt
     and the rollouts' own KV per rollout, merged by log-sum-exp.
 
@@ -133,56 +131,3 @@ class FullAttention:
     del cache
     out, _ = attend_lse(q, k, v, self.mask)
     return out, ((k, v) if self.return_kv else None)
-
-
-@struct.dataclass
-class KVCache:
-  """A plain per-row KV cache.
-
-  Attributes:
-    k: per layer [B, S, K, H].
-    v: per layer [B, S, K, H].
-    valid: [B, S] bool, slots holding a real (non-padding) token.
-    end: int32 scalar, next slot to write (shared by all rows).
-  """
-
-  k: tuple[jax.Array, ...]
-  v: tuple[jax.Array, ...]
-  valid: jax.Array
-  end: jax.Array
-
-  @classmethod
-  def zeros(cls, num_layers: int, batch: int, length: int, num_kv_heads: int,
-            head_dim: int, dtype: Any) -> "KVCache":
-    shape = (batch, length, num_kv_heads, head_dim)
-    return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
-               v=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
-               valid=jnp.zeros((batch, length), bool),
-               end=jnp.zeros((), jnp.int32))
-
-
-@struct.dataclass
-class CachedAttention:
-  """Writes the new keys/values at `end` and attends over the whole cache.
-
-  Attributes:
-    valid: [B, S] bool, slot validity *after* this write.
-    end: int32 scalar, slot where the first new token is written.
-  """
-
-  valid: jax.Array
-  end: jax.Array
-
-  def __call__(self, q, k, v, cache):
-    k_cache, v_cache = cache
-    k_cache = jax.lax.dynamic_update_slice_in_dim(
-        k_cache, k.astype(k_cache.dtype), self.end, axis=1)
-    v_cache = jax.lax.dynamic_update_slice_in_dim(
-        v_cache, v.astype(v_cache.dtype), self.end, axis=1)
-    t, s = q.shape[1], k_cache.shape[1]
-    # Query i sits at slot end + i and sees valid slots up to its own.
-    q_slot = self.end + jnp.arange(t)
-    mask = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & \
-        self.valid[:, None, :]
-    out, _ = attend_lse(q, k_cache, v_cache, mask)
-    return out, (k_cache, v_cache)

@@ -117,28 +117,6 @@ def terms_from_masks(probs: jax.Array, correct_mask: jax.Array,
   }
 
 
-def first_token_terms(probs: jax.Array, first_tokens: jax.Array,
-                      rewards: jax.Array, valid: jax.Array,
-                      correct_threshold: float) -> dict[str, jax.Array]:
-  """Theorem 1's observable terms per prompt from one step's rollouts.
-
-  Args:
-    probs: `[P, V]` float32, the pre-update distribution at the first
-      response position (the temperature-scaled one rollouts came from).
-    first_tokens: `[P, G]` int32 first response tokens.
-    rewards: `[P, G]` float32 rollout rewards.
-    valid: `[P, G]` bool, rollouts that exist / have >= 1 token.
-    correct_threshold: mean reward >= this makes a first token correct.
-
-  Returns:
-    The `[P]` arrays of `terms_from_masks`. To reuse the sets after the
-    update, call `first_token_masks` and `terms_from_masks` directly.
-  """
-  correct, incorrect = first_token_masks(first_tokens, rewards, valid,
-                                         probs.shape[-1], correct_threshold)
-  return terms_from_masks(probs, correct, incorrect)
-
-
 def realized_first_token_change(
     probs_before: jax.Array, probs_after: jax.Array, correct_mask: jax.Array,
     incorrect_mask: jax.Array) -> dict[str, jax.Array]:
@@ -217,7 +195,7 @@ def summarize(terms: dict[str, jax.Array],
   """Means over the selected prompts, and the share with a positive margin.
 
   Args:
-    terms: `[P]` arrays (from `first_token_terms` or
+    terms: `[P]` arrays (from `terms_from_masks` or
       `realized_first_token_change`).
     prompt_mask: `[P]` bool, prompts to include (e.g. those with at least one
       valid rollout, on this host).

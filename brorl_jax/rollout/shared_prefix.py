@@ -63,22 +63,6 @@ class SharedPrefixAttention:
     return (jnp.zeros((p * g, kv_heads, head_dim, t), dtype),
             jnp.zeros((p * g, kv_heads, t, head_dim), dtype))
 
-  @staticmethod
-  def to_suffix_layout(k: jax.Array, v: jax.Array
-                       ) -> tuple[jax.Array, jax.Array]:
-    """[P, G, T, K, H] keys and values -> the stored suffix layouts."""
-    p, g, t, kv, h = k.shape
-    return (k.transpose(0, 1, 3, 4, 2).reshape(p * g, kv, h, t),
-            v.transpose(0, 1, 3, 2, 4).reshape(p * g, kv, t, h))
-
-  @staticmethod
-  def from_suffix_layout(k: jax.Array, v: jax.Array, p: int
-                         ) -> tuple[jax.Array, jax.Array]:
-    """The stored suffix layouts -> [P, G, T, K, H] keys and values."""
-    b, kv, h, t = k.shape
-    return (k.reshape(p, b // p, kv, h, t).transpose(0, 1, 4, 2, 3),
-            v.reshape(p, b // p, kv, t, h).transpose(0, 1, 3, 2, 4))
-
   def __call__(self, q, k, v, cache):
     prefix_k, prefix_v, suffix_k, suffix_v = cache
     p, kv_heads, h, _ = prefix_k.shape

@@ -13,6 +13,7 @@ from brorl_jax.model.sharding import (SAMPLE_RULES, TRAIN_RULES, MeshRules,
                                       activation_rules, constrain_merged,
                                       make_mesh, reshard)
 from brorl_jax.model.transformer import Policy, positions_from_valid
+from tests.model import cached_attention
 
 
 def _batch(rng, b, t, vocab, pads):
@@ -64,16 +65,16 @@ def test_kv_cached_decode_matches_full_forward(tiny_policy, tiny_params):
   @jax.jit
   def decode(params, tokens, valid):
     model = tiny_policy.bind(params)
-    cache = attn_lib.KVCache.zeros(cfg.num_layers, 3, lp + steps,
+    cache = cached_attention.KVCache.zeros(cfg.num_layers, 3, lp + steps,
                                    cfg.num_kv_heads, cfg.head_dim, jnp.float32)
     positions = positions_from_valid(valid)
     layers = tuple(zip(cache.k, cache.v))
     # Prefill the prompt through the cache, then one token at a time.
-    strategy = attn_lib.CachedAttention(valid=valid, end=jnp.int32(0))
+    strategy = cached_attention.CachedAttention(valid=valid, end=jnp.int32(0))
     hidden, layers = model(tokens[:, :lp], positions[:, :lp], strategy, layers)
     out = [model.logits(hidden)]
     for t in range(lp, lp + steps):
-      strategy = attn_lib.CachedAttention(valid=valid, end=jnp.int32(t))
+      strategy = cached_attention.CachedAttention(valid=valid, end=jnp.int32(t))
       hidden, layers = model(tokens[:, t:t + 1], positions[:, t:t + 1],
                              strategy, layers)
       out.append(model.logits(hidden))

@@ -37,11 +37,19 @@ def reference(probs, first_tokens, rewards, valid, threshold):
   return {k: np.array(v) for k, v in out.items()}, sets
 
 
+def first_token_terms(probs, first_tokens, rewards, valid, threshold):
+  """Theorem 1's observable terms per prompt from one step's rollouts, as
+  `rl/batch.prepare` composes them."""
+  correct, incorrect = mb.first_token_masks(first_tokens, rewards, valid,
+                                            probs.shape[-1], threshold)
+  return mb.terms_from_masks(probs, correct, incorrect)
+
+
 def check_against_reference(probs, tokens, rewards, valid, threshold):
   probs = np.asarray(probs, np.float32)
   args = (jnp.asarray(probs), jnp.asarray(tokens, jnp.int32),
           jnp.asarray(rewards, jnp.float32), jnp.asarray(valid, bool))
-  got = jax.jit(mb.first_token_terms)(*args, threshold)
+  got = jax.jit(first_token_terms)(*args, threshold)
   want, sets = reference(probs, np.asarray(tokens),
                          np.asarray(rewards, np.float32), np.asarray(valid),
                          threshold)

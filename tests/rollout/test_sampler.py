@@ -12,6 +12,7 @@ from brorl_jax.model.sharding import (SAMPLE_RULES, MeshRules, make_mesh,
 from brorl_jax.model.transformer import positions_from_valid
 from brorl_jax.rollout import Sampler, SamplerConfig, sampling
 from brorl_jax.rollout.shared_prefix import SharedPrefixAttention
+from tests.rollout import suffix_layout
 
 LP, T = 10, 8
 
@@ -70,8 +71,8 @@ def test_shared_prefix_equals_repeated_cache(tiny_cfg):
   layout = SharedPrefixAttention
   out, (_, _, sk, sv) = SharedPrefixAttention(valid, jnp.int32(step))(
       q, new_k, new_v, (*layout.prefix_layout(prefix_k, prefix_v),
-                        *layout.to_suffix_layout(suffix_k, suffix_v)))
-  sk, sv = SharedPrefixAttention.from_suffix_layout(sk, sv, p)
+                        *suffix_layout.to_suffix_layout(suffix_k, suffix_v)))
+  sk, sv = suffix_layout.from_suffix_layout(sk, sv, p)
   # Reference: every rollout gets its own copy of the prompt's cache.
   rep = lambda x: jnp.repeat(x, g, axis=0)  # noqa: E731
   keys = jnp.concatenate([rep(prefix_k), sk.reshape(p * g, t, k, h)], 1)
