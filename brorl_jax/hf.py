@@ -12,7 +12,6 @@ target sharding, so a checkpoint never needs twice its size in host RAM.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import pathlib

@@ -26,6 +26,7 @@ is never padded or copied.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
