@@ -25,6 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"   # f32 master weights; bf16 compute below
   c.model.dtype = "bfloat16"
   c.model.remat = True
+  # Training/prefill attention without [T, T] scores: "auto" = blockwise on
+  # CPU, cuDNN on GPU, Pallas splash on TPU ("reference": full scores).
+  c.model.attention_backend = "auto"
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)         # (data, fsdp, tensor)

@@ -40,7 +40,7 @@ def _our_logits(cfg, params, tokens):
   def fwd(params):
     model = policy.bind(params)
     hidden, _ = model(tokens, positions_from_valid(valid),
-                      attn_lib.FullAttention(attn_lib.causal_mask(valid)))
+                      attn_lib.FullAttention(valid))
     return model.logits(hidden)
   return np.asarray(fwd(params))
 

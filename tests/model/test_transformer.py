@@ -28,7 +28,7 @@ def _forward_logits(policy, mesh_rules=None):
     with activation_rules(mesh_rules):
       model = policy.bind(params)
       hidden, _ = model(tokens, positions_from_valid(valid),
-                        attn_lib.FullAttention(attn_lib.causal_mask(valid)))
+                        attn_lib.FullAttention(valid))
       return model.logits(hidden)
   return jax.jit(fwd)
 
@@ -95,7 +95,7 @@ def test_remat_and_bf16_run():
   def loss(params):
     model = policy.bind(params)
     hidden, _ = model(tokens, positions_from_valid(valid),
-                      attn_lib.FullAttention(attn_lib.causal_mask(valid)))
+                      attn_lib.FullAttention(valid))
     return model.logits(hidden).mean()
   grads = jax.jit(jax.grad(loss))(params)
   assert grads["layer_0"]["mlp"]["up_proj"].dtype == jnp.float32
