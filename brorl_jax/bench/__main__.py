@@ -1,9 +1,9 @@
-"""python -m brorl_jax.bench sampler|step|verifiers [--json PATH] [...]"""
+"""python -m brorl_jax.bench sampler|step|verifiers|attention [--json PATH] [...]"""
 
 import importlib
 import sys
 
-BENCHES = ("sampler", "step", "verifiers")
+BENCHES = ("sampler", "step", "verifiers", "attention")
 
 
 def run(argv: list[str] | None = None) -> None:

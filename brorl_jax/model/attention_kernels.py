@@ -29,7 +29,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from brorl_jax.model import pallas_attention
 from brorl_jax.model.config import ATTENTION_BACKENDS
 from brorl_jax.model.sharding import active_platform
 
@@ -81,9 +80,17 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array,
     return blockwise_attention(q, k, v, valid)
   if name == "cudnn":
     return cudnn_attention(q, k, v, valid)
-  if name == "splash":
-    return pallas_attention.splash_attention(q, k, v, valid)
-  return pallas_attention.pallas_gpu_attention(q, k, v, valid)
+  return _pallas(name)(q, k, v, valid)
+
+
+def _pallas(name: str):
+  """The Pallas backend `name` ("splash" or "pallas_gpu")."""
+  # Imported here: the kernel modules pull in the Mosaic and Triton lowerings
+  # (13% of `import brorl_jax.model.attention`, measured), which only runs
+  # that pick a Pallas backend use.
+  from brorl_jax.model import pallas_attention
+  return {"splash": pallas_attention.splash_attention,
+          "pallas_gpu": pallas_attention.pallas_gpu_attention}[name]
 
 
 def _group(x: jax.Array, kv_heads: int) -> jax.Array:
@@ -256,7 +263,7 @@ def cudnn_attention(q, k, v, valid, implementation: str | None = "cudnn"):
   """
   if implementation == "cudnn" and q.dtype not in (jnp.bfloat16,
                                                    jnp.float16):
-    return pallas_attention.pallas_gpu_attention(q, k, v, valid)
+    return _pallas("pallas_gpu")(q, k, v, valid)
   start, length = _span(valid)
   # A zero length is no layout cuDNN promises to handle; the row's outputs
   # are zeroed below either way.
