@@ -8,7 +8,7 @@ real tokens 1, padding 0) instead of a mask and returns `[B, T, N, H]`;
 outputs at padding queries are finite and unspecified (no caller reads them:
 they are never targets, and no real query sees their keys).
 
-  * `reference`: einsum scores `[B, K, Q, T, T]` in float32 (the seed's
+  * `reference`: einsum scores `[B, K, Q, T, T]` in float32 (the original
     attention; kept as the yardstick of the tests and the bench).
   * `blockwise`: online softmax in pure JAX, a scan over key blocks with a
     custom VJP that recomputes each block's probabilities in the backward
@@ -66,8 +66,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array,
     q: [B, T, N, H] queries (RoPE applied).
     k: [B, T, K, H] keys.
     v: [B, T, K, H] values.
-    valid: [B, T] bool, True at real tokens (one contiguous span per row,
-      possibly empty).
+    valid: [B, T] bool, True at real tokens: one contiguous span per row,
+      possibly empty (`cudnn` relies on it; the others take any pattern).
     backend: a name from `ATTENTION_BACKENDS`.
 
   Returns:

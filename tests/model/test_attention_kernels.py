@@ -83,7 +83,7 @@ def test_gpu_backends_match_reference(backend):
   out = jax.jit(lambda *a: ak.attend(*a, backend=backend))(q, k, v, valid)
   ref = ak.reference_attention(q, k, v, valid)
   m = valid[:, :, None, None]
-  tol = 2e-5 if q.dtype == jnp.float32 else 2e-2
+  tol = 2e-5 if q.dtype == jnp.float32 else 3e-2   # bf16: ~4 ulps of 1
   np.testing.assert_allclose(
       jnp.where(m, out, 0).astype(jnp.float32),
       jnp.where(m, ref, 0).astype(jnp.float32), atol=tol, rtol=0)
