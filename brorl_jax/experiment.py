@@ -206,11 +206,13 @@ def prepare_tokenizer(cfg: RunConfig, workdir: pathlib.Path
 def model_config_for(cfg: RunConfig, workdir: pathlib.Path,
                      tokenizer: tokenizer_lib.Tokenizer) -> ModelConfig:
   """The policy's config: the workdir's (resume), the imported checkpoint's
-  (with the run's dtype/remat choices), or the config's `model` section."""
+  (with the run's dtype/remat choices), or the config's `model` section;
+  the attention backend is always the run's (it depends on the platform)."""
+  backend = dict(attention_backend=cfg.model.attention_backend)
   if (workdir / checkpointing.MODEL_CONFIG_FILE).exists():
-    return checkpointing.load_model_config(workdir)
+    return checkpointing.load_model_config(workdir).replace(**backend)
   numerics = dict(param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
-                  remat=cfg.model.remat)
+                  remat=cfg.model.remat, **backend)
   path = cfg.init.path
   if path is not None:
     path = pathlib.Path(path)
@@ -220,7 +222,7 @@ def model_config_for(cfg: RunConfig, workdir: pathlib.Path,
       model_cfg = hf.config_from_hf(json.loads(
           (path / "config.json").read_text()), **{
               k: numerics[k] for k in ("param_dtype", "dtype")}).replace(
-                  remat=cfg.model.remat)
+                  remat=cfg.model.remat, **backend)
     else:
       raise ConfigError(
           f"config key 'init.path': {path} is neither a brorl_jax model "

@@ -24,22 +24,26 @@ import numpy as np
 
 from brorl_jax import checkpointing, cli, hf
 from brorl_jax.data import tokenizer_loader
+from brorl_jax.model.config import ATTENTION_BACKENDS
 from brorl_jax.model.sharding import SAMPLE_RULES, MeshRules, make_mesh
 from brorl_jax.model.transformer import Policy
 from brorl_jax.rollout import Sampler, SamplerConfig
 
 
 def load_policy(workdir: str | None, hf_dir: str | None,
-                step: int | None, mesh_rules: MeshRules):
+                step: int | None, mesh_rules: MeshRules,
+                attention_backend: str = "auto"):
   """(Policy, params in the sampling layout, tokenizer) from either source."""
+  backend = dict(attention_backend=attention_backend)
   if hf_dir is not None:
     path = pathlib.Path(hf_dir)
-    cfg = hf.config_from_hf(json.loads((path / "config.json").read_text()))
+    cfg = hf.config_from_hf(json.loads(
+        (path / "config.json").read_text())).replace(**backend)
     policy = Policy.create(cfg)
     params = hf.load_hf_params(path, cfg, policy.shardings(mesh_rules))
     return policy, params, tokenizer_loader.load_tokenizer(path)
   path = pathlib.Path(workdir)
-  cfg = checkpointing.load_model_config(path)
+  cfg = checkpointing.load_model_config(path).replace(**backend)
   policy = Policy.create(cfg)
   _, params, tok_dir = checkpointing.load_policy_params(
       path, step, shardings=policy.shardings(mesh_rules))
@@ -109,12 +113,17 @@ def run(argv: list[str] | None = None) -> None:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--step", type=int, help="checkpoint step (workdir)")
   parser.add_argument("--json", help="write the result as JSON here")
+  parser.add_argument("--attention_backend", "--attention-backend",
+                      default="auto",
+                      choices=ATTENTION_BACKENDS,
+                      help="prefill attention (model.attention_backend)")
   args = parser.parse_args(argv)
   jax.config.update("jax_threefry_partitionable", True)
   mesh_rules = MeshRules(make_mesh((-1, 1, 1)), SAMPLE_RULES)
   try:
     policy, params, tokenizer = load_policy(args.workdir, args.hf_dir,
-                                            args.step, mesh_rules)
+                                            args.step, mesh_rules,
+                                            args.attention_backend)
     result = sample(policy, params, tokenizer, args.prompt, chat=args.chat,
                     n=args.n, greedy=args.greedy,
                     max_new_tokens=args.max_new_tokens,

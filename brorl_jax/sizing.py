@@ -245,7 +245,8 @@ def _model_config(cfg) -> tuple[Any, str]:
   config.json is read), else the config's `model` section."""
   path = cfg.init.path
   numerics = dict(param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
-                  remat=cfg.model.remat)
+                  remat=cfg.model.remat,
+                  attention_backend=cfg.model.attention_backend)
   if path is not None and (pathlib.Path(path)
                            / checkpointing.MODEL_CONFIG_FILE).exists():
     return (checkpointing.load_model_config(pathlib.Path(path))
@@ -254,7 +255,9 @@ def _model_config(cfg) -> tuple[Any, str]:
     raw = json.loads((pathlib.Path(path) / "config.json").read_text())
     return hf.config_from_hf(raw, param_dtype=numerics["param_dtype"],
                              dtype=numerics["dtype"]).replace(
-                                 remat=cfg.model.remat), path
+                                 remat=cfg.model.remat,
+                                 attention_backend=numerics[
+                                     "attention_backend"]), path
   note = "the config's model section"
   if path is not None:
     note += f" (init.path {path} is not readable here)"

@@ -29,6 +29,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"   # f32 master weights; bf16 compute below
   c.model.dtype = "bfloat16"
   c.model.remat = True
+  # Training/prefill attention without [T, T] scores: "auto" = blockwise on
+  # CPU, cuDNN on GPU, Pallas splash on TPU ("reference": full scores).
+  c.model.attention_backend = "auto"
   # The preset's fields, overridable one by one; None keeps the preset's.
   c.model.vocab_size = ml_collections.FieldReference(None, int)
   c.model.embed_dim = ml_collections.FieldReference(None, int)

@@ -15,13 +15,14 @@ from brorl_jax.model import attention as attn_lib  # noqa: E402
 from brorl_jax.model.transformer import Policy, positions_from_valid  # noqa
 
 
-def _make_hf_model(tmp_path, *, tied, kv_heads, name="hf"):
+def _make_hf_model(tmp_path, *, tied, kv_heads, name="hf", positions=256):
   torch.manual_seed(0)
   config = transformers.Qwen2Config(
       vocab_size=300, hidden_size=64, intermediate_size=96,
       num_hidden_layers=2, num_attention_heads=4,
       num_key_value_heads=kv_heads, tie_word_embeddings=tied,
-      rope_theta=50_000.0, rms_norm_eps=1e-5, max_position_embeddings=256)
+      rope_theta=50_000.0, rms_norm_eps=1e-5,
+      max_position_embeddings=positions)
   model = transformers.Qwen2ForCausalLM(config).eval()
   with torch.no_grad():  # non-zero biases and norm scales
     for n, p in model.named_parameters():
@@ -32,15 +33,15 @@ def _make_hf_model(tmp_path, *, tied, kv_heads, name="hf"):
   return model, path
 
 
-def _our_logits(cfg, params, tokens):
+def _our_logits(cfg, params, tokens, valid=None):
   policy = Policy.create(cfg)
-  valid = jnp.ones(tokens.shape, bool)
+  valid = jnp.ones(tokens.shape, bool) if valid is None else valid
 
   @jax.jit
   def fwd(params):
     model = policy.bind(params)
     hidden, _ = model(tokens, positions_from_valid(valid),
-                      attn_lib.FullAttention(attn_lib.causal_mask(valid)))
+                      attn_lib.FullAttention(valid, cfg.attention_backend))
     return model.logits(hidden)
   return np.asarray(fwd(params))
 
@@ -74,6 +75,28 @@ def test_import_export_round_trip(tmp_path, tied, kv_heads):
   for name, tensor in original.items():
     assert torch.equal(tensor, exported[name]), name
   assert (tmp_path / "out" / "generation_config.json").exists()
+
+
+def test_2k_prompt_logits_match_transformers(tmp_path):
+  # The default backend (blockwise on CPU: 4 key blocks at 2048), with a
+  # left-padded second row, against transformers on the unpadded tokens.
+  model, path = _make_hf_model(tmp_path, tied=False, kv_heads=2,
+                               positions=4096)
+  tokens = np.random.default_rng(3).integers(0, 300, (2, 2048))
+  tokens[1, :700] = 0
+  valid = np.ones(tokens.shape, bool)
+  valid[1, :700] = False
+  cfg = hf.import_hf(path, tmp_path / "init")
+  assert cfg.attention_backend == "auto"
+  from brorl_jax import checkpointing
+  _, params, _ = checkpointing.load_policy_params(tmp_path / "init")
+  ours = _our_logits(cfg, params, jnp.asarray(tokens, jnp.int32),
+                     jnp.asarray(valid))
+  with torch.no_grad():
+    ref0 = model(torch.from_numpy(tokens[:1])).logits.numpy()[0]
+    ref1 = model(torch.from_numpy(tokens[1:, 700:])).logits.numpy()[0]
+  np.testing.assert_allclose(ours[0], ref0, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(ours[1, 700:], ref1, rtol=1e-4, atol=1e-4)
 
 
 def test_sharded_export_and_bf16(tmp_path):

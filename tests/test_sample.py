@@ -8,6 +8,7 @@ import pytest
 from brorl_jax import checkpointing, hf, sample
 from brorl_jax.data import tokenizer as tokenizer_lib
 from brorl_jax.data import tokenizer_loader
+from brorl_jax.model.sharding import SAMPLE_RULES, MeshRules, make_mesh
 
 LINES = [f"What is {a} + {b}? {a} + {b} = {a + b}. \\boxed{{{a + b}}}"
          for a in range(20) for b in range(20)]
@@ -57,6 +58,12 @@ def test_greedy_from_hf_dir_matches_model_dir(model_dir, tmp_path, tiny_cfg,
   assert a["tokens"] == b["tokens"]
   assert a["tokens"][0][0] == a["tokens"][0][1]  # greedy: rollouts agree
   np.testing.assert_allclose(a["logprobs"], b["logprobs"], atol=1e-5)
+  # The prefill's backend follows --attention-backend from either source.
+  rules = MeshRules(make_mesh((-1, 1, 1)), SAMPLE_RULES)
+  for workdir, hf_dir in ((str(model_dir), None), (None, str(tmp_path / "hf"))):
+    policy, _, _ = sample.load_policy(workdir, hf_dir, None, rules,
+                                      "reference")
+    assert policy.cfg.attention_backend == "reference"
 
 
 def test_missing_model_is_a_clear_error(tmp_path, capsys):

@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -178,3 +179,19 @@ def test_the_init_path_placeholder_fails_clearly(tmp_path):
   cfg = run_config.load(brorl_qwen2_1p5b.get_config())
   with pytest.raises(config_lib.ConfigError, match="'init.path'.*SET-ME"):
     experiment.build(cfg, tmp_path / "run")
+
+
+def test_imported_model_keeps_the_runs_attention_backend(tmp_path, tiny_cfg,
+                                                          tiny_params):
+  # Dry run and training both rebuild the model from init.path's config.json
+  # and must keep the run's backend, as they keep its dtypes.
+  from brorl_jax import experiment, hf
+  hf.save_hf(tiny_params, tiny_cfg, tmp_path / "hf")
+  cfg = _tiny(**{"init.path": str(tmp_path / "hf"),
+                 "model.attention_backend": "reference"})
+  assert sizing._model_config(cfg)[0].attention_backend == "reference"
+  tokenizer = types.SimpleNamespace(vocab_size=tiny_cfg.vocab_size)
+  hf.save_model_config(tiny_cfg, tmp_path / "resumed")   # saved with "auto"
+  for workdir in (tmp_path / "fresh", tmp_path / "resumed"):
+    model_cfg = experiment.model_config_for(cfg, workdir, tokenizer)
+    assert model_cfg.attention_backend == "reference"

@@ -120,7 +120,7 @@ def _full_forward_ce(exp, params, examples):
     valid = jnp.ones(tokens.shape, bool)
     model = policy.bind(params)
     hidden, _ = model(tokens, positions_from_valid(valid),
-                      attn_lib.FullAttention(attn_lib.causal_mask(valid)))
+                      attn_lib.FullAttention(valid))
     logp = jax.nn.log_softmax(model.logits(hidden), -1)
     return -jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1)[..., 0]
 

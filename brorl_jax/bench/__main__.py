@@ -1,11 +1,11 @@
-"""python -m brorl_jax.bench sampler|step|verifiers [--json PATH] [...]"""
+"""python -m brorl_jax.bench sampler|step|verifiers|attention [--json PATH] [...]"""
 
 import importlib
 import sys
 
 from brorl_jax import cli
 
-BENCHES = ("sampler", "step", "verifiers")
+BENCHES = ("sampler", "step", "verifiers", "attention")
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -4,9 +4,12 @@ The decoder computes queries, keys and values (RoPE applied) and hands them to
 an *attention strategy* (a pytree, so it can cross `jax.checkpoint`), which
 owns the cache layout:
 
-  * `FullAttention`: no cache; a causal (and padding) mask over the given
-    sequence. Used for training forwards and for the sampler's prefill, where
-    it also returns the fresh keys/values so the prompt's KV can be stored.
+  * `FullAttention`: no cache; causal attention over the given sequence,
+    whose padding is given per row (`valid [B, T]`, never a `[T, T]` mask)
+    and computed by the configured backend (`attention_kernels`: reference,
+    blockwise, splash, cuDNN, Pallas GPU). Used for training forwards and for
+    the sampler's prefill, where it also returns the fresh keys/values so the
+    prompt's KV can be stored.
   * `SharedPrefixAttention` (rollout/): the prompt's KV kept once per prompt
     and the rollouts' own KV per rollout, merged by log-sum-exp.
 
@@ -20,6 +23,8 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 from flax import struct
+
+from brorl_jax.model import attention_kernels
 
 # Finite, so a fully masked row gives exp(0) instead of nan; masked
 # probabilities are zeroed explicitly.
@@ -108,26 +113,21 @@ def merge_lse(out_a: jax.Array, lse_a: jax.Array, out_b: jax.Array,
   return out.astype(out_a.dtype)
 
 
-def causal_mask(valid: jax.Array) -> jax.Array:
-  """[B, T] validity -> [B, T, T] causal mask that hides padding keys."""
-  t = valid.shape[-1]
-  causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-  return causal[None] & valid[:, None, :]
-
-
 @struct.dataclass
 class FullAttention:
-  """Attention over the given sequence only (training, prefill).
+  """Causal attention over the given sequence only (training, prefill).
 
   Attributes:
-    mask: [B, T, T] bool.
+    valid: [B, T] bool, real tokens (one contiguous span per row).
+    backend: `model.attention_backend` (see `attention_kernels`).
     return_kv: return `(k, v)` as the "cache" so a prefill can keep them.
   """
 
-  mask: jax.Array
+  valid: jax.Array
+  backend: str = struct.field(pytree_node=False, default="auto")
   return_kv: bool = struct.field(pytree_node=False, default=False)
 
   def __call__(self, q, k, v, cache):
     del cache
-    out, _ = attend_lse(q, k, v, self.mask)
+    out = attention_kernels.attend(q, k, v, self.valid, self.backend)
     return out, ((k, v) if self.return_kv else None)

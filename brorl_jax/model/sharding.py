@@ -145,6 +145,22 @@ def activation_rules(mesh_rules: MeshRules | None) -> Iterator[None]:
     _ACTIVE.value = previous
 
 
+def active_mesh_rules() -> MeshRules | None:
+  """The rules of the enclosing `activation_rules`, or None."""
+  return getattr(_ACTIVE, "value", None)
+
+
+def active_platform() -> str:
+  """"cpu", "gpu" or "tpu": the active mesh's devices (an ahead-of-time
+  topology mesh names the target, not this host), else JAX's default."""
+  rules = active_mesh_rules()
+  if rules is not None:
+    platform = rules.mesh.devices.flat[0].platform
+  else:
+    platform = jax.default_backend()
+  return "gpu" if platform in ("cuda", "rocm") else platform
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   """Sharding constraint by logical axes; a no-op outside `activation_rules`."""
   mesh_rules = getattr(_ACTIVE, "value", None)

@@ -148,7 +148,8 @@ def response_logprobs(policy: Policy, params: Any, inputs: jax.Array,
   """
   model = policy.bind(params)
   hidden, _ = model(inputs, positions_from_valid(valid),
-                    attn_lib.FullAttention(attn_lib.causal_mask(valid)))
+                    attn_lib.FullAttention(
+                        valid, backend=policy.cfg.attention_backend))
   t = targets.shape[1]
   hidden = hidden[:, -t:]                     # positions predicting responses
   return token_logprobs(hidden, model.unembed_matrix(), targets, temperature,

@@ -205,7 +205,9 @@ class Sampler:
       valid = jnp.arange(lp)[None, :] >= (lp - lengths)[:, None]
       hidden, kv = model(
           tokens, positions_from_valid(valid),
-          attn_lib.FullAttention(attn_lib.causal_mask(valid), return_kv=True))
+          attn_lib.FullAttention(
+              valid, backend=self.policy.cfg.attention_backend,
+              return_kv=True))
       # Left padding puts every prompt's last token at position Lp - 1.
       logits = model.logits(hidden[:, -1:])[:, 0]            # [P, V]
       kv = [SharedPrefixAttention.prefix_layout(k, v) for k, v in kv]

@@ -33,7 +33,7 @@ def _sampler(policy, stop_ids=(1,), mesh_rules=None, **kw):
 def _full_logits(policy, params, tokens, valid):
   model = policy.bind(params)
   hidden, _ = model(tokens, positions_from_valid(valid),
-                    attn_lib.FullAttention(attn_lib.causal_mask(valid)))
+                    attn_lib.FullAttention(valid))
   return model.logits(hidden)
 
 

@@ -1,0 +1,280 @@
+"""Attention backends: how the causal softmax product over a sequence is
+computed, without a `[T, T]` mask.
+
+Training, prefill and the diagnostics attend causally over rows whose real
+tokens form one contiguous span (left-padded prompt, response, right
+padding). Every backend takes the row's validity `[B, T]` (the segment ids:
+real tokens 1, padding 0) instead of a mask and returns `[B, T, N, H]`;
+outputs at padding queries are finite and unspecified (no caller reads them:
+they are never targets, and no real query sees their keys).
+
+  * `reference`: einsum scores `[B, K, Q, T, T]` in float32 (the original
+    attention; kept as the yardstick of the tests and the bench).
+  * `blockwise`: online softmax in pure JAX, a scan over key blocks with a
+    custom VJP that recomputes each block's probabilities in the backward
+    (flash-attention style): `[B, K, Q, T, block]` at a time, memory linear
+    in T. The CPU default.
+  * `splash` (TPU) and `pallas_gpu`: Pallas kernels, in `pallas_attention`.
+  * `cudnn` (GPU): `jax.nn.dot_product_attention(implementation="cudnn")`,
+    whose padding is right padding only (`query_seq_lengths`): each row is
+    rotated so its real span starts at 0, attended, and rotated back.
+
+("Strategy" in `attention.py` is how keys/values are cached; the backend is
+how the product is computed.) `model.attention_backend` picks one; "auto"
+resolves by platform (`resolve_attention_backend`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from brorl_jax.model.config import ATTENTION_BACKENDS
+from brorl_jax.model.sharding import active_platform
+
+# Finite, so a fully masked row gives exp(0) instead of nan (as attention.py).
+NEG_INF = -1e30
+# Key block of `blockwise`: scores of [B, K, Q, T, 512] f32 at a time.
+BLOCK = 512
+_AUTO = {"cpu": "blockwise", "gpu": "cudnn", "tpu": "splash"}
+
+
+def resolve_attention_backend(name: str, platform: str) -> str:
+  """The backend that `model.attention_backend = name` means on `platform`.
+
+  Args:
+    name: one of `ATTENTION_BACKENDS` ("auto" picks by platform).
+    platform: "cpu", "gpu" (or "cuda"/"rocm") or "tpu".
+
+  Returns:
+    A concrete backend name (never "auto").
+  """
+  if name not in ATTENTION_BACKENDS:
+    raise ValueError(f"model.attention_backend: got {name!r}; allowed values: "
+                     f"{', '.join(map(repr, ATTENTION_BACKENDS))}")
+  if name != "auto":
+    return name
+  platform = "gpu" if platform in ("cuda", "rocm") else platform
+  return _AUTO.get(platform, "blockwise")
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array,
+           backend: str = "auto") -> jax.Array:
+  """Causal self-attention over rows with one contiguous span of real tokens.
+
+  Args:
+    q: [B, T, N, H] queries (RoPE applied).
+    k: [B, T, K, H] keys.
+    v: [B, T, K, H] values.
+    valid: [B, T] bool, True at real tokens: one contiguous span per row,
+      possibly empty (`cudnn` relies on it; the others take any pattern).
+    backend: a name from `ATTENTION_BACKENDS`.
+
+  Returns:
+    [B, T, N, H] in q's dtype.
+  """
+  name = resolve_attention_backend(backend, active_platform())
+  if name == "reference":
+    return reference_attention(q, k, v, valid)
+  if name == "blockwise":
+    return blockwise_attention(q, k, v, valid)
+  if name == "cudnn":
+    return cudnn_attention(q, k, v, valid)
+  return _pallas(name)(q, k, v, valid)
+
+
+def _pallas(name: str):
+  """The Pallas backend `name` ("splash" or "pallas_gpu")."""
+  # Imported here: the kernel modules pull in the Mosaic and Triton lowerings
+  # (13% of `import brorl_jax.model.attention`, measured), which only runs
+  # that pick a Pallas backend use.
+  from brorl_jax.model import pallas_attention
+  return {"splash": pallas_attention.splash_attention,
+          "pallas_gpu": pallas_attention.pallas_gpu_attention}[name]
+
+
+def _group(x: jax.Array, kv_heads: int) -> jax.Array:
+  """[B, T, N, H] -> [B, T, K, Q, H]."""
+  b, t, n, h = x.shape
+  return x.reshape(b, t, kv_heads, n // kv_heads, h)
+
+
+def reference_attention(q, k, v, valid):
+  """Full `[B, K, Q, T, T]` float32 scores under a `[B, T, T]` mask."""
+  b, t, n, h = q.shape
+  mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
+  qg = _group(q, k.shape[2])                                 # [B, T, K, Q, H]
+  s = jnp.einsum("btkqh,bskh->bkqts", qg, k,
+                 preferred_element_type=jnp.float32) * h ** -0.5
+  mask = mask[:, None, None]
+  s = jnp.where(mask, s, NEG_INF)
+  p = jnp.where(mask, jnp.exp(s - s.max(-1, keepdims=True)), 0.0)
+  p = p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)
+  out = jnp.einsum("bkqts,bskh->btkqh", p.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+# ---- blockwise -------------------------------------------------------------
+
+def _key_blocks(k, v, valid, block):
+  """Pads keys to a multiple of `block` -> per-block [nb, ...] stacks."""
+  b, s, kh, h = k.shape
+  nb = -(-s // block)
+  pad = nb * block - s
+  k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  valid = jnp.pad(valid, ((0, 0), (0, pad)))
+  k = k.reshape(b, nb, block, kh, h).transpose(1, 0, 2, 3, 4)
+  v = v.reshape(b, nb, block, kh, h).transpose(1, 0, 2, 3, 4)
+  valid = valid.reshape(b, nb, block).transpose(1, 0, 2)
+  return k, v, valid, jnp.arange(nb) * block
+
+
+def _block_mask(valid_blk, start, t, block):
+  """[B, block] key validity of one block -> [B, 1, 1, T, block] mask."""
+  key_pos = start + jnp.arange(block)
+  causal = key_pos[None, :] <= jnp.arange(t)[:, None]          # [T, block]
+  return (causal[None] & valid_blk[:, None, :])[:, None, None]
+
+
+def _block_size(t: int) -> int:
+  return min(BLOCK, -(-t // 8) * 8)
+
+
+def _blockwise_fwd_core(q, k, v, valid):
+  """Online softmax over key blocks -> (out [B,T,N,H], lse [B,K,Q,T])."""
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  block = _block_size(t)
+  qg = _group(q, kh) * jnp.asarray(h ** -0.5, q.dtype)       # [B, T, K, Q, H]
+  kb, vb, validb, starts = _key_blocks(k, v, valid, block)
+
+  def body(carry, xs):
+    m, l, acc = carry                      # [B,K,Q,T], [B,K,Q,T], [B,K,Q,T,H]
+    k_j, v_j, valid_j, start = xs
+    s = jnp.einsum("btkqh,bskh->bkqts", qg, k_j,
+                   preferred_element_type=jnp.float32)
+    mask = _block_mask(valid_j, start, t, block)
+    s = jnp.where(mask, s, NEG_INF)
+    m_new = jnp.maximum(m, s.max(-1))
+    p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+    alpha = jnp.exp(m - m_new)
+    l = l * alpha + p.sum(-1)
+    acc = acc * alpha[..., None] + jnp.einsum(
+        "bkqts,bskh->bkqth", p.astype(v.dtype), v_j,
+        preferred_element_type=jnp.float32)
+    return (m_new, l, acc), None
+
+  q_heads = n // kh
+  init = (jnp.full((b, kh, q_heads, t), NEG_INF, jnp.float32),
+          jnp.zeros((b, kh, q_heads, t), jnp.float32),
+          jnp.zeros((b, kh, q_heads, t, h), jnp.float32))
+  # One block (rows up to 512 tokens, the demo's 63): straight-line code,
+  # no loop.
+  (m, l, acc), _ = jax.lax.scan(body, init, (kb, vb, validb, starts),
+                                unroll=kb.shape[0] == 1)
+  out = acc / jnp.maximum(l, 1e-30)[..., None]               # [B, K, Q, T, H]
+  lse = jnp.where(l > 0, m + jnp.log(jnp.maximum(l, 1e-30)), NEG_INF)
+  out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
+  return out, lse
+
+
+@jax.custom_vjp
+def blockwise_attention(q, k, v, valid):
+  """Causal attention by online softmax over key blocks; see module doc."""
+  return _blockwise_fwd_core(q, k, v, valid)[0]
+
+
+def _blockwise_fwd(q, k, v, valid):
+  out, lse = _blockwise_fwd_core(q, k, v, valid)
+  return out, (q, k, v, valid, out, lse)
+
+
+def _blockwise_bwd(res, d_out):
+  q, k, v, valid, out, lse = res
+  b, t, n, h = q.shape
+  s_len, kh = k.shape[1], k.shape[2]
+  block = _block_size(t)
+  scale = h ** -0.5
+  qg = _group(q, kh) * jnp.asarray(scale, q.dtype)           # [B, T, K, Q, H]
+  dog = _group(d_out, kh)
+  # D_i = sum_h dO_i * O_i: the softmax Jacobian's row term.
+  delta = jnp.einsum("btkqh,btkqh->bkqt", dog.astype(jnp.float32),
+                     _group(out, kh).astype(jnp.float32))
+  kb, vb, validb, starts = _key_blocks(k, v, valid, block)
+
+  def body(dq, xs):
+    k_j, v_j, valid_j, start = xs
+    s = jnp.einsum("btkqh,bskh->bkqts", qg, k_j,
+                   preferred_element_type=jnp.float32)
+    mask = _block_mask(valid_j, start, t, block)
+    p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)   # [B,K,Q,T,blk]
+    dv_j = jnp.einsum("bkqts,btkqh->bskh", p.astype(dog.dtype), dog,
+                      preferred_element_type=jnp.float32)
+    dp = jnp.einsum("btkqh,bskh->bkqts", dog, v_j,
+                    preferred_element_type=jnp.float32)
+    ds = p * (dp - delta[..., None])
+    dq = dq + jnp.einsum("bkqts,bskh->btkqh", ds.astype(k_j.dtype), k_j,
+                         preferred_element_type=jnp.float32)
+    dk_j = jnp.einsum("bkqts,btkqh->bskh", ds.astype(qg.dtype), qg,
+                      preferred_element_type=jnp.float32)
+    return dq, (dk_j, dv_j)
+
+  dq0 = jnp.zeros(qg.shape, jnp.float32)
+  dq, (dk, dv) = jax.lax.scan(body, dq0, (kb, vb, validb, starts),
+                              unroll=kb.shape[0] == 1)
+  dq = (dq * scale).reshape(b, t, n, h).astype(q.dtype)
+
+  def unblock(x):                          # [nb, B, blk, K, H] -> [B, S, K, H]
+    x = x.transpose(1, 0, 2, 3, 4).reshape(b, -1, kh, h)[:, :s_len]
+    return x.astype(k.dtype)
+
+  return dq, unblock(dk), unblock(dv), None
+
+
+blockwise_attention.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+# ---- cuDNN -----------------------------------------------------------------
+
+def _span(valid):
+  """[B, T] -> (start, length) int32 [B] of each row's real span."""
+  length = valid.sum(-1).astype(jnp.int32)
+  start = jnp.where(length > 0, jnp.argmax(valid, -1), 0).astype(jnp.int32)
+  return start, length
+
+
+def _rotate(x, shift):
+  """Row b of [B, T, ...] rotated left by shift[b] (x'[t] = x[t + shift])."""
+  t = x.shape[1]
+  idx = (jnp.arange(t)[None] + shift[:, None]) % t            # [B, T]
+  return jnp.take_along_axis(
+      x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def cudnn_attention(q, k, v, valid, implementation: str | None = "cudnn"):
+  """`jax.nn.dot_product_attention` on rows rotated to right padding.
+
+  cuDNN's flash attention takes padding as per-row lengths at the end of
+  the row. A row's real tokens are one span [start, start + length): rotate
+  it to [0, length), attend causally with those lengths, rotate back. cuDNN
+  has no float32 kernel: float32 compute takes the Pallas GPU kernel.
+
+  Args:
+    q, k, v, valid: as `attend`.
+    implementation: "cudnn", or "xla"/None to check the layout on CPU.
+  """
+  if implementation == "cudnn" and q.dtype not in (jnp.bfloat16,
+                                                   jnp.float16):
+    return _pallas("pallas_gpu")(q, k, v, valid)
+  start, length = _span(valid)
+  # A zero length is no layout cuDNN promises to handle; the row's outputs
+  # are zeroed below either way.
+  lengths = jnp.maximum(length, 1)
+  out = jax.nn.dot_product_attention(
+      _rotate(q, start), _rotate(k, start), _rotate(v, start),
+      scale=q.shape[-1] ** -0.5, is_causal=True, query_seq_lengths=lengths,
+      key_value_seq_lengths=lengths, implementation=implementation)
+  out = _rotate(out, -start)
+  return jnp.where(valid[:, :, None, None], out, 0).astype(q.dtype)

@@ -1,0 +1,100 @@
+"""Attention backends against the full-scores reference (f32, valid queries).
+
+Rows mix the layouts the stack produces: a left-padded prompt, a right-padded
+response, prompt + response (padding on both sides), a fully padded row.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from brorl_jax.config import ConfigError
+from brorl_jax.model import attention_kernels as ak
+from brorl_jax.model import pallas_attention
+from brorl_jax.model.config import model_config
+from brorl_jax.model.sharding import TRAIN_RULES, MeshRules, activation_rules
+from brorl_jax.model.sharding import make_mesh
+
+
+def _case(t=45, n=4, kv=2, h=16, seed=0):
+  r = jax.random.split(jax.random.key(seed), 4)
+  spans = [(12, t), (0, 30), (7, 33), (0, 0)]   # [start, end) of real tokens
+  b = len(spans)
+  q = jax.random.normal(r[0], (b, t, n, h))
+  k = jax.random.normal(r[1], (b, t, kv, h))
+  v = jax.random.normal(r[2], (b, t, kv, h))
+  pos = np.arange(t)
+  valid = jnp.asarray(np.stack([(pos >= s) & (pos < e) for s, e in spans]))
+  # A loss over valid queries only: padding outputs are unspecified.
+  ct = jax.random.normal(r[3], q.shape) * valid[:, :, None, None]
+  return (q, k, v, valid), ct
+
+
+def _check(fn, args, ct):
+  """fn's outputs (2e-5) and gradients (1e-4) equal the reference's."""
+  q, k, v, valid = args
+
+  def grads(f):
+    return jax.jit(jax.grad(
+        lambda q, k, v: jnp.sum(f(q, k, v, valid) * ct), (0, 1, 2)))(q, k, v)
+
+  out = jax.jit(fn)(*args)
+  ref = ak.reference_attention(*args)
+  m = valid[:, :, None, None]
+  np.testing.assert_allclose(jnp.where(m, out, 0), jnp.where(m, ref, 0),
+                             atol=2e-5, rtol=0)
+  assert bool(jnp.all(jnp.isfinite(out)))
+  for name, g, g_ref in zip("qkv", grads(fn), grads(ak.reference_attention)):
+    np.testing.assert_allclose(g, g_ref, atol=1e-4, rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("block", [ak.BLOCK, 16])  # one block; 3, last partial
+def test_blockwise_matches_reference(monkeypatch, block):
+  monkeypatch.setattr(ak, "BLOCK", block)
+  _check(ak.blockwise_attention, *_case())
+
+
+def test_cudnn_layout_matches_reference():
+  # The rotation to right padding, checked through the same call with XLA's
+  # implementation (cuDNN itself needs a GPU: see README).
+  _check(lambda *a: ak.cudnn_attention(*a, implementation="xla"), *_case())
+
+
+@pytest.mark.slow  # interpret mode: ~15-30 s per kernel
+@pytest.mark.parametrize("kernel", ["splash", "pallas_gpu"])
+def test_pallas_kernels_match_reference_under_shard_map(kernel):
+  # 4 rows over a data axis of 4: one row per device, under shard_map.
+  rules = MeshRules(make_mesh((4, 2, 1)), TRAIN_RULES)
+  fn = getattr(pallas_attention, f"{kernel}_attention")
+
+  def sharded(*a):
+    with activation_rules(rules):
+      return fn(*a)
+  _check(sharded, *_case(t=24))
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("backend", ["cudnn", "pallas_gpu"])
+def test_gpu_backends_match_reference(backend):
+  (q, k, v, valid), ct = _case(t=300)
+  if backend == "cudnn":   # cuDNN's kernels are 16-bit only
+    q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  out = jax.jit(lambda *a: ak.attend(*a, backend=backend))(q, k, v, valid)
+  ref = ak.reference_attention(q, k, v, valid)
+  m = valid[:, :, None, None]
+  tol = 2e-5 if q.dtype == jnp.float32 else 3e-2   # bf16: ~4 ulps of 1
+  np.testing.assert_allclose(
+      jnp.where(m, out, 0).astype(jnp.float32),
+      jnp.where(m, ref, 0).astype(jnp.float32), atol=tol, rtol=0)
+
+
+def test_auto_resolves_by_platform():
+  assert [ak.resolve_attention_backend("auto", p)
+          for p in ("cpu", "gpu", "cuda", "tpu")] == [
+              "blockwise", "cudnn", "cudnn", "splash"]
+  assert ak.resolve_attention_backend("reference", "tpu") == "reference"
+  with pytest.raises(ValueError, match="model.attention_backend"):
+    ak.resolve_attention_backend("flash", "cpu")
+  with pytest.raises(ConfigError, match="model.attention_backend"):
+    model_config("tiny", {"attention_backend": "flash"})
