@@ -22,6 +22,8 @@ from typing import Any, Mapping
 from brorl_jax.config import check, check_choice
 
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("auto", "reference", "blockwise", "splash", "cudnn",
+                      "pallas_gpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +48,9 @@ class ModelConfig:
     dtype: compute dtype of matmuls (bf16 on accelerators, f32 in CPU tests).
       Softmax, norms and log-probs are always computed in f32.
     remat: rematerialize each decoder block in the backward pass.
+    attention_backend: how the softmax product is computed, one of
+      `ATTENTION_BACKENDS`; "auto" picks by platform (cpu: blockwise, gpu:
+      cudnn, tpu: splash).
     bos_id / eos_id: the checkpoint's config.json token ids (informational;
       the tokenizer decides what is prepended and where sampling stops).
   """
@@ -65,6 +70,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"
   remat: bool = False
+  attention_backend: str = "auto"
   bos_id: int | None = None
   eos_id: int | None = None
 
@@ -82,6 +88,8 @@ class ModelConfig:
     check(self.rms_norm_eps > 0, "model.rms_norm_eps", "must be > 0")
     check_choice(self.param_dtype, "model.param_dtype", DTYPES)
     check_choice(self.dtype, "model.dtype", DTYPES)
+    check_choice(self.attention_backend, "model.attention_backend",
+                 ATTENTION_BACKENDS)
 
   @property
   def queries_per_kv(self) -> int:
