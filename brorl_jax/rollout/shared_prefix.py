@@ -32,7 +32,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from brorl_jax.model.attention import masked_softmax_lse, merge_lse
-from brorl_jax.model.sharding import constrain, constrain_merged
+from brorl_jax.model.sharding import (constrain, constrain_merged,
+                                      merged_sharding)
 from brorl_jax.rollout import suffix_attention
 
 
@@ -130,7 +131,8 @@ class SharedPrefixAttention:
     suffix_v = constrain_merged(suffix_v, *rows)
     qb = q.reshape(b, kv_heads, n // kv_heads, h)           # [B, K, Q, H]
     o_suf, lse_suf = suffix_attention.attend_suffix(
-        qb, suffix_k, suffix_v, self.step + 1, self.backend, self.interpret)
+        qb, suffix_k, suffix_v, self.step + 1, self.backend, self.interpret,
+        merged_sharding(suffix_v.shape, *rows))
     o_suf = o_suf.reshape(p, g, kv_heads, n // kv_heads, h)
     lse_suf = lse_suf.reshape(p, g, kv_heads, n // kv_heads)
     out = merge_lse(o_pre, lse_pre, o_suf, lse_suf)         # [P, G, K, Q, H]

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas.ops.gpu import decode_attention
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from brorl_jax.model.attention import NEG_INF, masked_softmax_lse
 from brorl_jax.model.config import ATTENTION_BACKENDS
@@ -78,7 +79,8 @@ def suffix_slots(max_new_tokens: int, backend: str) -> int:
 
 
 def attend_suffix(q: jax.Array, k: jax.Array, v: jax.Array,
-                  length: jax.Array, backend: str, interpret: bool = False
+                  length: jax.Array, backend: str, interpret: bool = False,
+                  sharding: NamedSharding | None = None
                   ) -> tuple[jax.Array, jax.Array]:
   """Attention of each row's queries over its first `length` suffix slots.
 
@@ -89,11 +91,22 @@ def attend_suffix(q: jax.Array, k: jax.Array, v: jax.Array,
     length: int32 scalar, slots written (>= 1), the same for every row.
     backend: a resolved backend (not "auto").
     interpret: run a kernel backend in Pallas interpret mode (CPU tests).
+    sharding: the suffix buffers' sharding (rows, kv heads, -, -) inside a
+      mesh: a kernel backend then runs per device under `shard_map` (the
+      SPMD partitioner would gather a custom call's operands); None outside.
 
   Returns:
     out: [B, K, Q, H] float32 normalized output.
     lse: [B, K, Q] float32 log-sum-exp of the scaled scores.
   """
+  if sharding is not None and backend in _KERNELS:
+    rows, heads = sharding.spec[0], sharding.spec[1]
+    spec4, spec3 = P(rows, heads, None, None), P(rows, heads, None)
+    return jax.shard_map(
+        functools.partial(attend_suffix, backend=backend,
+                          interpret=interpret),
+        mesh=sharding.mesh, in_specs=(spec4, spec4, spec4, P()),
+        out_specs=(spec4, spec3), check_vma=False)(q, k, v, length)
   if backend == "reference":
     return _reference(q, k, v, length)
   if backend == "blockwise":
@@ -123,7 +136,10 @@ def _blockwise(q, k, v, length, block):
   it shares with the block before are masked out by position.
   """
   s_max, scale = k.shape[-1], q.shape[-1] ** -0.5
-  block = min(block, s_max)
+  if s_max <= block:
+    # One block is the whole buffer: the plain product reads the same slots
+    # without the loop (~9 % of a demo decode step at 64 slots, measured).
+    return _reference(q, k, v, length)
 
   def body(i, carry):
     m, l, acc = carry

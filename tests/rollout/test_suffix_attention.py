@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from brorl_jax.model.config import model_config
+from brorl_jax.model.sharding import SAMPLE_RULES, MeshRules, make_mesh, reshard
 from brorl_jax.model.transformer import Policy
 from brorl_jax.rollout import Sampler, SamplerConfig
 from brorl_jax.rollout import suffix_attention as sa
@@ -52,7 +53,7 @@ def test_backends_read_only_written_blocks(backend):
                                err_msg=f"length {length}")
 
 
-def _generate(backend):
+def _generate(backend, mesh_shape=None):
   """Tiny model, f32, 80 new tokens at temperature 0.7, rows stopping."""
   rng = np.random.default_rng(1)
   lp = 10
@@ -60,12 +61,16 @@ def _generate(backend):
   tokens[1, :4] = 0
   lengths = np.asarray([lp, lp - 4], np.int32)
   policy = Policy.create(model_config("tiny", {"attention_backend": backend}))
+  params = policy.init(jax.random.key(0))
+  rules = None
+  if mesh_shape:
+    rules = MeshRules(make_mesh(mesh_shape), SAMPLE_RULES)
+    params = reshard(params, policy.shardings(rules))
   sampler = Sampler(policy, SamplerConfig(
       n=3, max_prompt_len=lp, max_new_tokens=80, temperature=0.7),
-      stop_ids=(7, 11, 13), pad_id=0)
+      stop_ids=(7, 11, 13), pad_id=0, mesh_rules=rules)
   assert sampler.decode_backend == backend
-  return sampler.generate(policy.init(jax.random.key(0)), tokens, lengths,
-                          jax.random.key(2))
+  return sampler.generate(params, tokens, lengths, jax.random.key(2))
 
 
 @pytest.fixture(scope="module")
@@ -73,16 +78,20 @@ def reference_rollouts():
   return _generate("reference")
 
 
-@pytest.mark.parametrize("backend", ["blockwise", "pallas_gpu", "splash"])
-def test_decode_equals_reference_decode(backend, reference_rollouts):
+@pytest.mark.parametrize("backend,mesh_shape", [
+    ("blockwise", None), ("pallas_gpu", (4, 1, 2))])
+def test_decode_equals_reference_decode(backend, mesh_shape,
+                                        reference_rollouts):
   """Sampler level, f32: equal tokens, log-probs within 1e-5.
 
   80 new tokens cross a blockwise block boundary (blocks of 64: the second
   is the buffer's last 64 slots, overlapping the first); rows stop at
-  different steps. The kernels (interpret mode) also exercise their suffix
-  layouts: time-major keys for the GPU kernel, padding to 128 slots.
+  different steps. The GPU kernel (interpret mode) also exercises its suffix
+  layout (time-major keys, padded to 128 slots) and, in a mesh (rows over
+  data, kv heads over tensor), `shard_map`; the TPU kernel's layout is the
+  blockwise one, padded, and its numerics are checked above.
   """
-  ref, new = reference_rollouts, _generate(backend)
+  ref, new = reference_rollouts, _generate(backend, mesh_shape)
   lens = np.asarray(ref.lengths)
   assert lens.max() > sa.BLOCKWISE_BLOCK and lens.min() < lens.max(), lens
   np.testing.assert_array_equal(new.tokens, ref.tokens)
@@ -96,3 +105,4 @@ def test_default_backend_on_cpu_is_blockwise(tiny_policy):
                     stop_ids=(1,), pad_id=0)
   assert tiny_policy.cfg.attention_backend == "auto"
   assert sampler.decode_backend == "blockwise"
+
