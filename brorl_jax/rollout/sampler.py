@@ -218,11 +218,12 @@ class Sampler:
     return sampling.sample(logits, keys, step, temperature=c.temperature,
                            top_k=c.top_k, top_p=c.top_p, greedy=c.greedy)
 
-  def _decode_fn(self, params, prefill: Prefill, keys, steps, group: int):
+  def _decode_fn(self, params, prefill: Prefill, keys, group: int,
+                 steps=None):
     """Decodes `group` rollouts for every prompt of `prefill`.
 
-    `steps` (int32 scalar, traced: any value reuses the compiled loop) caps
-    the tokens per row below max_new_tokens.
+    `steps` (None, or an int32 scalar, traced: any value reuses the compiled
+    loop) caps the tokens per row below max_new_tokens.
     """
     with activation_rules(self.mesh_rules):
       return self._decode_traced(params, prefill, keys, group, steps)
@@ -231,7 +232,7 @@ class Sampler:
     cfg, mcfg = self.cfg, self.policy.cfg
     model = self.policy.bind(params)
     pc, t_max = prefill.logits.shape[0], cfg.max_new_tokens
-    last = jnp.minimum(steps, t_max)
+    last = t_max if steps is None else jnp.minimum(steps, t_max)
     stop = jnp.asarray(self.stop_ids, jnp.int32)
     first = jnp.broadcast_to(prefill.logits[:, None, :],
                              (pc, group, prefill.logits.shape[-1]))
@@ -340,9 +341,8 @@ class Sampler:
             rng, jnp.arange(prompt_offset + p0, prompt_offset + p0 + pc),
             jnp.arange(g0, g0 + gc))
         yield (slice(p0, p0 + pc), slice(g0, g0 + gc),
-               self._decode(params, part, keys, jnp.int32(
-                   self.cfg.max_new_tokens if steps is None else steps),
-                            group=gc))
+               self._decode(params, part, keys, group=gc,
+                            steps=None if steps is None else jnp.int32(steps)))
 
   def first_probs(self, prefill: Prefill) -> jax.Array:
     """[P, V] softmax(logits / T) of the first response token."""
