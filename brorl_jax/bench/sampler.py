@@ -12,7 +12,11 @@ number of new tokens (early stop off) and prefill included in every timing:
     any N, so the prefill of P prompts is all that sharing can save here
     (`scaling_bound_512_16`, the ratio if decoding cost the same at both N);
   * KV-cache bytes at N = 512, prompt 256, response 64 against a cache that
-    repeats the prompt G times -> `kv_ratio_512` (and at response 1024).
+    repeats the prompt G times -> `kv_ratio_512` (and at response 1024);
+  * per-step decode time over the first 64 tokens (N = 64, P = 1) with
+    `max_new_tokens` = 4096 over the same with 128 -> `length_aware_ratio`
+    (1 when a step reads only the KV written so far; the platform's default
+    `model.attention_backend`, and the reference backend for comparison).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from brorl_jax import hf
 from brorl_jax.model.config import model_config
 from brorl_jax.model.transformer import Policy
 from brorl_jax.rollout import Sampler, SamplerConfig
+from brorl_jax.model.attention_kernels import resolve_attention_backend
 
 NO_STOP = (2**30,)  # a stop id no model emits: every row runs to T tokens
 
@@ -95,6 +100,51 @@ def _hf_generate(hf_dir, prompts, n, new_tokens, threads):
   return go
 
 
+def _decode_steps(policy, params, prompts, n, buffer, steps):
+  """A closure decoding `steps` tokens of n rollouts in `buffer` slots.
+
+  The prefill runs once here, outside the timed closure.
+  """
+  cfg = SamplerConfig(n=n, max_prompt_len=prompts.shape[1],
+                      max_new_tokens=buffer, early_stop=False,
+                      max_decode_rows=prompts.shape[0] * n)
+  sampler = Sampler(policy, cfg, stop_ids=NO_STOP, pad_id=0)
+  prefill = sampler.prefill(params, prompts, np.full(
+      (prompts.shape[0],), prompts.shape[1], np.int32))
+  keys = iter(range(10**6))
+
+  def go():
+    outs = list(sampler.chunks(params, prefill, jax.random.key(next(keys)),
+                               steps=steps))
+    jax.block_until_ready([o["tokens"] for _, _, o in outs])
+  return go
+
+
+def length_aware(mcfg, params, prompt, reps, steps=64,
+                 buffers=(128, 4096)) -> dict:
+  """Per-step decode seconds over the first `steps` tokens per buffer size.
+
+  A step's time is (time of `steps` + 1 tokens - time of 1 token) / steps:
+  the difference drops what a call spends once (zeroing the buffers,
+  sampling the first token from the prefill's logits).
+  """
+  need = prompt.shape[1] + max(buffers)
+  mcfg = mcfg.replace(max_position_embeddings=max(
+      mcfg.max_position_embeddings, need))
+  policy = Policy.create(mcfg)
+  fns = {(b, s): _decode_steps(policy, params, prompt, 64, b, s)
+         for b in buffers for s in (1, steps + 1)}
+  sec = _time_interleaved(fns, reps)
+  per_step = {b: (sec[(b, steps + 1)] - sec[(b, 1)]) / steps
+              for b in buffers}
+  lo, hi = min(buffers), max(buffers)
+  return {"backend": mcfg.attention_backend,
+          "decode_backend": resolve_attention_backend(
+              mcfg.attention_backend, jax.devices()[0].platform),
+          "per_step_ms": {str(b): 1e3 * t for b, t in per_step.items()},
+          "ratio": per_step[hi] / per_step[lo]}
+
+
 def kv_bytes(cfg, prompts: int, group: int, prompt_len: int,
              response_len: int) -> dict[str, int]:
   """Bytes of the KV arrays the sampler allocates, and of a repeated cache.
@@ -153,7 +203,15 @@ def main(argv: list[str]) -> dict:
                          "brorl_s": ours, "hf_s": theirs}
     results["hf_ratio_n64"] = theirs / ours
 
-  # 2. Scaling with the group size at a fixed P x N = 512 rows.
+  # 2. Length-aware decode: per-step cost at two buffer sizes, for the
+  # platform's default backend and for the reference (every slot read).
+  aware = {name: length_aware(mcfg.replace(attention_backend=name), params,
+                              prompt1, args.reps)
+           for name in ("auto", "reference")}
+  results["length_aware"] = aware
+  results["length_aware_ratio"] = aware["auto"]["ratio"]
+
+  # 3. Scaling with the group size at a fixed P x N = 512 rows.
   prompts = {n: rng.integers(3, mcfg.vocab_size, (512 // n, lp)).astype(
       np.int32) for n in (16, 64, 512)}
   fns = {n: _brorl(policy, params, prompts[n], n, t) for n in prompts}
@@ -188,7 +246,7 @@ def main(argv: list[str]) -> dict:
                     "tokens_per_s": 512 * t / sec[n]} for n in fns},
         "ratio_512_16": sec[16] / sec[512]}
 
-  # 3. KV bytes: shared prefix vs a prompt repeated G times.
+  # 4. KV bytes: shared prefix vs a prompt repeated G times.
   kv = {}
   for response in (64, 1024):
     b = kv_bytes(mcfg, 1, 512, 256, response)
@@ -204,12 +262,19 @@ def main(argv: list[str]) -> dict:
   results["kv_bytes"] = kv
   results["kv_ratio_512"] = kv["64"]["ratio"]
   results["targets"] = {"hf_ratio_n64": ">= 3", "scaling_ratio_512_16":
-                        ">= 1.5", "kv_ratio_512": "<= 0.3"}
+                        ">= 1.5", "kv_ratio_512": "<= 0.3",
+                        "length_aware_ratio": "<= 1.3"}
 
   print(f"brorl vs transformers generate (N=64, P=1): "
         f"{results['hf_n64']['brorl_tokens_per_s']:.0f} vs "
         f"{results['hf_n64']['hf_tokens_per_s']:.0f} tokens/s -> "
         f"hf_ratio_n64 = {results['hf_ratio_n64']:.2f}")
+  for name, a in aware.items():
+    ms = a["per_step_ms"]
+    print(f"decode step, first 64 tokens, backend {name}: "
+          f"{ms['128']:.2f} ms at 128 slots, {ms['4096']:.2f} ms at 4096 -> "
+          f"ratio {a['ratio']:.2f}")
+  print(f"length_aware_ratio = {results['length_aware_ratio']:.2f}")
   for n, s in scaling.items():
     print(f"N={n:>3} P={s['prompts']:>2}: {s['tokens_per_s']:.0f} tokens/s")
   print(f"scaling_ratio_512_16 = {results['scaling_ratio_512_16']:.2f} "

@@ -50,9 +50,11 @@ class ModelConfig:
     dtype: compute dtype of matmuls (bf16 on accelerators, f32 in CPU tests).
       Softmax, norms and log-probs are always computed in f32.
     remat: rematerialize each decoder block in the backward pass.
-    attention_backend: how training/prefill attention is computed, one of
-      `ATTENTION_BACKENDS` (model/attention_kernels.py); "auto" picks by
-      platform. A run choice like `dtype`: not part of the checkpoint.
+    attention_backend: how the softmax products are computed, one of
+      `ATTENTION_BACKENDS` (training/prefill: model/attention_kernels.py;
+      the decode's suffix: rollout/suffix_attention.py); "auto" picks by
+      platform (cpu: blockwise, gpu: cudnn, tpu: splash). A run choice like
+      `dtype`: not part of the checkpoint.
     bos_id / eos_id: the checkpoint's config.json token ids (informational;
       the tokenizer decides what is prepended and where sampling stops).
   """

@@ -182,9 +182,20 @@ def constrain_merged(x: jax.Array, lead_axes: Sequence[str | None],
   them). Axes of later parts are dropped (those parts stay whole on each
   device). A no-op outside `activation_rules`.
   """
+  sharding = merged_sharding(x.shape, lead_axes, lead_shape, rest_axes)
+  if sharding is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, sharding)
+
+
+def merged_sharding(shape: Sequence[int], lead_axes: Sequence[str | None],
+                    lead_shape: Sequence[int],
+                    rest_axes: Sequence[str | None]) -> NamedSharding | None:
+  """The sharding `constrain_merged` gives an array of `shape` (None outside
+  `activation_rules`); kernels run under `shard_map` with its spec."""
   mesh_rules = getattr(_ACTIVE, "value", None)
   if mesh_rules is None:
-    return x
+    return None
   lead = mesh_rules.spec(lead_axes, lead_shape)
   merged: list[str] = []
   for part, size in zip(lead, lead_shape):
@@ -193,11 +204,10 @@ def constrain_merged(x: jax.Array, lead_axes: Sequence[str | None],
     merged.extend(part)
     if size // int(np.prod([mesh_rules.mesh.shape[a] for a in part])) != 1:
       break      # more than one index per device: later parts interleave
-  rest = mesh_rules.spec(rest_axes, x.shape[1:])
+  rest = mesh_rules.spec(rest_axes, shape[1:])
   flat = (tuple(merged) if len(merged) > 1 else
           (merged[0] if merged else None))
-  return jax.lax.with_sharding_constraint(
-      x, NamedSharding(mesh_rules.mesh, PartitionSpec(flat, *rest)))
+  return NamedSharding(mesh_rules.mesh, PartitionSpec(flat, *rest))
 
 
 def param_shardings(abstract_params: Any, axes_tree: Any,

@@ -23,9 +23,10 @@ from flax import struct
 
 from brorl_jax.config import check
 from brorl_jax.model import attention as attn_lib
+from brorl_jax.model import attention_kernels
 from brorl_jax.model.sharding import MeshRules, activation_rules, constrain
 from brorl_jax.model.transformer import Policy, positions_from_valid
-from brorl_jax.rollout import sampling
+from brorl_jax.rollout import sampling, suffix_attention
 from brorl_jax.rollout.shared_prefix import SharedPrefixAttention
 
 
@@ -190,6 +191,14 @@ class Sampler:
     self.stop_ids = tuple(int(i) for i in stop_ids)
     self.pad_id = int(pad_id)
     self.mesh_rules = mesh_rules
+    devices = (jax.devices() if mesh_rules is None
+               else mesh_rules.mesh.devices.flat)
+    platform = next(iter(devices)).platform
+    self.decode_backend = attention_kernels.resolve_attention_backend(
+        policy.cfg.attention_backend, platform)
+    # A GPU/TPU kernel asked for on CPU runs its exact program interpreted
+    # (slow; for tests).
+    self._interpret = platform == "cpu"
     self._prefill = jax.jit(self._prefill_fn)
     self._decode = jax.jit(self._decode_fn, static_argnames=("group",))
     # Jitted: traced eagerly, the nested vmaps cost ~10 ms of host time per
@@ -220,15 +229,21 @@ class Sampler:
     return sampling.sample(logits, keys, step, temperature=c.temperature,
                            top_k=c.top_k, top_p=c.top_p, greedy=c.greedy)
 
-  def _decode_fn(self, params, prefill: Prefill, keys, group: int):
-    """Decodes `group` rollouts for every prompt of `prefill`."""
-    with activation_rules(self.mesh_rules):
-      return self._decode_traced(params, prefill, keys, group)
+  def _decode_fn(self, params, prefill: Prefill, keys, group: int,
+                 steps=None):
+    """Decodes `group` rollouts for every prompt of `prefill`.
 
-  def _decode_traced(self, params, prefill, keys, group):
+    `steps` (None, or an int32 scalar, traced: any value reuses the compiled
+    loop) caps the tokens per row below max_new_tokens.
+    """
+    with activation_rules(self.mesh_rules):
+      return self._decode_traced(params, prefill, keys, group, steps)
+
+  def _decode_traced(self, params, prefill, keys, group, steps):
     cfg, mcfg = self.cfg, self.policy.cfg
     model = self.policy.bind(params)
     pc, t_max = prefill.logits.shape[0], cfg.max_new_tokens
+    last = t_max if steps is None else jnp.minimum(steps, t_max)
     stop = jnp.asarray(self.stop_ids, jnp.int32)
     first = jnp.broadcast_to(prefill.logits[:, None, :],
                              (pc, group, prefill.logits.shape[-1]))
@@ -237,8 +252,8 @@ class Sampler:
     tokens = constrain(tokens.at[:, :, 0].set(tok0), ("batch", "group", None))
     logprobs = jnp.zeros((pc, group, t_max), jnp.float32).at[:, :, 0].set(lp0)
     suffix = [SharedPrefixAttention.empty_suffix(
-        pc, group, t_max, mcfg.num_kv_heads, mcfg.head_dim, model.dtype)
-              for _ in range(mcfg.num_layers)]
+        pc, group, t_max, mcfg.num_kv_heads, mcfg.head_dim, model.dtype,
+        self.decode_backend) for _ in range(mcfg.num_layers)]
     state = _DecodeState(
         t=jnp.int32(0), tokens=tokens, logprobs=logprobs,
         lengths=jnp.ones((pc, group), jnp.int32), done=jnp.isin(tok0, stop),
@@ -247,7 +262,7 @@ class Sampler:
         finished_slots=jnp.int32(0))
 
     def cond(s: _DecodeState):
-      more = s.t < t_max - 1
+      more = s.t < last - 1
       return more & ~jnp.all(s.done) if cfg.early_stop else more
 
     def body(s: _DecodeState) -> _DecodeState:
@@ -257,7 +272,9 @@ class Sampler:
       caches = tuple(zip(prefill.k, prefill.v, s.suffix_k, s.suffix_v))
       hidden, caches = model(
           x.reshape(pc * group, 1), positions.reshape(pc * group, 1),
-          SharedPrefixAttention(prefix_valid=prefill.valid, step=s.t),
+          SharedPrefixAttention(prefix_valid=prefill.valid, step=s.t,
+                                backend=self.decode_backend,
+                                interpret=self._interpret),
           caches)
       logits = model.logits(hidden)[:, 0].reshape(pc, group, -1)
       tok, lp = self._sample(logits, keys, s.t + 1)
@@ -316,7 +333,8 @@ class Sampler:
     return self._decode.lower(params, prefill, keys, group=group)
 
   def chunks(self, params, prefill: Prefill, rng: jax.Array, *,
-             n: int | None = None, prompt_offset: int = 0
+             n: int | None = None, prompt_offset: int = 0,
+             steps: int | None = None
              ) -> Iterator[tuple[slice, slice, dict]]:
     """Dispatches the decode chunks one by one.
 
@@ -330,6 +348,9 @@ class Sampler:
       rng: the iteration's sampling key.
       n: rollouts per prompt (default `cfg.n`).
       prompt_offset: global index of prompt 0 (keys are per global prompt).
+      steps: decode at most this many tokens per row (default
+        max_new_tokens) in buffers of max_new_tokens: the sampler bench
+        times a fixed number of steps at two buffer sizes this way.
     """
     n = self.cfg.n if n is None else n
     num_prompts = prefill.logits.shape[0]
@@ -341,7 +362,8 @@ class Sampler:
             rng, jnp.arange(prompt_offset + p0, prompt_offset + p0 + pc),
             jnp.arange(g0, g0 + gc))
         yield (slice(p0, p0 + pc), slice(g0, g0 + gc),
-               self._decode(params, part, keys, group=gc))
+               self._decode(params, part, keys, group=gc,
+                            steps=None if steps is None else jnp.int32(steps)))
 
   def first_probs(self, prefill: Prefill) -> jax.Array:
     """[P, V] softmax(logits / T) of the first response token."""

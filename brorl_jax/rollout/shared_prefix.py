@@ -18,6 +18,11 @@ P axis (one prompt, N = 512) it copied the cache to drop that axis. Either
 cost a third of a CPU decode step at N = 64 (measured); P*G is one axis (P
 major: data sharding of either P or G splits it into contiguous blocks) and
 K stays its own (tensor sharding).
+
+The suffix product reads only the slots written so far (`step + 1`), by the
+decode backend's `suffix_attention.attend_suffix`; the GPU kernel's backends
+store the suffix keys time-major, [P*G, K, T, H], and kernel backends pad T
+to whole blocks (`suffix_attention.suffix_slots`).
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ import jax.numpy as jnp
 from flax import struct
 
 from brorl_jax.model.attention import masked_softmax_lse, merge_lse
-from brorl_jax.model.sharding import constrain, constrain_merged
+from brorl_jax.model.sharding import (constrain, constrain_merged,
+                                      merged_sharding)
+from brorl_jax.rollout import suffix_attention
 
 
 @struct.dataclass
@@ -36,17 +43,23 @@ class SharedPrefixAttention:
 
   The per-layer cache is `(prefix_k, prefix_v, suffix_k, suffix_v)` with
   prefix keys [P, K, H, Lp] and values [P, K, Lp, H] (read only; see
-  `prefix_layout`), suffix keys [P*G, K, H, T] and suffix
-  values [P*G, K, T, H] (`empty_suffix`); the new token's key/value is
-  written at suffix slot `step`.
+  `prefix_layout`), suffix keys [P*G, K, H, T] (or [P*G, K, T, H], see
+  `suffix_attention.keys_time_major`) and suffix values [P*G, K, T, H]
+  (`empty_suffix`); the new token's key/value is written at suffix slot
+  `step`, and the suffix product reads slots 0..step only.
 
   Attributes:
     prefix_valid: [P, Lp] bool, real (non-padding) prompt positions.
     step: int32 scalar, suffix slot of the current token.
+    backend: resolved decode backend (`model.config.ATTENTION_BACKENDS`, not
+      "auto").
+    interpret: run a kernel backend in Pallas interpret mode (CPU).
   """
 
   prefix_valid: jax.Array
   step: jax.Array
+  backend: str = struct.field(pytree_node=False, default="reference")
+  interpret: bool = struct.field(pytree_node=False, default=False)
 
   @staticmethod
   def prefix_layout(k: jax.Array, v: jax.Array
@@ -58,9 +71,18 @@ class SharedPrefixAttention:
 
   @staticmethod
   def empty_suffix(p: int, g: int, t: int, kv_heads: int, head_dim: int,
-                   dtype) -> tuple[jax.Array, jax.Array]:
-    """Zero suffix keys [P*G, K, H, T] and values [P*G, K, T, H]."""
-    return (jnp.zeros((p * g, kv_heads, head_dim, t), dtype),
+                   dtype, backend: str = "reference"
+                   ) -> tuple[jax.Array, jax.Array]:
+    """Zero suffix keys [P*G, K, H, T'] and values [P*G, K, T', H].
+
+    T' = `suffix_attention.suffix_slots(t, backend)`; keys are
+    [P*G, K, T', H] where the backend reads them time-major.
+    """
+    t = suffix_attention.suffix_slots(t, backend)
+    k_shape = ((p * g, kv_heads, t, head_dim)
+               if suffix_attention.keys_time_major(backend)
+               else (p * g, kv_heads, head_dim, t))
+    return (jnp.zeros(k_shape, dtype),
             jnp.zeros((p * g, kv_heads, t, head_dim), dtype))
 
   def __call__(self, q, k, v, cache):
@@ -68,7 +90,6 @@ class SharedPrefixAttention:
     p, kv_heads, h, _ = prefix_k.shape
     b, n = q.shape[0], q.shape[-2]
     g = b // p
-    t_max = suffix_k.shape[-1]
     scale = h ** -0.5
     # Prefix: per prompt, all G*Q queries of a kv head against its Lp keys.
     qg = q.reshape(p, g, kv_heads, n // kv_heads, h)        # [P, G, K, Q, H]
@@ -79,10 +100,13 @@ class SharedPrefixAttention:
     o_pre = jnp.einsum("pgkqs,pksh->pgkqh", w_pre.astype(prefix_v.dtype),
                        prefix_v, preferred_element_type=jnp.float32)
     # Suffix: the current token's KV goes into each rollout's own suffix,
-    # then each rollout attends to its tokens so far (slots <= step).
+    # then each rollout attends to its tokens so far (slots <= step), reading
+    # no slot past them unless the backend is the reference.
+    time_major = suffix_attention.keys_time_major(self.backend)
     suffix_k = jax.lax.dynamic_update_slice_in_dim(
-        suffix_k, k.reshape(b, kv_heads, h, 1).astype(suffix_k.dtype),
-        self.step, 3)
+        suffix_k, k.reshape(b, kv_heads, *((1, h) if time_major else (h, 1))
+                            ).astype(suffix_k.dtype),
+        self.step, 2 if time_major else 3)
     suffix_v = jax.lax.dynamic_update_slice_in_dim(
         suffix_v, v.reshape(b, kv_heads, 1, h).astype(suffix_v.dtype),
         self.step, 2)
@@ -90,12 +114,9 @@ class SharedPrefixAttention:
     suffix_k = constrain_merged(suffix_k, *rows)
     suffix_v = constrain_merged(suffix_v, *rows)
     qb = q.reshape(b, kv_heads, n // kv_heads, h)           # [B, K, Q, H]
-    s_suf = jnp.einsum("bkqh,bkht->bkqt", qb, suffix_k,
-                       preferred_element_type=jnp.float32) * scale
-    w_suf, lse_suf = masked_softmax_lse(s_suf,
-                                        jnp.arange(t_max) <= self.step)
-    o_suf = jnp.einsum("bkqt,bkth->bkqh", w_suf.astype(suffix_v.dtype),
-                       suffix_v, preferred_element_type=jnp.float32)
+    o_suf, lse_suf = suffix_attention.attend_suffix(
+        qb, suffix_k, suffix_v, self.step + 1, self.backend, self.interpret,
+        merged_sharding(suffix_v.shape, *rows))
     o_suf = o_suf.reshape(p, g, kv_heads, n // kv_heads, h)
     lse_suf = lse_suf.reshape(p, g, kv_heads, n // kv_heads)
     out = merge_lse(o_pre, lse_pre, o_suf, lse_suf)         # [P, G, K, Q, H]
