@@ -42,7 +42,9 @@ class SharedPrefixAttention:
 
   Attributes:
     prefix_valid: [P, Lp] bool, real (non-padding) prompt positions.
-    step: int32 scalar, suffix slot of the current token.
+    step: suffix slot of the current token: an int32 scalar (every row at
+      the same slot), or [P*G] int32, one slot per row (the refill decode,
+      where each slot holds a rollout of its own length).
   """
 
   prefix_valid: jax.Array
@@ -96,20 +98,29 @@ class SharedPrefixAttention:
                        prefix_v, preferred_element_type=jnp.float32)
     # Suffix: the current token's KV goes into each rollout's own suffix,
     # then each rollout attends to its tokens so far (slots <= step).
-    suffix_k = jax.lax.dynamic_update_slice_in_dim(
-        suffix_k, k.reshape(b, kv_heads, h, 1).astype(suffix_k.dtype),
-        self.step, 3)
-    suffix_v = jax.lax.dynamic_update_slice_in_dim(
-        suffix_v, v.reshape(b, kv_heads, 1, h).astype(suffix_v.dtype),
-        self.step, 2)
+    if jnp.ndim(self.step) == 0:
+      suffix_k = jax.lax.dynamic_update_slice_in_dim(
+          suffix_k, k.reshape(b, kv_heads, h, 1).astype(suffix_k.dtype),
+          self.step, 3)
+      suffix_v = jax.lax.dynamic_update_slice_in_dim(
+          suffix_v, v.reshape(b, kv_heads, 1, h).astype(suffix_v.dtype),
+          self.step, 2)
+      visible = jnp.arange(t_max) <= self.step
+    else:  # per-row slots: one scatter per row; later slots are masked
+      row = jnp.arange(b)
+      suffix_k = suffix_k.at[row, :, :, self.step].set(
+          k.reshape(b, kv_heads, h).astype(suffix_k.dtype))
+      suffix_v = suffix_v.at[row, :, self.step, :].set(
+          v.reshape(b, kv_heads, h).astype(suffix_v.dtype))
+      visible = (jnp.arange(t_max)[None, :] <=
+                 self.step[:, None])[:, None, None, :]
     rows = (("batch", "group"), (p, g), ("act_kv", None, None))
     suffix_k = constrain_merged(suffix_k, *rows)
     suffix_v = constrain_merged(suffix_v, *rows)
     qb = q.reshape(b, kv_heads, n // kv_heads, h)           # [B, K, Q, H]
     s_suf = jnp.einsum("bkqh,bkht->bkqt", qb, suffix_k,
                        preferred_element_type=jnp.float32) * scale
-    w_suf, lse_suf = masked_softmax_lse(s_suf,
-                                        jnp.arange(t_max) <= self.step)
+    w_suf, lse_suf = masked_softmax_lse(s_suf, visible)
     o_suf = jnp.einsum("bkqt,bkth->bkqh", w_suf.astype(suffix_v.dtype),
                        suffix_v, preferred_element_type=jnp.float32)
     o_suf = o_suf.reshape(p, g, kv_heads, n // kv_heads, h)
