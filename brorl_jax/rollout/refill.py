@@ -123,7 +123,8 @@ def init_state(logits: jax.Array, prompt_keys: jax.Array, limits: jax.Array,
             for _ in range(num_layers)]
   return RefillState(
       steps=jnp.int32(0), tokens=tokens, logprobs=logprobs,
-      lengths=jnp.ones((p, n), jnp.int32), done=done, queue=queue, live=live,
+      lengths=constrain(jnp.ones((p, n), jnp.int32), ("batch", "group")),
+      done=constrain(done, ("batch", "group")), queue=queue, live=live,
       taken=jnp.minimum(live, slots),
       slot_rollout=constrain(slot_rollout, ("batch", "group")),
       slot_pos=jnp.zeros((p, slots), jnp.int32),
@@ -160,6 +161,10 @@ def step(model, prefill, prompt_keys: jax.Array, limits: jax.Array,
   ended = active & (jnp.isin(tok, stop) | (length >= limit))
   lengths = s.lengths.at[prow, s.slot_rollout].set(length, mode="drop")
   done = s.done.at[prow, s.slot_rollout].set(ended, mode="drop")
+  # Sharded like the tokens' rows, so a host reads its finished rollouts'
+  # flags and tokens from the same blocks (scoring.py).
+  lengths = constrain(lengths, ("batch", "group"))
+  done = constrain(done, ("batch", "group"))
   # Refill: the freed slots of a prompt take its next queued rollouts.
   free = ended | ~active
   rank = jnp.cumsum(free, axis=1, dtype=jnp.int32) - 1
