@@ -84,7 +84,9 @@ class Scored:
     status: [P, G] int8 device array (`STATUS_CODES`).
     texts: {(p, g): completion text} of the rollouts this host scored.
     seconds: {"sample": ..., "score_wait": ...} host wall times; score_wait
-      is the scoring time not hidden behind decoding.
+      is the scoring time not hidden behind decoding; with the refill
+      decode also "segment_max", the longest segment (a preemption waits
+      at most this long for the decode).
     pool_stats: the pool's counters for these items.
   """
 
@@ -162,8 +164,11 @@ def sample_and_score(sampler: Sampler, pool: RewardPool, tokenizer,
   if sampler.cfg.refill:
     finals = []
     seen = np.zeros((prefill.logits.shape[0], n or sampler.cfg.n), bool)
+    longest, t_seg = 0.0, time.perf_counter()
     for p_slice, state, last in sampler.segments(
         params, prefill, rng, n=n, prompt_offset=prompt_offset):
+      now = time.perf_counter()
+      longest, t_seg = max(longest, now - t_seg), now
       futures.extend(_submit_finished(pool, state, p_slice.start, seen,
                                       records, tokenizer))
       if last:
@@ -171,7 +176,8 @@ def sample_and_score(sampler: Sampler, pool: RewardPool, tokenizer,
       if should_stop is not None and should_stop():
         return None                   # abandoned at a segment boundary
     rollouts = sampler.assemble_refill(prefill, finals)
-    return _collect(rollouts, futures, keep_texts, t0)
+    return _collect(rollouts, futures, keep_texts, t0,
+                    {"segment_max": longest})
 
   previous = None
   for chunk in sampler.chunks(params, prefill, rng, n=n,
@@ -227,7 +233,7 @@ def _submit_finished(pool: RewardPool, state, p_start: int, seen: np.ndarray,
 
 
 def _collect(rollouts: Rollouts, futures: list, keep_texts: bool,
-             t0: float) -> Scored:
+             t0: float, extra: dict[str, float] | None = None) -> Scored:
   """Waits for the decode and the verifiers; rewards back on device."""
   jax.block_until_ready(rollouts.tokens)
   t1 = time.perf_counter()
@@ -243,7 +249,7 @@ def _collect(rollouts: Rollouts, futures: list, keep_texts: bool,
                                       rollouts.lengths)
   return Scored(rollouts=rollouts, rewards=reward_arr, status=status_arr,
                 texts=texts, seconds={"sample": t1 - t0,
-                                      "score_wait": t2 - t1})
+                                      "score_wait": t2 - t1, **(extra or {})})
 
 
 def _to_device(rewards: dict, status: dict, like: jax.Array):
