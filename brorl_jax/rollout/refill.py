@@ -20,7 +20,7 @@ rollouts and honour a preemption between segments.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -86,8 +86,7 @@ def slot_keys(prompt_keys: jax.Array, rollouts: jax.Array) -> jax.Array:
 
 def init_state(logits: jax.Array, prompt_keys: jax.Array, limits: jax.Array,
                *, slots: int, t_max: int, stop: jax.Array, pad_id: int,
-               sample: SampleFn, suffix_shape: tuple[int, int, jax.typing.
-                                                     DTypeLike],
+               sample: SampleFn, suffix_shape: tuple[int, int, Any],
                num_layers: int) -> RefillState:
   """Draws every rollout's first token and fills the slots.
 
