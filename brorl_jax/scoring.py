@@ -5,6 +5,11 @@
                                   | the reward pool (host, worker processes)
   ... -> rewards [P, G] re-enter the mesh with the rollouts' sharding.
 
+With the refill decode (`rollout.refill`) the unit is a segment instead of a
+chunk: after each segment the rollouts that ended in it are fetched (only
+their rows) and submitted, while the verifiers score them the next segment
+decodes.
+
 Each host fetches, decodes and scores only the rollouts whose shards it
 holds (`host_shards`), and feeds its rewards back for exactly those shards,
 so nothing crosses hosts but the rewards' own sharding. Every host holds the
@@ -79,7 +84,9 @@ class Scored:
     status: [P, G] int8 device array (`STATUS_CODES`).
     texts: {(p, g): completion text} of the rollouts this host scored.
     seconds: {"sample": ..., "score_wait": ...} host wall times; score_wait
-      is the scoring time not hidden behind decoding.
+      is the scoring time not hidden behind decoding; with the refill
+      decode also "segment_max", the longest segment (a preemption waits
+      at most this long for the decode).
     pool_stats: the pool's counters for these items.
   """
 
@@ -154,6 +161,24 @@ def sample_and_score(sampler: Sampler, pool: RewardPool, tokenizer,
                            tokenizer)
       futures.append((keys, items, pool.submit(items)))
 
+  if sampler.cfg.refill:
+    finals = []
+    seen = np.zeros((prefill.logits.shape[0], n or sampler.cfg.n), bool)
+    longest, t_seg = 0.0, time.perf_counter()
+    for p_slice, state, last in sampler.segments(
+        params, prefill, rng, n=n, prompt_offset=prompt_offset):
+      now = time.perf_counter()
+      longest, t_seg = max(longest, now - t_seg), now
+      futures.extend(_submit_finished(pool, state, p_slice.start, seen,
+                                      records, tokenizer))
+      if last:
+        finals.append(state)
+      if should_stop is not None and should_stop():
+        return None                   # abandoned at a segment boundary
+    rollouts = sampler.assemble_refill(prefill, finals)
+    return _collect(rollouts, futures, keep_texts, t0,
+                    {"segment_max": longest})
+
   previous = None
   for chunk in sampler.chunks(params, prefill, rng, n=n,
                               prompt_offset=prompt_offset):
@@ -164,7 +189,52 @@ def sample_and_score(sampler: Sampler, pool: RewardPool, tokenizer,
         return None                   # chunks in flight finish unused
     previous = chunk
   submit(previous)
-  rollouts = sampler.assemble(prefill, outs)
+  return _collect(sampler.assemble(prefill, outs), futures, keep_texts, t0)
+
+
+def _submit_finished(pool: RewardPool, state, p_start: int, seen: np.ndarray,
+                     records, tokenizer) -> list:
+  """Submits the rollouts of `state` that ended since the last segment.
+
+  Reads `done` and `lengths` for this host's blocks, then only the token
+  rows of the newly ended rollouts (a gather on the shard's device, its
+  size rounded up to a power of two to bound recompiles). Marks them in
+  `seen` ([P, N], global indices).
+  """
+  done = {_norm(i, state.done.shape): v for i, v in host_shards(state.done)}
+  lens = {_norm(i, state.lengths.shape): v
+          for i, v in host_shards(state.lengths)}
+  futures, blocks = [], set()
+  for shard in state.tokens.addressable_shards:
+    (p0, p1), (g0, g1), _ = _norm(shard.index, state.tokens.shape)
+    if ((p0, p1), (g0, g1)) in blocks:
+      continue
+    blocks.add(((p0, p1), (g0, g1)))
+    block_seen = seen[p_start + p0:p_start + p1, g0:g1]
+    ii, jj = np.nonzero(done[(p0, p1), (g0, g1)] & ~block_seen)
+    if not ii.size:
+      continue
+    block_seen[ii, jj] = True
+    pad = (1 << int(ii.size - 1).bit_length()) - ii.size
+    rows = np.asarray(shard.data[np.pad(ii, (0, pad), mode="edge"),
+                                 np.pad(jj, (0, pad), mode="edge")])
+    ln = lens[(p0, p1), (g0, g1)][ii, jj]
+    texts = tokenizer.decode_batch([rows[k, :ln[k]].tolist()
+                                    for k in range(ii.size)])
+    keys, items = [], []
+    for i, j, text in zip(ii, jj, texts):
+      record = records[p_start + p0 + int(i)]
+      keys.append((p_start + p0 + int(i), g0 + int(j)))
+      items.append(VerifyItem(completion=text, answer=record.answer,
+                              verifier=record.verifier, tests=record.tests,
+                              meta=record.meta))
+    futures.append((keys, items, pool.submit(items)))
+  return futures
+
+
+def _collect(rollouts: Rollouts, futures: list, keep_texts: bool,
+             t0: float, extra: dict[str, float] | None = None) -> Scored:
+  """Waits for the decode and the verifiers; rewards back on device."""
   jax.block_until_ready(rollouts.tokens)
   t1 = time.perf_counter()
   rewards, status, texts = {}, {}, {}
@@ -179,7 +249,7 @@ def sample_and_score(sampler: Sampler, pool: RewardPool, tokenizer,
                                       rollouts.lengths)
   return Scored(rollouts=rollouts, rewards=reward_arr, status=status_arr,
                 texts=texts, seconds={"sample": t1 - t0,
-                                      "score_wait": t2 - t1})
+                                      "score_wait": t2 - t1, **(extra or {})})
 
 
 def _to_device(rewards: dict, status: dict, like: jax.Array):

@@ -54,7 +54,8 @@ from brorl_jax.rl import train_state as ts_lib
 from brorl_jax.rl.batch import RolloutBatch
 from brorl_jax.rl.update import compile_update
 from brorl_jax.rollout import sampling
-from brorl_jax.rollout.sampler import Prefill, Sampler, plan_chunks
+from brorl_jax.rollout.sampler import (Prefill, Sampler, plan_chunks,
+                                      refill_plan)
 from brorl_jax.rollout.shared_prefix import SharedPrefixAttention
 
 GiB = 2**30
@@ -474,12 +475,19 @@ def dry_run(cfg, *, device_memory_gb: float | None = None,
   else:
     out("largest max_decode_rows that fits: none: the resident state and "
         "one decode row already exceed the device memory")
+  # The refill decode holds one KV row per slot, as a chunk row does.
+  slots = refill_plan(num_prompts, g, fit_rows) if fit_rows >= 1 else None
+  if plan and c.refill:
+    out(f"refill decode: {slots[0] * slots[1]} slots fit ({slots[0]} "
+        f"prompts x {slots[1]} slots each, max_decode_rows="
+        f"{min(fit_rows, num_prompts * g)})")
   if update_peak > budget:
     out(f"warning: the update needs {update_peak / GiB:.1f} GiB > "
         f"{memory_gib:.1f} GiB: lower algo.micro_batch_size, shard more "
         "(mesh.shape fsdp / tensor), or shorten the sequences")
   return {"max_decode_rows": max_rows, "decode_plan": plan,
-          "fit_rows": fit_rows, "sampling_peak_gib": sampling_peak / GiB,
+          "fit_rows": fit_rows, "refill_slots": slots,
+          "sampling_peak_gib": sampling_peak / GiB,
           "update_peak_gib": update_peak / GiB,
           "prefill_peak_gib": prefill_peak / GiB,
           "device_memory_gib": memory_gib, "per_row_bytes": slope,

@@ -266,6 +266,14 @@ class Trainer:
     ro = scored.rollouts
     times["sample_s"] = scored.seconds["sample"]
     times["score_s"] = scored.seconds["score_wait"]
+    if "segment_max" in scored.seconds:
+      times["segment_max_s"] = scored.seconds["segment_max"]
+      if times["segment_max_s"] > cfg.checkpoint.preempt_grace_s:
+        log.warning(
+            "a decode segment took %.1f s, more than checkpoint."
+            "preempt_grace_s = %.1f s: a SIGTERM may not be honoured in "
+            "time; lower rollout.segment_steps", times["segment_max_s"],
+            cfg.checkpoint.preempt_grace_s)
 
     # ---- 3. Advantages (device): dynamic sampling, shaping -----------------
     t1 = time.perf_counter()
@@ -305,6 +313,9 @@ class Trainer:
                      **{f"loss/{k}": v for k, v in upd.items()},
                      **mass_after,
                      "rollout/finished_slot_frac": ro.finished_slots /
+                     jnp.maximum(ro.total_slots, 1),
+                     # Share of decode slot-steps that produced a token.
+                     "rollout/slot_utilization": 1 - ro.finished_slots /
                      jnp.maximum(ro.total_slots, 1),
                      "optim/skipped_total": new_state.skipped,
                      "optim/updates_total": new_state.updates})

@@ -86,6 +86,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.rollout.top_k = 0
   c.rollout.greedy = False
   c.rollout.early_stop = True
+  c.rollout.refill = False          # True: refilled slots (README, sampler)
+  c.rollout.segment_steps = 256     # refill: steps between host check-ins
 
   c.rewards = ml_collections.ConfigDict()
   c.rewards.correct_threshold = 0.5

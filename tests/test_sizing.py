@@ -91,6 +91,10 @@ def test_row_limit_follows_the_memory_budget(tiny_report):
   small = sizing.dry_run(_tiny(), device_memory_gb=budget, out=lines.append)
   assert 19 <= small["fit_rows"] <= 21
   assert small["max_decode_rows"] == 16 and small["decode_plan"] == (4, 4)
+  # Refilled pools need no divisor of G: 4 prompts x 5 slots use 20 rows.
+  assert small["refill_slots"] == (4, 5)
+  assert "refill decode: 20 slots fit (4 prompts x 5 slots each" in "\n".join(
+      lines)
 
 
 @pytest.mark.slow

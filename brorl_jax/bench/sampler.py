@@ -17,6 +17,15 @@ number of new tokens (early stop off) and prefill included in every timing:
     `max_new_tokens` = 4096 over the same with 128 -> `length_aware_ratio`
     (1 when a step reads only the KV written so far; the platform's default
     `model.attention_backend`, and the reference backend for comparison).
+  * skewed lengths: T = 1024, 64 slots, each rollout stopping at a length
+    drawn lognormal (sigma 0.8, mean 0.2 T, 2 % capped at T; seed 0; the
+    bench's stop rule, `length_limits`), at P = 1, N = 512 and P = 8,
+    N = 64: the refill decode against fixed chunks of 64 rows, useful tokens/s
+    -> `refill_speedup_skewed`; the refill's share of slot-steps that made a
+    token -> `slot_utilization_skewed`, against what an event simulation of
+    the same lengths and pools reaches -> `slot_utilization_bound_skewed`
+    (each the worse of the two shapes). One repetition (after a compile
+    run with every rollout 2 tokens long).
 """
 
 from __future__ import annotations
@@ -37,6 +46,8 @@ from brorl_jax.model.config import model_config
 from brorl_jax.model.transformer import Policy
 from brorl_jax.rollout import Sampler, SamplerConfig
 from brorl_jax.model.attention_kernels import resolve_attention_backend
+from brorl_jax.rollout.sampler import refill_plan
+from brorl_jax.rollout.slots import simulate_pools
 
 NO_STOP = (2**30,)  # a stop id no model emits: every row runs to T tokens
 
@@ -161,6 +172,56 @@ def kv_bytes(cfg, prompts: int, group: int, prompt_len: int,
                                                      response_len)}
 
 
+def skewed_lengths(rng: np.random.Generator, shape: tuple[int, int],
+                   t_max: int, sigma: float = 0.8, mean_frac: float = 0.2,
+                   capped: float = 0.02) -> np.ndarray:
+  """Rollout lengths: lognormal(sigma) with mean mean_frac * T, a share
+  `capped` set to T (the long tail that runs to the limit), all in [1, T]."""
+  mu = np.log(mean_frac * t_max) - sigma**2 / 2
+  lengths = np.ceil(rng.lognormal(mu, sigma, shape))
+  lengths[rng.random(shape) < capped] = t_max
+  return np.clip(lengths, 1, t_max).astype(np.int32)
+
+
+def skewed(policy, params, rng, prompt_len: int, t_max: int = 1024,
+           slots: int = 64, segment_steps: int = 256) -> dict:
+  """Refill vs fixed chunks on skewed lengths at two shapes (one rep)."""
+  out = {}
+  for p, n in ((1, 512), (8, 64)):
+    prompts = rng.integers(3, policy.cfg.vocab_size, (p, prompt_len)
+                           ).astype(np.int32)
+    plen = np.full((p,), prompt_len, np.int32)
+    limits = skewed_lengths(rng, (p, n), t_max)
+    useful = int(limits.sum())
+    res = {"prompts": p, "n": n, "useful_tokens": useful,
+           "mean_length": float(limits.mean()),
+           "capped": int((limits == t_max).sum())}
+    for name, refill in (("fixed", False), ("refill", True)):
+      cfg = SamplerConfig(n=n, max_prompt_len=prompt_len,
+                          max_new_tokens=t_max, max_decode_rows=slots,
+                          refill=refill, segment_steps=segment_steps)
+      sampler = Sampler(policy, cfg, stop_ids=NO_STOP, pad_id=0)
+      warm = sampler.generate(params, prompts, plen, jax.random.key(0),
+                              length_limits=np.full((p, n), 2, np.int32))
+      jax.block_until_ready(warm.tokens)
+      t0 = time.perf_counter()
+      ro = sampler.generate(params, prompts, plen, jax.random.key(1),
+                            length_limits=limits)
+      jax.block_until_ready(ro.tokens)
+      sec = time.perf_counter() - t0
+      assert (np.asarray(ro.lengths) == limits).all(), "stop rule not kept"
+      total = int(ro.total_slots)
+      res[name] = {"seconds": sec, "useful_tokens_per_s": useful / sec,
+                   "slot_steps": total,
+                   "slot_utilization": 1 - int(ro.finished_slots) / total}
+    sim = simulate_pools(limits, refill_plan(p, n, slots)[1])
+    res["slot_utilization_bound"] = sim["utilization"]
+    res["refill_speedup"] = (res["refill"]["useful_tokens_per_s"] /
+                             res["fixed"]["useful_tokens_per_s"])
+    out[f"P{p}_N{n}"] = res
+  return out
+
+
 def main(argv: list[str]) -> dict:
   parser = argparse.ArgumentParser(prog="python -m brorl_jax.bench sampler")
   parser.add_argument("--json", help="write the results here")
@@ -168,6 +229,9 @@ def main(argv: list[str]) -> dict:
   parser.add_argument("--reps", type=int, default=3)
   parser.add_argument("--prompt_len", "--prompt-len", type=int, default=64)
   parser.add_argument("--new_tokens", "--new-tokens", type=int, default=64)
+  parser.add_argument("--skewed_new_tokens", "--skewed-new-tokens", type=int,
+                      default=1024,
+                      help="T of the skewed-length workload (0 = skip it)")
   parser.add_argument("--long_prompt_len", "--long-prompt-len", type=int,
                       default=1024,
                       help="prompt length of the extra N = 512 : 16 "
@@ -265,6 +329,20 @@ def main(argv: list[str]) -> dict:
                         ">= 1.5", "kv_ratio_512": "<= 0.3",
                         "length_aware_ratio": "<= 1.3"}
 
+  # 4. Skewed lengths: refilled slots vs fixed chunks.
+  if args.skewed_new_tokens:
+    sk = skewed(policy, params, rng, lp, args.skewed_new_tokens)
+    results["skewed"] = sk
+    results["refill_speedup_skewed"] = min(s["refill_speedup"]
+                                           for s in sk.values())
+    worst = min(sk.values(), key=lambda s: s["refill"]["slot_utilization"] /
+                s["slot_utilization_bound"])
+    results["slot_utilization_skewed"] = worst["refill"]["slot_utilization"]
+    results["slot_utilization_bound_skewed"] = worst["slot_utilization_bound"]
+    results["targets"].update({
+        "refill_speedup_skewed": ">= 2.5",
+        "slot_utilization_skewed": ">= 0.9 x slot_utilization_bound_skewed"})
+
   print(f"brorl vs transformers generate (N=64, P=1): "
         f"{results['hf_n64']['brorl_tokens_per_s']:.0f} vs "
         f"{results['hf_n64']['hf_tokens_per_s']:.0f} tokens/s -> "
@@ -288,6 +366,20 @@ def main(argv: list[str]) -> dict:
   for r, k in kv.items():
     print(f"KV bytes N=512 prompt 256 response {r}: {k['shared_prefix']:,} "
           f"vs repeated {k['repeated']:,} -> ratio {k['ratio']:.3f}")
+  if args.skewed_new_tokens:
+    for shape, s in results["skewed"].items():
+      print(f"skewed {shape} (mean {s['mean_length']:.0f} of "
+            f"T={args.skewed_new_tokens}, {s['capped']} capped): refill "
+            f"{s['refill']['useful_tokens_per_s']:.0f} vs fixed "
+            f"{s['fixed']['useful_tokens_per_s']:.0f} useful tokens/s -> "
+            f"x{s['refill_speedup']:.2f}; slot utilization "
+            f"{s['refill']['slot_utilization']:.3f} (fixed "
+            f"{s['fixed']['slot_utilization']:.3f}, simulated bound "
+            f"{s['slot_utilization_bound']:.3f})")
+    print(f"refill_speedup_skewed = {results['refill_speedup_skewed']:.2f}, "
+          f"slot_utilization_skewed = "
+          f"{results['slot_utilization_skewed']:.3f} (bound "
+          f"{results['slot_utilization_bound_skewed']:.3f})")
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(results, indent=2))
   return results

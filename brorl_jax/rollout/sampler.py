@@ -26,7 +26,7 @@ from brorl_jax.model import attention as attn_lib
 from brorl_jax.model import attention_kernels
 from brorl_jax.model.sharding import MeshRules, activation_rules, constrain
 from brorl_jax.model.transformer import Policy, positions_from_valid
-from brorl_jax.rollout import sampling, suffix_attention
+from brorl_jax.rollout import refill, sampling, suffix_attention
 from brorl_jax.rollout.shared_prefix import SharedPrefixAttention
 
 
@@ -47,6 +47,13 @@ class SamplerConfig:
     greedy: argmax decoding.
     early_stop: end the decode loop once every row of a chunk is done (turn
       off to time a fixed number of tokens).
+    refill: decode with refilled slots (`refill.py`): each prompt owns
+      max_decode_rows / P slots and a queue of its rollouts, and a slot whose
+      rollout ends takes the next one. False: fixed chunks of rows that run
+      until the chunk's longest row ends. Both draw the same tokens.
+    segment_steps: the refill decode returns to the host every this many
+      steps (to score finished rollouts and honour a preemption); size it
+      so that a segment takes well under `checkpoint.preempt_grace_s`.
   """
 
   n: int = 16
@@ -58,6 +65,8 @@ class SamplerConfig:
   top_k: int = 0
   greedy: bool = False
   early_stop: bool = True
+  refill: bool = False
+  segment_steps: int = 256
   # The section named in error messages; not a config key.
   section: str = dataclasses.field(default="rollout", compare=False,
                                    metadata={"config_key": False})
@@ -75,6 +84,9 @@ class SamplerConfig:
           f"must be in (0, 1], got {self.top_p}")
     check(isinstance(self.top_k, int) and self.top_k >= 0, f"{s}.top_k",
           f"must be an integer >= 0 (0 = no limit), got {self.top_k!r}")
+    check(isinstance(self.segment_steps, int) and self.segment_steps >= 1,
+          f"{s}.segment_steps",
+          f"must be an integer >= 1, got {self.segment_steps!r}")
 
   @property
   def is_greedy(self) -> bool:
@@ -143,6 +155,13 @@ class _DecodeState:
   finished_slots: jax.Array
 
 
+def ended_by_stop(tokens: jax.Array, lengths: jax.Array, stop: jax.Array
+                  ) -> jax.Array:
+  """[..] bool: the row's last token is a stop token (else: truncated)."""
+  last = jnp.take_along_axis(tokens, (lengths - 1)[..., None], -1)[..., 0]
+  return jnp.isin(last, stop)
+
+
 def plan_chunks(num_prompts: int, group: int, max_rows: int
                 ) -> tuple[int, int]:
   """(prompts, rollouts) per decode chunk: equal chunks of <= max_rows rows.
@@ -159,6 +178,17 @@ def plan_chunks(num_prompts: int, group: int, max_rows: int
   pc = num_prompts if num_prompts <= max_rows else largest_divisor(
       num_prompts, max_rows)
   return pc, largest_divisor(group, max(max_rows // pc, 1))
+
+
+def refill_plan(num_prompts: int, group: int, max_rows: int
+                ) -> tuple[int, int]:
+  """(prompts per refill decode, slots per prompt) within max_rows slots.
+
+  The prompts are split as `plan_chunks` splits them (all of them together
+  unless they alone exceed max_rows); each gets an equal pool of slots.
+  """
+  pc = plan_chunks(num_prompts, group, max_rows)[0]
+  return pc, min(group, max(max_rows // pc, 1))
 
 
 class Sampler:
@@ -201,9 +231,14 @@ class Sampler:
     self._interpret = platform == "cpu"
     self._prefill = jax.jit(self._prefill_fn)
     self._decode = jax.jit(self._decode_fn, static_argnames=("group",))
+    self._refill_init = jax.jit(self._refill_init_fn,
+                                static_argnames=("n", "slots"))
+    self._refill_segment = jax.jit(self._refill_segment_fn,
+                                   donate_argnames=("state",))
     # Jitted: traced eagerly, the nested vmaps cost ~10 ms of host time per
     # chunk (measured at N = 64).
     self._row_keys = jax.jit(sampling.row_keys)
+    self._prompt_keys = jax.jit(jax.vmap(jax.random.fold_in, (None, 0)))
 
   # ---- device code ---------------------------------------------------------
 
@@ -230,16 +265,18 @@ class Sampler:
                            top_k=c.top_k, top_p=c.top_p, greedy=c.greedy)
 
   def _decode_fn(self, params, prefill: Prefill, keys, group: int,
-                 steps=None):
+                 steps=None, limits=None):
     """Decodes `group` rollouts for every prompt of `prefill`.
 
     `steps` (None, or an int32 scalar, traced: any value reuses the compiled
-    loop) caps the tokens per row below max_new_tokens.
+    loop) caps the tokens per row below max_new_tokens. `limits` ([Pc, Gc]
+    int32, optional) ends each row at that many tokens (a per-rollout length
+    budget; the sampler bench's stop rule).
     """
     with activation_rules(self.mesh_rules):
-      return self._decode_traced(params, prefill, keys, group, steps)
+      return self._decode_traced(params, prefill, keys, group, steps, limits)
 
-  def _decode_traced(self, params, prefill, keys, group, steps):
+  def _decode_traced(self, params, prefill, keys, group, steps, limits):
     cfg, mcfg = self.cfg, self.policy.cfg
     model = self.policy.bind(params)
     pc, t_max = prefill.logits.shape[0], cfg.max_new_tokens
@@ -248,6 +285,8 @@ class Sampler:
     first = jnp.broadcast_to(prefill.logits[:, None, :],
                              (pc, group, prefill.logits.shape[-1]))
     tok0, lp0 = self._sample(first, keys, jnp.int32(0))       # [Pc, Gc]
+    if limits is None:
+      limits = jnp.full((pc, group), t_max, jnp.int32)
     tokens = jnp.full((pc, group, t_max), self.pad_id, jnp.int32)
     tokens = constrain(tokens.at[:, :, 0].set(tok0), ("batch", "group", None))
     logprobs = jnp.zeros((pc, group, t_max), jnp.float32).at[:, :, 0].set(lp0)
@@ -256,7 +295,8 @@ class Sampler:
         self.decode_backend) for _ in range(mcfg.num_layers)]
     state = _DecodeState(
         t=jnp.int32(0), tokens=tokens, logprobs=logprobs,
-        lengths=jnp.ones((pc, group), jnp.int32), done=jnp.isin(tok0, stop),
+        lengths=jnp.ones((pc, group), jnp.int32),
+        done=jnp.isin(tok0, stop) | (limits <= 1),
         suffix_k=tuple(k for k, _ in suffix),
         suffix_v=tuple(v for _, v in suffix),
         finished_slots=jnp.int32(0))
@@ -280,22 +320,51 @@ class Sampler:
       tok, lp = self._sample(logits, keys, s.t + 1)
       tok = jnp.where(s.done, self.pad_id, tok)
       lp = jnp.where(s.done, 0.0, lp)
+      lengths = s.lengths + (~s.done).astype(jnp.int32)
       return _DecodeState(
           t=s.t + 1,
           tokens=jax.lax.dynamic_update_index_in_dim(s.tokens, tok, s.t + 1,
                                                      2),
           logprobs=jax.lax.dynamic_update_index_in_dim(s.logprobs, lp,
                                                        s.t + 1, 2),
-          lengths=s.lengths + (~s.done).astype(jnp.int32),
-          done=s.done | jnp.isin(tok, stop),
+          lengths=lengths,
+          done=s.done | jnp.isin(tok, stop) | (lengths >= limits),
           suffix_k=tuple(c[2] for c in caches),
           suffix_v=tuple(c[3] for c in caches),
           finished_slots=s.finished_slots + jnp.sum(s.done, dtype=jnp.int32))
 
     s = jax.lax.while_loop(cond, body, state)
     return dict(tokens=s.tokens, logprobs=s.logprobs, lengths=s.lengths,
-                stopped=s.done, finished_slots=s.finished_slots,
+                stopped=ended_by_stop(s.tokens, s.lengths, stop),
+                finished_slots=s.finished_slots,
                 total_slots=s.t * pc * group)
+
+  def _refill_init_fn(self, prefill: Prefill, prompt_keys, limits, n: int,
+                      slots: int) -> refill.RefillState:
+    mcfg = self.policy.cfg
+    if limits is None:
+      limits = jnp.full((prefill.logits.shape[0], n), self.cfg.max_new_tokens,
+                        jnp.int32)
+    with activation_rules(self.mesh_rules):
+      return refill.init_state(
+          prefill.logits, prompt_keys, limits, slots=slots,
+          t_max=self.cfg.max_new_tokens,
+          stop=jnp.asarray(self.stop_ids, jnp.int32), pad_id=self.pad_id,
+          sample=self._sample, suffix_shape=(mcfg.num_kv_heads,
+                                             mcfg.head_dim, mcfg.dtype),
+          num_layers=mcfg.num_layers)
+
+  def _refill_segment_fn(self, params, prefill: Prefill, prompt_keys, limits,
+                         state: refill.RefillState, max_steps
+                         ) -> refill.RefillState:
+    if limits is None:
+      limits = jnp.full(state.lengths.shape, self.cfg.max_new_tokens,
+                        jnp.int32)
+    with activation_rules(self.mesh_rules):
+      return refill.run_segment(
+          self.policy.bind(params), prefill, prompt_keys, limits, state,
+          max_steps, stop=jnp.asarray(self.stop_ids, jnp.int32),
+          sample=self._sample)
 
   # ---- host API ------------------------------------------------------------
 
@@ -334,7 +403,7 @@ class Sampler:
 
   def chunks(self, params, prefill: Prefill, rng: jax.Array, *,
              n: int | None = None, prompt_offset: int = 0,
-             steps: int | None = None
+             steps: int | None = None, length_limits=None
              ) -> Iterator[tuple[slice, slice, dict]]:
     """Dispatches the decode chunks one by one.
 
@@ -351,6 +420,7 @@ class Sampler:
       steps: decode at most this many tokens per row (default
         max_new_tokens) in buffers of max_new_tokens: the sampler bench
         times a fixed number of steps at two buffer sizes this way.
+      length_limits: optional [P, n] int32 per-rollout length budgets.
     """
     n = self.cfg.n if n is None else n
     num_prompts = prefill.logits.shape[0]
@@ -361,9 +431,58 @@ class Sampler:
         keys = self._row_keys(
             rng, jnp.arange(prompt_offset + p0, prompt_offset + p0 + pc),
             jnp.arange(g0, g0 + gc))
+        limits = (None if length_limits is None else jnp.asarray(
+            length_limits, jnp.int32)[p0:p0 + pc, g0:g0 + gc])
         yield (slice(p0, p0 + pc), slice(g0, g0 + gc),
                self._decode(params, part, keys, group=gc,
-                            steps=None if steps is None else jnp.int32(steps)))
+                            steps=None if steps is None else jnp.int32(steps),
+                            limits=limits))
+
+  def segments(self, params, prefill: Prefill, rng: jax.Array, *,
+               n: int | None = None, prompt_offset: int = 0,
+               length_limits=None
+               ) -> Iterator[tuple[slice, refill.RefillState, bool]]:
+    """Runs the refill decode one segment at a time.
+
+    Yields `(prompt slice, state, last)` after each segment of at most
+    `cfg.segment_steps` steps; `last` is True on a prompt slice's final
+    segment. The state's buffers are donated to the next segment: read what
+    you need from it (finished rollouts: `state.done`) before resuming.
+    Deciding whether to go on reads one replicated scalar per segment (on
+    several hosts: one small all-reduce), never one per step.
+
+    Args: as `chunks`.
+    """
+    n = self.cfg.n if n is None else n
+    num_prompts = prefill.logits.shape[0]
+    pc, slots = refill_plan(num_prompts, n, self.cfg.max_decode_rows)
+    seg = jnp.int32(self.cfg.segment_steps)
+    for p0 in range(0, num_prompts, pc):
+      part = jax.tree.map(lambda x: x[p0:p0 + pc], prefill)
+      keys = self._prompt_keys(rng, jnp.arange(prompt_offset + p0,
+                                               prompt_offset + p0 + pc))
+      limits = (None if length_limits is None else jnp.asarray(
+          length_limits, jnp.int32)[p0:p0 + pc])
+      state = self._refill_init(part, keys, limits, n=n, slots=slots)
+      while True:
+        state = self._refill_segment(params, part, keys, limits, state, seg)
+        last = not bool(jnp.any(state.active))
+        yield slice(p0, p0 + pc), state, last
+        if last:
+          break
+
+  def assemble_refill(self, prefill: Prefill,
+                      finals: Sequence[refill.RefillState]) -> Rollouts:
+    """The final states of `segments`' prompt slices -> `Rollouts`."""
+    cat = lambda f: jnp.concatenate([f(s) for s in finals], 0)  # noqa: E731
+    stop = jnp.asarray(self.stop_ids, jnp.int32)
+    return Rollouts(
+        tokens=cat(lambda s: s.tokens), logprobs=cat(lambda s: s.logprobs),
+        lengths=cat(lambda s: s.lengths),
+        stopped=cat(lambda s: ended_by_stop(s.tokens, s.lengths, stop)),
+        first_probs=self.first_probs(prefill),
+        finished_slots=sum(s.total_slots - s.busy_slots for s in finals),
+        total_slots=sum(s.total_slots for s in finals))
 
   def first_probs(self, prefill: Prefill) -> jax.Array:
     """[P, V] softmax(logits / T) of the first response token."""
@@ -371,7 +490,8 @@ class Sampler:
                           axis=-1)
 
   def generate(self, params, tokens, lengths, rng: jax.Array, *,
-               n: int | None = None, prompt_offset: int = 0) -> Rollouts:
+               n: int | None = None, prompt_offset: int = 0,
+               length_limits=None) -> Rollouts:
     """Prefill + all decode chunks; returns the assembled rollouts.
 
     Args:
@@ -381,10 +501,17 @@ class Sampler:
       rng: the iteration's sampling key.
       n: rollouts per prompt (default `cfg.n`).
       prompt_offset: global index of prompt 0.
+      length_limits: optional [P, n] per-rollout length budgets (<= T).
     """
     prefill = self.prefill(params, tokens, lengths)
+    if self.cfg.refill:
+      finals = [state for _, state, last in self.segments(
+          params, prefill, rng, n=n, prompt_offset=prompt_offset,
+          length_limits=length_limits) if last]
+      return self.assemble_refill(prefill, finals)
     outs = list(self.chunks(params, prefill, rng, n=n,
-                            prompt_offset=prompt_offset))
+                            prompt_offset=prompt_offset,
+                            length_limits=length_limits))
     return self.assemble(prefill, outs)
 
   def assemble(self, prefill: Prefill, outs) -> Rollouts:

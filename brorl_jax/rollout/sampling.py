@@ -119,7 +119,8 @@ def sample(logits: jax.Array, keys: jax.Array, step: jax.Array, *,
   Args:
     logits: [..., V] raw logits (any float dtype).
     keys: [...] per-row PRNG keys.
-    step: int32 scalar decode step, folded into each row key.
+    step: int32 decode step folded into each row key: a scalar, or one per
+      row ([...], the refill decode's rows are at different steps).
     temperature / top_k / top_p / greedy: the sampling rule.
 
   Returns:
@@ -134,8 +135,8 @@ def sample(logits: jax.Array, keys: jax.Array, step: jax.Array, *,
   else:
     scaled = scaled_logits(flat, temperature)
     masked = truncate(scaled, top_k, top_p)
-    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(
-        keys.reshape(-1))
+    step_keys = jax.vmap(jax.random.fold_in)(
+        keys.reshape(-1), jnp.broadcast_to(step, lead).reshape(-1))
     u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(step_keys)
     weights = jnp.exp(masked - jnp.max(masked, axis=-1, keepdims=True))
     tokens = inverse_cdf(weights, u)

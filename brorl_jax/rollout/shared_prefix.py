@@ -50,9 +50,12 @@ class SharedPrefixAttention:
 
   Attributes:
     prefix_valid: [P, Lp] bool, real (non-padding) prompt positions.
-    step: int32 scalar, suffix slot of the current token.
+    step: suffix slot of the current token: an int32 scalar (every row at
+      the same slot), or [P*G] int32, one slot per row (the refill decode,
+      where each slot holds a rollout of its own length).
     backend: resolved decode backend (`model.config.ATTENTION_BACKENDS`, not
-      "auto").
+      "auto"); with per-row slots the suffix read is the masked product over
+      the whole buffer whatever the backend.
     interpret: run a kernel backend in Pallas interpret mode (CPU).
   """
 
@@ -103,20 +106,41 @@ class SharedPrefixAttention:
     # then each rollout attends to its tokens so far (slots <= step), reading
     # no slot past them unless the backend is the reference.
     time_major = suffix_attention.keys_time_major(self.backend)
-    suffix_k = jax.lax.dynamic_update_slice_in_dim(
-        suffix_k, k.reshape(b, kv_heads, *((1, h) if time_major else (h, 1))
-                            ).astype(suffix_k.dtype),
-        self.step, 2 if time_major else 3)
-    suffix_v = jax.lax.dynamic_update_slice_in_dim(
-        suffix_v, v.reshape(b, kv_heads, 1, h).astype(suffix_v.dtype),
-        self.step, 2)
+    per_row = jnp.ndim(self.step) > 0
+    if not per_row:
+      suffix_k = jax.lax.dynamic_update_slice_in_dim(
+          suffix_k, k.reshape(b, kv_heads, *((1, h) if time_major else (h, 1))
+                              ).astype(suffix_k.dtype),
+          self.step, 2 if time_major else 3)
+      suffix_v = jax.lax.dynamic_update_slice_in_dim(
+          suffix_v, v.reshape(b, kv_heads, 1, h).astype(suffix_v.dtype),
+          self.step, 2)
+    else:  # per-row slots (refill): one scatter per row
+      row = jnp.arange(b)
+      new_k = k.reshape(b, kv_heads, h).astype(suffix_k.dtype)
+      suffix_k = (suffix_k.at[row, :, self.step, :].set(new_k) if time_major
+                  else suffix_k.at[row, :, :, self.step].set(new_k))
+      suffix_v = suffix_v.at[row, :, self.step, :].set(
+          v.reshape(b, kv_heads, h).astype(suffix_v.dtype))
     rows = (("batch", "group"), (p, g), ("act_kv", None, None))
     suffix_k = constrain_merged(suffix_k, *rows)
     suffix_v = constrain_merged(suffix_v, *rows)
     qb = q.reshape(b, kv_heads, n // kv_heads, h)           # [B, K, Q, H]
-    o_suf, lse_suf = suffix_attention.attend_suffix(
-        qb, suffix_k, suffix_v, self.step + 1, self.backend, self.interpret,
-        merged_sharding(suffix_v.shape, *rows))
+    if not per_row:
+      o_suf, lse_suf = suffix_attention.attend_suffix(
+          qb, suffix_k, suffix_v, self.step + 1, self.backend, self.interpret,
+          merged_sharding(suffix_v.shape, *rows))
+    else:
+      # A refilled slot's later positions hold an earlier rollout's KV: the
+      # mask is per row, so the product covers the whole buffer.
+      visible = (jnp.arange(suffix_v.shape[2])[None, :] <=
+                 self.step[:, None])[:, None, None, :]
+      s_suf = jnp.einsum("bkqh,bkth->bkqt" if time_major else
+                         "bkqh,bkht->bkqt", qb, suffix_k,
+                         preferred_element_type=jnp.float32) * scale
+      w_suf, lse_suf = masked_softmax_lse(s_suf, visible)
+      o_suf = jnp.einsum("bkqt,bkth->bkqh", w_suf.astype(suffix_v.dtype),
+                         suffix_v, preferred_element_type=jnp.float32)
     o_suf = o_suf.reshape(p, g, kv_heads, n // kv_heads, h)
     lse_suf = lse_suf.reshape(p, g, kv_heads, n // kv_heads)
     out = merge_lse(o_pre, lse_pre, o_suf, lse_suf)         # [P, G, K, Q, H]

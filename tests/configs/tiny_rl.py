@@ -19,7 +19,9 @@ def get_config():
   c.rollout.n = 8
   c.rollout.max_prompt_len = 40
   c.rollout.max_new_tokens = 10
-  c.rollout.max_decode_rows = 16     # two decode chunks per step
+  c.rollout.max_decode_rows = 16     # 4 refilled slots per prompt
+  c.rollout.refill = True            # the end-to-end tests run the refill
+  c.rollout.segment_steps = 3        # several segments per decode
   c.algo.num_minibatches = 2
   c.algo.micro_batch_size = 8
   c.algo.advantage.dynamic_sampling = False
