@@ -1,6 +1,6 @@
 """Progress of the long phases: a tqdm bar, plain lines, or nothing.
 
-Modes (`logging.progress`, the `--progress` flag of the CLIs):
+Modes (`logging.progress`; `--progress` of `python -m brorl_jax.hf`):
 
   "bar"    a tqdm bar on stderr, redrawn in place: for terminals.
   "lines"  one plain line per report on stdout, e.g.
@@ -29,6 +29,9 @@ def resolve(mode: str | None, stream: TextIO | None = None) -> str:
   Args:
     mode: one of `MODES`, "auto" or None.
     stream: the stream whose terminal-ness decides "auto" (stdout).
+
+  Returns:
+    "bar", "lines" or "off".
 
   Raises:
     ValueError: an unknown mode (the message lists the known ones).
