@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from brorl_jax import checkpointing, experiment, hf
 from brorl_jax import config as config_lib
 from brorl_jax import run_config
 from brorl_jax import sizing
@@ -189,13 +190,12 @@ def test_imported_model_keeps_the_runs_attention_backend(tmp_path, tiny_cfg,
                                                           tiny_params):
   # Dry run and training both rebuild the model from init.path's config.json
   # and must keep the run's backend, as they keep its dtypes.
-  from brorl_jax import experiment, hf
   hf.save_hf(tiny_params, tiny_cfg, tmp_path / "hf")
   cfg = _tiny(**{"init.path": str(tmp_path / "hf"),
                  "model.attention_backend": "reference"})
   assert sizing._model_config(cfg)[0].attention_backend == "reference"
   tokenizer = types.SimpleNamespace(vocab_size=tiny_cfg.vocab_size)
-  hf.save_model_config(tiny_cfg, tmp_path / "resumed")   # saved with "auto"
+  checkpointing.save_model_config(tiny_cfg, tmp_path / "resumed")   # saved with "auto"
   for workdir in (tmp_path / "fresh", tmp_path / "resumed"):
     model_cfg = experiment.model_config_for(cfg, workdir, tokenizer)
     assert model_cfg.attention_backend == "reference"
