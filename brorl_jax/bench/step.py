@@ -12,7 +12,11 @@ be no update to time) and reports, from the same run:
     in the same process -> `update_flops_ratio`;
   * the diagnostics' cost at the config's `diagnostics.every`: mean step
     time against the same iterations with `diagnostics.every = 0`
-    (interleaved with the diagnostics-on run) -> `diag_overhead`.
+    (interleaved with the diagnostics-on run) -> `diag_overhead`;
+  * the update's time with the configured `model.attention_backend` over
+    the same iterations with `reference` (full `[T, T]` scores), both with
+    diagnostics off and interleaved -> `update_backend_ratio` (<= 1: no
+    slower than the full-scores attention).
 """
 
 from __future__ import annotations
@@ -118,17 +122,24 @@ def main(argv: list[str]) -> dict:
     on = _Run(args.config, pathlib.Path(tmp) / "on", base)
     off = _Run(args.config, pathlib.Path(tmp) / "off",
                {**base, "diagnostics.every": 0})
+    # The same steps with the full-scores attention (`reference`): the
+    # configured backend's update time against it.
+    ref = _Run(args.config, pathlib.Path(tmp) / "ref",
+               {**base, "diagnostics.every": 0,
+                "model.attention_backend": "reference"})
+    runs = (on, off, ref)
     for _ in range(2):                       # compile, warm up
-      on.iterate()
-      off.iterate()
-    rows_on, rows_off = [], []
+      for r in runs:
+        r.iterate()
+    rows_on, rows_off, rows_ref = [], [], []
     for _ in range(args.steps):              # interleaved: same load
-      rows_on.append(on.iterate())
-      rows_off.append(off.iterate())
+      for r, rows in zip(runs, (rows_on, rows_off, rows_ref)):
+        rows.append(r.iterate())
     update_flops = _flops(on.trainer)
     cfg = on.trainer.cfg
-    on.close()
-    off.close()
+    backend = on.trainer.policy.cfg.attention_backend
+    for r in runs:
+      r.close()
 
   def med(rows, key):
     return statistics.median(r[key] for r in rows)
@@ -160,6 +171,9 @@ def main(argv: list[str]) -> dict:
                    "diagnostics_every": cfg.diagnostics.every,
                    "timed_steps": args.steps},
   })
+  results["update_backend_ratio"] = (med(rows_off, "time/update_s") /
+                                     med(rows_ref, "time/update_s"))
+  results["update_backend"] = backend
   results["diag_overhead"] = (results["mean_step_s"] /
                               results["mean_step_s_without_diagnostics"] - 1.0)
   print(f"per phase (median of {args.steps} steps): " + ", ".join(
@@ -169,6 +183,8 @@ def main(argv: list[str]) -> dict:
   print(f"update: {update_flops / 1e9:.1f} GFLOP in {phases['update_s']:.3f}"
         f" s = {achieved / 1e9:.1f} GFLOP/s vs matmul {matmul / 1e9:.1f} "
         f"GFLOP/s -> ratio {results['update_flops_ratio']:.2f}")
+  print(f"update time, attention backend {backend!r} over 'reference': "
+        f"{results['update_backend_ratio']:.2f}")
   print(f"diagnostics overhead (diagnostics.every = {cfg.diagnostics.every},"
         f" mean of {args.steps} steps): "
         f"{100 * results['diag_overhead']:+.1f}% of the step")
