@@ -137,7 +137,7 @@ def main(argv: list[str]) -> dict:
         rows.append(r.iterate())
     update_flops = _flops(on.trainer)
     cfg = on.trainer.cfg
-    backend = on.trainer.policy.cfg.attention_backend
+    backend = on.trainer.sampler.decode_backend   # 'auto' resolved
     for r in runs:
       r.close()
 
