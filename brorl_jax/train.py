@@ -278,16 +278,16 @@ class Trainer:
     times["diag_s"] = time.perf_counter() - t2
 
     # ---- 6. Metrics (one explicit device -> host transfer) -----------------
-    host = step_log.to_host({**prep.stats,
-                     **{f"loss/{k}": v for k, v in upd.items()},
-                     **mass_after,
-                     "rollout/finished_slot_frac": ro.finished_slots /
-                     jnp.maximum(ro.total_slots, 1),
-                     # Share of decode slot-steps that produced a token.
-                     "rollout/slot_utilization": 1 - ro.finished_slots /
-                     jnp.maximum(ro.total_slots, 1),
-                     "optim/skipped_total": new_state.skipped,
-                     "optim/updates_total": new_state.updates})
+    host = step_log.to_host({
+        **prep.stats, **{f"loss/{k}": v for k, v in upd.items()},
+        **mass_after,
+        "rollout/finished_slot_frac": ro.finished_slots /
+        jnp.maximum(ro.total_slots, 1),
+        # Share of decode slot-steps that produced a token.
+        "rollout/slot_utilization": 1 - ro.finished_slots /
+        jnp.maximum(ro.total_slots, 1),
+        "optim/skipped_total": new_state.skipped,
+        "optim/updates_total": new_state.updates})
     meta["generated_tokens_total"] += int(host["rollout/generated_tokens"])
     metrics = step_log.rename(host)
     metrics["rollout/generated_tokens_total"] = meta["generated_tokens_total"]
@@ -306,6 +306,8 @@ class Trainer:
     metrics.update({f"time/{k}": v for k, v in times.items()})
     metrics["throughput/tokens_per_s"] = (
         metrics["rollout/generated_tokens"] / max(times["sample_s"], 1e-9))
+
+    # ---- 7. Rollout archive (process 0 writes; gathers are collective) -----
     # Archived under the step number the metrics use (completed steps).
     step_log.log_rollouts(
         self.archive, step + 1, prompts, scored, log_cfg=cfg.logging,
