@@ -38,7 +38,8 @@ from absl import app, flags
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from brorl_jax import checkpointing, cli, experiment, hf, rewards, run_config
+from brorl_jax import (checkpointing, cli, distributed, experiment, hf,
+                       rewards, run_config)
 from brorl_jax.config import check
 from brorl_jax.data.prompts import PromptPipeline
 from brorl_jax.experiment import global_prompt_arrays
@@ -261,6 +262,36 @@ class Evaluator:
     `should_stop` (see `run`) said so."""
     result = self.run(params, step, rng, should_stop=should_stop)
     return None if result is None else result.flat()
+
+  def loop_metrics(self, params: Any, step: int, seed: int, *,
+                   should_stop: Callable[[], bool] | None = None
+                   ) -> dict[str, float] | None:
+    """The train loop's evaluation: `eval/*`, `time/eval_s` and the
+    verifiers' `eval/verify/{timeouts,errors}` over all processes; None when
+    `should_stop` cut it short.
+
+    The same key at every evaluation (common random numbers): pass@1
+    differences between steps are then the policy's, not the draws'; the
+    evaluate CLI on a checkpoint reproduces the loop's numbers.
+
+    Args:
+      params: policy parameters in the sampling layout.
+      step: the policy's step.
+      seed: the run's seed (`eval_key(seed)`).
+      should_stop: as `run`.
+    """
+    t0 = time.perf_counter()
+    out = self.evaluate(params, step, eval_key(seed), should_stop=should_stop)
+    if out is None:
+      self.pool.pop_stats()
+      return None
+    out["time/eval_s"] = time.perf_counter() - t0
+    # The pool's counters belong to the evaluation, not the next RL step.
+    verify = distributed.sum_over_processes(self.pool.pop_stats(),
+                                            ("timeouts", "errors"))
+    out.update({f"eval/verify/{k}": verify[k] for k in ("timeouts", "errors")
+                if k in verify})
+    return out
 
   def run(self, params: Any, step: int | None, rng: jax.Array, *,
           should_stop: Callable[[], bool] | None = None

@@ -114,3 +114,27 @@ class Progress:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def print_summary(start: int, step: int, last: Mapping[str, Any],
+                  seconds: float, *, preempted: bool,
+                  stream: TextIO | None = None) -> None:
+  """The train run's last line, in every progress mode (process 0 calls it).
+
+  Args:
+    start: the step the run started (or resumed) at.
+    step: the step it stopped at.
+    last: the last metrics written (reward, pass rate, eval, tokens).
+    seconds: the loop's wall time.
+    preempted: whether SIGTERM stopped it.
+    stream: where to print (default stdout).
+  """
+  parts = [f"{'preempted' if preempted else 'done'}: step {step} "
+           f"({step - start} this run, {seconds:.1f} s)"]
+  for key in ("reward/mean", "reward/pass_rate", "eval/pass@1",
+              "rollout/generated_tokens_total"):
+    if last.get(key) is not None:
+      value = last[key]
+      parts.append(f"{key} {value:.4g}" if isinstance(value, float)
+                   else f"{key} {value}")
+  print("  ".join(parts), file=stream or sys.stdout, flush=True)

@@ -22,6 +22,7 @@ from brorl_jax.model.config import ModelConfig, model_config
 from brorl_jax.rewards.config import RewardsConfig
 from brorl_jax.rl.advantages import AdvantageConfig
 from brorl_jax.rl.losses import LossConfig
+from brorl_jax.rl.reference import ReferenceConfig
 from brorl_jax.rl.shaping import ShapingConfig
 from brorl_jax.rl.train_state import OptimConfig
 from brorl_jax.rl.update import UpdateConfig
@@ -32,30 +33,6 @@ from brorl_jax.warmstart import WarmstartConfig
 # Sections read only by the train loop and the entry points. Library sections
 # (model, data, rollout, rewards, algo.*, optim) are defined next to the code
 # that uses them and assembled by `load`.
-
-
-@dataclasses.dataclass(frozen=True)
-class ReferenceConfig:
-  """Reference policy resets (section `algo.reference`; only with a KL term).
-
-  Attributes:
-    reset_every: reset the reference to the current policy every K RL steps
-      (ProRL v2: 200-500); 0 = never on a schedule.
-    reset_kl_above: reset when the step's mean KL to the reference exceeds
-      this; None = off.
-    reset_on_eval_drop: reset when held-out pass@1 drops by more than this
-      below its best so far; None = off.
-    reset_optimizer: also re-initialize the optimizer state (ProRL v1 does,
-      ProRL v2 does not).
-  """
-
-  reset_every: int = 0
-  reset_kl_above: float | None = None
-  reset_on_eval_drop: float | None = None
-  reset_optimizer: bool = False
-
-  def __post_init__(self):
-    check(self.reset_every >= 0, "algo.reference.reset_every", "must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)

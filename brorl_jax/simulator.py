@@ -36,6 +36,7 @@ import numpy as np
 import optax
 
 from brorl_jax.config import check, check_choice
+from brorl_jax.rl.train_state import OptimConfig, make_optimizer
 
 METRICS = ("q_pos", "pct_improved", "worst_drop", "entropy")
 CSV_COLUMNS = ("n", "seed", "step") + METRICS
@@ -102,6 +103,12 @@ class SimulatorConfig:
           f"must be >= 1, got {self.record_every}")
     check_choice(self.dtype, "config.dtype", ("float32", "float64"))
 
+  def optim_config(self) -> OptimConfig:
+    """The equivalent `optim` settings: AdamW at a constant rate, no clip."""
+    return OptimConfig(learning_rate=self.learning_rate, b1=self.b1,
+                       b2=self.b2, eps=self.eps,
+                       weight_decay=self.weight_decay, grad_clip=0.0)
+
 
 # ---------------------------------------------------------------------------
 # Simulator (device code).
@@ -167,8 +174,8 @@ def _run_one(cfg: SimulatorConfig, n: int, key: jax.Array) -> dict:
   z0 = initial_logits(cfg)
   p0 = jax.nn.softmax(z0)
   rewards = action_rewards(cfg)
-  opt = optax.adamw(cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                    weight_decay=cfg.weight_decay)
+  # No reference_samples_per_step: the rate is not rescaled by N.
+  opt = make_optimizer(cfg.optim_config(), n)
 
   def step(carry, t):
     z, opt_state = carry

@@ -38,13 +38,15 @@ from brorl_jax import experiment as exp_lib
 from brorl_jax import run_config
 from brorl_jax import scoring
 from brorl_jax import sizing
+from brorl_jax import step_log
 from brorl_jax import workdir as workdir_lib
-from brorl_jax.evaluate import Evaluator, eval_key
+from brorl_jax.evaluate import Evaluator
 from brorl_jax.metrics import MetricsWriter
 from brorl_jax.model.sharding import reshard
-from brorl_jax.progress import Progress
+from brorl_jax.progress import Progress, print_summary
 from brorl_jax.rl import batch as batch_lib
 from brorl_jax.rl import diagnostics as diag_lib
+from brorl_jax.rl import reference as reference_lib
 from brorl_jax.rl import train_state as ts_lib
 from brorl_jax.rl import update as update_lib
 from brorl_jax.rollout_archive import RolloutArchive
@@ -78,40 +80,6 @@ class Preemption:
 
   def restore(self):
     signal.signal(signal.SIGTERM, self._previous)
-
-
-def _to_host(metrics: dict[str, Any]) -> dict[str, float]:
-  """Device scalars -> Python numbers (one explicit transfer)."""
-  values = jax.device_get(metrics)
-  return {k: (v.item() if hasattr(v, "item") else v)
-          for k, v in values.items()}
-
-
-def _global_verify_stats(local: dict[str, float], verifiers) -> dict:
-  """The reward pool's counters (rewards/stats.py) over all processes.
-
-  Each process scores only its own rollouts; means are re-weighted by the
-  per-process counts. `verifiers` (the step's records' verifier names, the
-  same on every process) fixes the keys every process contributes.
-  """
-  if jax.process_count() == 1:
-    return local
-  names = sorted(verifiers)
-  sums = dict(local)
-  for v in names:  # means -> sums, so they add up over processes
-    count = local.get(f"{v}/count", 0)
-    for m in ("mean_reward", "mean_latency_s"):
-      sums[f"{v}/{m}"] = local.get(f"{v}/{m}", 0.0) * count
-  keys = ["items", "timeouts", "errors", "restarts", "recycled"] + [
-      f"{v}/{k}" for v in names for k in ("count", "mean_reward",
-                                          "mean_latency_s", "timeouts",
-                                          "errors")]
-  total = distributed.sum_over_processes(sums, keys)
-  out = {k: int(round(total[k])) for k in keys}
-  for v in names:
-    for m in ("mean_reward", "mean_latency_s"):
-      out[f"{v}/{m}"] = total[f"{v}/{m}"] / max(total[f"{v}/count"], 1)
-  return out
 
 
 class Trainer:
@@ -304,27 +272,29 @@ class Trainer:
     t2 = time.perf_counter()
     mass_after = {}
     if do_diag:
-      mass_after = jax.block_until_ready(self._diag_after(
-          new_state, before, prep, tokens, lengths, ro, scored.rewards))
+      mass_after = jax.block_until_ready(self.diagnostics.after_update(
+          self.sampler, new_state.params, self.sample_shardings, before, prep,
+          tokens, lengths, ro.first_probs, scored.rewards))
     times["diag_s"] = time.perf_counter() - t2
 
     # ---- 6. Metrics (one explicit device -> host transfer) -----------------
-    host = _to_host({**prep.stats,
-                     **{f"loss/{k}": v for k, v in upd.items()},
-                     **mass_after,
-                     "rollout/finished_slot_frac": ro.finished_slots /
-                     jnp.maximum(ro.total_slots, 1),
-                     # Share of decode slot-steps that produced a token.
-                     "rollout/slot_utilization": 1 - ro.finished_slots /
-                     jnp.maximum(ro.total_slots, 1),
-                     "optim/skipped_total": new_state.skipped,
-                     "optim/updates_total": new_state.updates})
+    host = step_log.to_host({
+        **prep.stats, **{f"loss/{k}": v for k, v in upd.items()},
+        **mass_after,
+        "rollout/finished_slot_frac": ro.finished_slots /
+        jnp.maximum(ro.total_slots, 1),
+        # Share of decode slot-steps that produced a token.
+        "rollout/slot_utilization": 1 - ro.finished_slots /
+        jnp.maximum(ro.total_slots, 1),
+        "optim/skipped_total": new_state.skipped,
+        "optim/updates_total": new_state.updates})
     meta["generated_tokens_total"] += int(host["rollout/generated_tokens"])
-    metrics = self._rename(host)
+    metrics = step_log.rename(host)
     metrics["rollout/generated_tokens_total"] = meta["generated_tokens_total"]
     metrics["optim/lr"] = float(self.lr_schedule(int(new_state.updates)))
-    metrics.update(self._task_rewards(prompts.records, scored.rewards))
-    metrics.update({f"verify/{k}": v for k, v in _global_verify_stats(
+    metrics.update(step_log.task_rewards(prompts.records, scored.rewards,
+                                         self.exp.mesh_sample.replicated()))
+    metrics.update({f"verify/{k}": v for k, v in step_log.global_verify_stats(
         self.pool.pop_stats(), {r.verifier for r in prompts.records})
                     .items()})
     # The prompt sets' counts (rows read, malformed, too long, kept): fixed
@@ -336,139 +306,24 @@ class Trainer:
     metrics.update({f"time/{k}": v for k, v in times.items()})
     metrics["throughput/tokens_per_s"] = (
         metrics["rollout/generated_tokens"] / max(times["sample_s"], 1e-9))
+
+    # ---- 7. Rollout archive (process 0 writes; gathers are collective) -----
     # Archived under the step number the metrics use (completed steps).
-    self._log_rollouts(step + 1, prompts, scored)
+    step_log.log_rollouts(
+        self.archive, step + 1, prompts, scored, log_cfg=cfg.logging,
+        replicated=self.exp.mesh_sample.replicated(),
+        tokenizer=self.tokenizer, prompt_text=self.pipeline.prompt_text)
     return new_state, metrics
 
-  @staticmethod
-  def _rename(host: dict) -> dict:
-    """Loss-aux names -> the documented metric names."""
-    out = {}
-    for k, v in host.items():
-      if k in ("loss/logp_diff_mean", "loss/logp_diff_max"):
-        k = "rollout/" + k.split("/", 1)[1]
-      elif k in ("loss/grad_norm", "loss/update_norm", "loss/param_norm",
-                 "loss/skipped"):
-        k = "optim/" + k.split("/", 1)[1]
-      out[k] = v
-    return out
-
-  def _task_rewards(self, records, rewards) -> dict[str, float]:
-    """Per task family mean reward (host; the rewards' transfer is small)."""
-    r = distributed.fetch(rewards,
-                          self.exp.mesh_sample.replicated())      # [P, G]
-    tasks: dict[str, list[float]] = {}
-    for rec, row in zip(records, r):
-      tasks.setdefault(rec.task, []).extend(row.tolist())
-    if len(tasks) < 2:
-      return {}
-    return {f"reward/{t}/mean": float(np.mean(v)) for t, v in tasks.items()}
-
-  # ---- diagnostics ---------------------------------------------------------
-
-  def _diag_after(self, state, before, prep, tokens, lengths, ro, rewards):
-    """The realized change: the kept prompts' first token re-scored by the
-    sampler under the updated parameters, the rest in rl/diagnostics.py."""
-    if before is None:
-      return {}
-    sample_params = reshard(state.params, self.sample_shardings)
-    sel = prep.selected
-    pre = self.sampler.prefill(sample_params, jnp.take(tokens, sel, 0),
-                               jnp.take(lengths, sel, 0))
-    return self.diagnostics.after(state.params, self.sampler.first_probs(pre),
-                                  before, prep, ro.first_probs, rewards)
-
-  # ---- logging -------------------------------------------------------------
-
-  def _log_rollouts(self, step, prompts, scored):
-    """Archives the step's rollouts and a few decoded texts (process 0).
-
-    In a multi-process run the rollouts are gathered from every process
-    (collectives: every process gets here, and the conditions depend on the
-    config only); process 0 writes.
-    """
-    ro, log_cfg = scored.rollouts, self.cfg.logging
-    replicated = self.exp.mesh_sample.replicated()
-    if log_cfg.archive_rollouts and step % log_cfg.archive_every == 0:
-      tok, lens, lp, rew, st = (distributed.fetch(x, replicated) for x in (
-          ro.tokens, ro.lengths, ro.logprobs, scored.rewards, scored.status))
-      self.archive.append(
-          step, prompt_ids=[prompts.tokens[i, -prompts.lengths[i]:]
-                            for i in range(len(prompts.records))],
-          completion_ids=tok, lengths=lens, logprobs=lp, rewards=rew,
-          status=st)
-    n = log_cfg.text_samples
-    if not (n and log_cfg.archive_rollouts):
-      return
-    num_p, num_g = scored.rewards.shape
-    # An even spread over the step's rollouts, the same on every process.
-    picked = [(i // num_g, i % num_g)
-              for i in range(0, num_p * num_g, max(1, num_p * num_g // n))][:n]
-    if jax.process_count() == 1:
-      texts = [scored.texts[key] for key in picked]
-    else:
-      # The texts were decoded where the rollouts live: fetch the picked
-      # rows' tokens and decode them here.
-      rows = np.array([p * num_g + g for p, g in picked], np.int32)
-      tok, lens = distributed.fetch_rows(ro.tokens, ro.lengths, rows,
-                                         replicated)
-      texts = self.tokenizer.decode_batch(
-          [t[:k].tolist() for t, k in zip(tok, lens)])
-    rewards, status = (distributed.fetch(x, replicated)
-                       for x in (scored.rewards, scored.status))
-    names = {v: k for k, v in scoring.STATUS_CODES.items()}
-    self.archive.write_text_samples(step, [{
-        "prompt": self.pipeline.prompt_text(prompts.records[p]),
-        "completion": text, "answer": prompts.records[p].answer,
-        "reward": float(rewards[p, g]),
-        "status": names[int(status[p, g])]}
-        for (p, g), text in zip(picked, texts)])
-
-  # ---- evaluation, references ----------------------------------------------
+  # ---- evaluation ----------------------------------------------------------
 
   def evaluate(self, state, step: int, preempt) -> dict[str, float] | None:
     """The `eval/*` metrics; None when SIGTERM cut the evaluation short."""
     if self.evaluator is None:
       return {}
-    t0 = time.perf_counter()
-    params = reshard(state.params, self.sample_shardings)
-    # The same key at every evaluation (common random numbers): pass@1
-    # differences between steps are then the policy's, not the draws'; the
-    # evaluate CLI on a checkpoint reproduces the loop's numbers.
-    out = self.evaluator.evaluate(params, step, eval_key(self.cfg.seed),
-                                  should_stop=preempt.requested)
-    if out is None:
-      self.pool.pop_stats()
-      return None
-    out["time/eval_s"] = time.perf_counter() - t0
-    # The pool's counters belong to the evaluation, not the next RL step.
-    verify = distributed.sum_over_processes(self.pool.pop_stats(),
-                                            ("timeouts", "errors"))
-    out.update({f"eval/verify/{k}": verify[k] for k in ("timeouts", "errors")
-                if k in verify})
-    return out
-
-  def maybe_reset_reference(self, state, step, metrics, meta):
-    ref = self.cfg.reference
-    if state.ref_params is None:
-      return state
-    reason = None
-    if ref.reset_every and step % ref.reset_every == 0:
-      reason = "schedule"
-    elif (ref.reset_kl_above is not None
-          and metrics.get("loss/kl_ref", 0.0) > ref.reset_kl_above):
-      reason = "kl"
-    elif (ref.reset_on_eval_drop is not None and "eval/pass@1" in metrics
-          and meta["best_eval"] is not None
-          and metrics["eval/pass@1"] < meta["best_eval"]
-          - ref.reset_on_eval_drop):
-      reason = "eval"
-    if reason is None:
-      return state
-    meta["resets"] += 1
-    metrics["ref/resets"] = meta["resets"]
-    log.info("step %d: reference reset (%s)", step, reason)
-    return self._reset_ref(state)
+    return self.evaluator.loop_metrics(
+        reshard(state.params, self.sample_shardings), step, self.cfg.seed,
+        should_stop=preempt.requested)
 
   # ---- the loop ------------------------------------------------------------
 
@@ -514,6 +369,7 @@ class Trainer:
       while not finished(step) and not preempt.requested():
         # A background save that failed stops the run here (CheckpointError).
         self.checkpointer.check()
+        # ---- Sample, score, advantages, update, diagnostics (one step) ---
         data_state = train_iter.get_state()
         prompts = next(train_iter)
         out = self.iteration(state, prompts, step, meta, preempt)
@@ -523,6 +379,7 @@ class Trainer:
         state, metrics = out
         step += 1
         last_step = finished(step)
+        # ---- Evaluation (held-out pass@k) --------------------------------
         if self.evaluator is not None and (
             last_step or (cfg.eval.every and step % cfg.eval.every == 0)):
           out = self.evaluate(state, step, preempt)
@@ -533,7 +390,16 @@ class Trainer:
             best = meta["best_eval"]
             meta["best_eval"] = max(best if best is not None else -1.0,
                                     metrics["eval/pass@1"])
-        state = self.maybe_reset_reference(state, step, metrics, meta)
+        # ---- Reference reset (host decides, device copies) ---------------
+        reason = None if state.ref_params is None else (
+            reference_lib.reset_reason(cfg.reference, step, metrics,
+                                       meta["best_eval"]))
+        if reason is not None:
+          meta["resets"] += 1
+          metrics["ref/resets"] = meta["resets"]
+          log.info("step %d: reference reset (%s)", step, reason)
+          state = self._reset_ref(state)
+        # ---- Log ---------------------------------------------------------
         self.writer.write(step, metrics)
         last = metrics
         bar.update(step, {
@@ -542,6 +408,7 @@ class Trainer:
             "tokens/s": metrics["throughput/tokens_per_s"],
             "s": metrics["time/step_s"],
             "eval_pass@1": metrics.get("eval/pass@1")})
+        # ---- Checkpoint --------------------------------------------------
         if (last_step or preempt.requested()
             or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)):
           self.checkpointer.save(step, state, train_iter, self._meta(meta))
@@ -567,7 +434,7 @@ class Trainer:
       bar.close()
       self.close(preempt)
     if self.exp.is_main:
-      self._summary(start, step, last, time.perf_counter() - t_start,
+      print_summary(start, step, last, time.perf_counter() - t_start,
                     preempted=preempt.requested_at is not None)
     return last
 
@@ -586,20 +453,6 @@ class Trainer:
   def _progress(self, desc: str, total: int, initial: int = 0) -> Progress:
     return Progress(self.cfg.logging.progress_mode(), desc, total,
                     initial=initial, enabled=self.exp.is_main)
-
-  @staticmethod
-  def _summary(start: int, step: int, last: dict, seconds: float, *,
-               preempted: bool) -> None:
-    """The run's last line, in every progress mode (stdout, process 0)."""
-    parts = [f"{'preempted' if preempted else 'done'}: step {step} "
-             f"({step - start} this run, {seconds:.1f} s)"]
-    for key in ("reward/mean", "reward/pass_rate", "eval/pass@1",
-                "rollout/generated_tokens_total"):
-      if last.get(key) is not None:
-        value = last[key]
-        parts.append(f"{key} {value:.4g}" if isinstance(value, float)
-                     else f"{key} {value}")
-    print("  ".join(parts), flush=True)
 
 
 def train(config: Any, workdir: str) -> dict[str, float]:

@@ -108,11 +108,12 @@ def verify_numeric(completion: str, answer: str, *,
   if gold is None:
     raise ValueError(f"numeric verifier: reference answer {answer!r} is not "
                      "a number; use the 'math' or 'exact' verifier for it")
-  text = formatting.apply_format(completion, config.format)
-  if text is None:
-    return config.format.unmet_reward
   options = config.numeric
-  candidate = formatting.final_answer(text, options.answer_pattern)
+  found = formatting.find_answer(completion, config.format,
+                                 options.answer_pattern)
+  if found is None:
+    return config.format.unmet_reward
+  text, candidate = found
   if candidate is None and options.last_number_fallback:
     found = _NUMBER.findall(text)
     candidate = found[-1] if found else None
@@ -164,10 +165,11 @@ def verify_choice(completion: str, answer: str, *,
   if gold is None:
     raise ValueError(f"choice verifier: reference answer {answer!r} is not "
                      f"one of the letters {letters!r}")
-  text = formatting.apply_format(completion, config.format)
-  if text is None:
+  found = formatting.find_answer(completion, config.format,
+                                 config.choice.answer_pattern)
+  if found is None:
     return config.format.unmet_reward
-  candidate = formatting.final_answer(text, config.choice.answer_pattern)
+  text, candidate = found
   if candidate is not None:
     return float(_letter(candidate, letters) == gold)
   phrases = re.findall(
@@ -203,11 +205,12 @@ def verify_exact(completion: str, answer: str, *,
   """
   del meta
   config = config or _DEFAULT
-  text = formatting.apply_format(completion, config.format)
-  if text is None:
-    return config.format.unmet_reward
   options = config.exact
-  candidate = formatting.final_answer(text, options.answer_pattern)
+  found = formatting.find_answer(completion, config.format,
+                                 options.answer_pattern)
+  if found is None:
+    return config.format.unmet_reward
+  text, candidate = found
   if candidate is None:
     candidate = text
   return float(_normalize_exact(candidate, options.case_sensitive)

@@ -96,6 +96,25 @@ def final_answer(text: str, pattern: str | None = None) -> str | None:
   return None
 
 
+def find_answer(completion: str, config: FormatConfig, pattern: str | None
+                ) -> tuple[str, str | None] | None:
+  """The answer verifiers' first steps: `apply_format`, then `final_answer`.
+
+  Args:
+    completion: the model's completion.
+    config: the format requirements.
+    pattern: the verifier's configured answer regex, or None.
+
+  Returns:
+    (the text to score, its final answer or None), or None when a format
+    requirement is unmet; the verifier then returns `config.unmet_reward`.
+  """
+  text = apply_format(completion, config)
+  if text is None:
+    return None
+  return text, final_answer(text, pattern)
+
+
 def apply_format(completion: str, config: FormatConfig) -> str | None:
   """Checks `rewards.format` and returns the text a verifier should score.
 

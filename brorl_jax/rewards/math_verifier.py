@@ -124,12 +124,13 @@ def verify_math(completion: str, answer: str, *,
   """
   del meta
   config = config or _DEFAULT
-  text = formatting.apply_format(completion, config.format)
-  if text is None:
-    return config.format.unmet_reward
   options = config.math
+  found = formatting.find_answer(completion, config.format,
+                                 options.answer_pattern)
+  if found is None:
+    return config.format.unmet_reward
+  text, prediction = found
   timeout = _timeouts(options)
-  prediction = formatting.final_answer(text, options.answer_pattern)
   if prediction is None:
     if options.allow_unboxed and len(text) <= 100 * options.max_answer_chars:
       return float(_judge(answer, text, timeout))

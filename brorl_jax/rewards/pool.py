@@ -318,8 +318,7 @@ class RewardPool:
           if not worker.inflight:
             worker.state = "idle"
         elif message[0] == "exiting":
-          self._queue.extendleft(reversed(worker.inflight))
-          worker.inflight.clear()
+          self._give_back(worker)
           worker.stop(time.monotonic(), self.config.kill_grace_s,
                       terminate=False)
           self._stats.restarts += 1
@@ -332,6 +331,23 @@ class RewardPool:
     self._stats.add(item.verifier, result)
     if job.put(index, result):
       self._resolved.append((job.future, job.results))
+
+  def _give_back(self, worker: _Worker) -> None:
+    """Puts the worker's unfinished items back at the queue's front, in
+    order (another worker takes them)."""
+    self._queue.extendleft(reversed(worker.inflight))
+    worker.inflight.clear()
+
+  def _fail_current(self, worker: _Worker, now: float, status: str,
+                    error: str) -> None:
+    """The worker's current item scores the default (`status`: "error" or
+    "timeout"), the worker counts as restarted, and its other items go back
+    to the queue: the one sequence of a worker that died or timed out."""
+    job, index, item = worker.inflight.popleft()
+    self._record(job, index, item, VerifyResult(
+        self.config.default_score, status, now - worker.since, error))
+    self._stats.restarts += 1
+    self._give_back(worker)
 
   def _died(self, worker: _Worker) -> None:
     try:
@@ -346,13 +362,9 @@ class RewardPool:
         self._broken = (f"broken: {_MAX_START_FAILURES} workers failed to "
                         f"start (exit code {code}; see stderr)")
     elif worker.inflight:
-      job, index, item = worker.inflight.popleft()
-      self._record(job, index, item, VerifyResult(
-          self.config.default_score, "error", now - worker.since,
-          f"worker died (exit code {code})"))
-      self._stats.restarts += 1
-    self._queue.extendleft(reversed(worker.inflight))
-    worker.inflight.clear()
+      self._fail_current(worker, now, "error",
+                         f"worker died (exit code {code})")
+    self._give_back(worker)
     worker.close_pipes()
     self._workers.remove(worker)
 
@@ -366,13 +378,8 @@ class RewardPool:
       if worker not in self._workers:
         continue
       if worker.state == "busy" and now - worker.since > self.config.timeout_s:
-        job, index, item = worker.inflight.popleft()
-        self._record(job, index, item, VerifyResult(
-            self.config.default_score, "timeout", now - worker.since,
-            f"timed out after {self.config.timeout_s} s"))
-        self._stats.restarts += 1
-        self._queue.extendleft(reversed(worker.inflight))
-        worker.inflight.clear()
+        self._fail_current(worker, now, "timeout",
+                           f"timed out after {self.config.timeout_s} s")
         worker.stop(now, grace, terminate=True)
       elif (worker.state == "starting"
             and now - worker.since > STARTUP_TIMEOUT_S):

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from brorl_jax.model.sharding import reshard
 from brorl_jax.model.transformer import Policy
 from brorl_jax.rl import mass_balance
 from brorl_jax.rl.batch import RolloutBatch, Rows, make_rows
@@ -72,7 +73,8 @@ class StepDiagnostics:
 
   `before` re-scores a random subset of the step's rollouts under the
   pre-update parameters; `after` re-scores them, and the kept prompts' first
-  token, under the updated ones and returns the `mass/*` metrics.
+  token, under the updated ones and returns the `mass/*` metrics;
+  `after_update` first re-scores that first token with the sampler's prefill.
   """
 
   def __init__(self, policy: Policy, *, temperature: float, vocab_chunk: int,
@@ -123,3 +125,25 @@ class StepDiagnostics:
                          prepared.group_mask, logp_before, logp_after,
                          row_correct)
     return {f"mass/{k}": v for k, v in out.items()}
+
+  def after_update(self, sampler: Any, params: Any, sample_shardings: Any,
+                   before, prepared: Any, tokens: jax.Array,
+                   lengths: jax.Array, first_probs_before: jax.Array,
+                   rewards: jax.Array) -> dict[str, jax.Array]:
+    """`after`, with the kept prompts' first token re-scored by the sampler's
+    prefill under the updated parameters.
+
+    Args:
+      sampler: the run's `rollout.Sampler` (`prefill`, `first_probs`).
+      params: the updated parameters (training layout).
+      sample_shardings: the sampler's parameter layout (resharded on device).
+      before, prepared, first_probs_before, rewards: as `after`.
+      tokens, lengths: [P_over, Lp], [P_over] the step's prompts.
+    """
+    if before is None:
+      return {}
+    sel = prepared.selected
+    pre = sampler.prefill(reshard(params, sample_shardings),
+                          jnp.take(tokens, sel, 0), jnp.take(lengths, sel, 0))
+    return self.after(params, sampler.first_probs(pre), before, prepared,
+                      first_probs_before, rewards)
