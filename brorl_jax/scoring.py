@@ -120,7 +120,8 @@ def sample_and_score(sampler: Sampler, pool: RewardPool, tokenizer,
                      rng: jax.Array, *, n: int | None = None,
                      keep_texts: bool = True,
                      should_stop: Callable[[], bool] | None = None,
-                     prompt_offset: int = 0) -> Scored | None:
+                     prompt_offset: int = 0,
+                     length_limits=None) -> Scored | None:
   """Samples G rollouts per prompt and scores them, overlapping the two.
 
   Args:
@@ -141,6 +142,9 @@ def sample_and_score(sampler: Sampler, pool: RewardPool, tokenizer,
     prompt_offset: global index of prompt 0 in the draws' keys (evaluation
       batches pass their first problem's index, so a problem's samples do
       not depend on the batch size).
+    length_limits: optional [P, n] per-rollout length limits (0: the
+      rollout is not decoded past its first token; adaptive allocation's
+      unused rows).
 
   Returns:
     The scored rollouts, or None when `should_stop` said so.
@@ -166,7 +170,8 @@ def sample_and_score(sampler: Sampler, pool: RewardPool, tokenizer,
     seen = np.zeros((prefill.logits.shape[0], n or sampler.cfg.n), bool)
     longest, t_seg = 0.0, time.perf_counter()
     for p_slice, state, last in sampler.segments(
-        params, prefill, rng, n=n, prompt_offset=prompt_offset):
+        params, prefill, rng, n=n, prompt_offset=prompt_offset,
+        length_limits=length_limits):
       now = time.perf_counter()
       longest, t_seg = max(longest, now - t_seg), now
       futures.extend(_submit_finished(pool, state, p_slice.start, seen,
@@ -181,7 +186,8 @@ def sample_and_score(sampler: Sampler, pool: RewardPool, tokenizer,
 
   previous = None
   for chunk in sampler.chunks(params, prefill, rng, n=n,
-                              prompt_offset=prompt_offset):
+                              prompt_offset=prompt_offset,
+                              length_limits=length_limits):
     outs.append(chunk)
     if previous is not None:
       submit(previous)
