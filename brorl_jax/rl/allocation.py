@@ -9,7 +9,8 @@ What is minimised (README, "Adaptive rollout allocation"): the sum over
 prompts of the expected unsampled-coupling bound of Theorem 1 after n_i
 rollouts,
 
-  C_i(n) = s_i * E[U_2 | probe] = s_i * sum_{v not in S_i} p_v^2 (1-p_v)^(n - n0)
+  C_i(n) = s_i * E[U_2 | probe]
+         = s_i * sum_{v not in S_i} p_v^2 (1 - p_v)^(n - n0)
 
 where S_i is the set of first tokens the probe drew (n0 = probe_n draws;
 the later draws are independent of it), and s_i estimates |S_R|. With
@@ -85,10 +86,11 @@ class AllocationConfig:
           f"must be between P * max(probe_n, allocation_floor) = {low} and "
           f"P * rollout.n = {high} (P = {self.num_prompts} prompts sampled "
           f"per step), got {self.budget}")
+    fits = low + (self.budget - low) // self.block * self.block
     check((self.budget - low) % self.block == 0, "rollout.budget",
           f"{self.budget} minus the {low} rows every prompt gets must be a "
           f"multiple of rollout.allocation_block = {self.block}; e.g. "
-          f"rollout.budget={low + (self.budget - low) // self.block * self.block}")
+          f"rollout.budget={fits}")
 
   @property
   def base(self) -> int:
