@@ -247,7 +247,8 @@ def plot_compare(arms: Sequence[Sequence[str | pathlib.Path]],
                          "cannot place it on the generated-tokens axis")
       data[-1].append(run)
   names = set().union(*(run for arm in data for run in arm))
-  metrics = [m for m in ("eval/pass@1", "reward/mean") if m in names]
+  metrics = [m for m in ("eval/pass@1", "reward/mean", "rollout/mixed_share")
+             if m in names]
   known = [m for _, group in MASS_PANELS for m in group if m in names]
   metrics += known + sorted(m for m in names
                             if m.startswith("mass/") and m not in known)

@@ -21,6 +21,7 @@ from brorl_jax.distributed import MeshConfig
 from brorl_jax.model.config import ModelConfig, model_config
 from brorl_jax.rewards.config import RewardsConfig
 from brorl_jax.rl.advantages import AdvantageConfig
+from brorl_jax.rl.allocation import AllocationConfig
 from brorl_jax.rl.losses import LossConfig
 from brorl_jax.rl.reference import ReferenceConfig
 from brorl_jax.rl.shaping import ShapingConfig
@@ -33,6 +34,8 @@ from brorl_jax.warmstart import WarmstartConfig
 # Sections read only by the train loop and the entry points. Library sections
 # (model, data, rollout, rewards, algo.*, optim) are defined next to the code
 # that uses them and assembled by `load`.
+
+ALLOCATIONS = ("fixed", "adaptive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,13 +186,29 @@ class RolloutSection:
 
   Attributes:
     prompts_per_step: P, prompts per RL step (global, all processes).
+    allocation: "fixed" (every prompt gets `rollout.n` rollouts) or
+      "adaptive" (`rl/allocation.py`: a probe of `probe_n` per prompt, then
+      `budget` rows in all, water-filled by the coupling bound; `rollout.n`
+      is then the most one prompt can get).
+    budget: adaptive: rollout rows per step, probe included.
+    probe_n: adaptive: first-round rollouts per prompt.
+    allocation_floor: adaptive: the fewest rollouts a prompt ends with
+      (all an all-correct or all-wrong probe gets while a mixed prompt can
+      take more).
+    allocation_block: adaptive: rollouts handed out at a time.
   """
 
   prompts_per_step: int = 8
+  allocation: str = "fixed"
+  budget: int = 0
+  probe_n: int = 4
+  allocation_floor: int = 0
+  allocation_block: int = 4
 
   def __post_init__(self):
     check(self.prompts_per_step >= 1, "rollout.prompts_per_step",
           "must be >= 1")
+    check_choice(self.allocation, "rollout.allocation", ALLOCATIONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,6 +238,17 @@ class RunConfig:
   logging: LoggingConfig
   raw: Mapping[str, Any] = dataclasses.field(compare=False, repr=False,
                                              default_factory=dict)
+
+  def allocation(self) -> AllocationConfig | None:
+    """The adaptive allocation's sizes (None: fixed N)."""
+    loop = self.loop
+    if loop.allocation == "fixed":
+      return None
+    return AllocationConfig(
+        num_prompts=self.advantage.prompts_to_sample(loop.prompts_per_step),
+        budget=loop.budget, probe_n=loop.probe_n,
+        floor=loop.allocation_floor, block=loop.allocation_block,
+        max_n=self.rollout.n)
 
   def eval_sampler(self) -> SamplerConfig:
     """The evaluation's SamplerConfig (eval settings over rollout's)."""
@@ -265,7 +295,8 @@ def load(config: Any) -> RunConfig:
 
   model_section = dict(raw.get("model") or {})
   preset = model_section.pop("preset", None)
-  loop_keys, sampler_keys = _split(raw.get("rollout"), ["prompts_per_step"])
+  loop_keys, sampler_keys = _split(raw.get("rollout"), [
+      f.name for f in dataclasses.fields(RolloutSection)])
   algo = dict(raw.get("algo") or {})
   nested = {name: algo.pop(name, None) for name in
             ("advantage", "loss", "shaping", "reference")}
@@ -273,7 +304,7 @@ def load(config: Any) -> RunConfig:
   if "k" in eval_section and isinstance(eval_section["k"], (int, str)):
     eval_section["k"] = tuple(int(x) for x in str(eval_section["k"]).split(
         ","))
-  return RunConfig(
+  cfg = RunConfig(
       seed=raw.get("seed", 0), total_steps=total_steps,
       max_generated_tokens=budget,
       model=model_config(preset, model_section),
@@ -300,6 +331,12 @@ def load(config: Any) -> RunConfig:
       init=from_mapping(InitConfig, raw.get("init"), "init"),
       logging=from_mapping(LoggingConfig, raw.get("logging"), "logging"),
       raw=raw)
+  if cfg.allocation() is not None:       # validates the adaptive sizes
+    check(cfg.rollout.refill, "rollout.refill",
+          "must be True with rollout.allocation='adaptive': unequal groups "
+          "are decoded from per-prompt queues (fixed chunks cannot hold "
+          "them)")
+  return cfg
 
 
 def _keys(section: Any) -> dict[str, Any]:

@@ -120,7 +120,8 @@ def sample_and_score(sampler: Sampler, pool: RewardPool, tokenizer,
                      rng: jax.Array, *, n: int | None = None,
                      keep_texts: bool = True,
                      should_stop: Callable[[], bool] | None = None,
-                     prompt_offset: int = 0) -> Scored | None:
+                     prompt_offset: int = 0,
+                     length_limits=None) -> Scored | None:
   """Samples G rollouts per prompt and scores them, overlapping the two.
 
   Args:
@@ -141,6 +142,9 @@ def sample_and_score(sampler: Sampler, pool: RewardPool, tokenizer,
     prompt_offset: global index of prompt 0 in the draws' keys (evaluation
       batches pass their first problem's index, so a problem's samples do
       not depend on the batch size).
+    length_limits: optional [P, n] per-rollout length limits (0: the
+      rollout is not decoded past its first token; adaptive allocation's
+      unused rows).
 
   Returns:
     The scored rollouts, or None when `should_stop` said so.
@@ -164,9 +168,15 @@ def sample_and_score(sampler: Sampler, pool: RewardPool, tokenizer,
   if sampler.cfg.refill:
     finals = []
     seen = np.zeros((prefill.logits.shape[0], n or sampler.cfg.n), bool)
+    # Rows limited to 0 tokens are placeholders (adaptive allocation's
+    # unused rows): never scored; reward 0, empty text.
+    unused = (np.zeros_like(seen) if length_limits is None else
+              np.asarray(jax.device_get(length_limits)) == 0)
+    seen |= unused
     longest, t_seg = 0.0, time.perf_counter()
     for p_slice, state, last in sampler.segments(
-        params, prefill, rng, n=n, prompt_offset=prompt_offset):
+        params, prefill, rng, n=n, prompt_offset=prompt_offset,
+        length_limits=length_limits):
       now = time.perf_counter()
       longest, t_seg = max(longest, now - t_seg), now
       futures.extend(_submit_finished(pool, state, p_slice.start, seen,
@@ -177,11 +187,12 @@ def sample_and_score(sampler: Sampler, pool: RewardPool, tokenizer,
         return None                   # abandoned at a segment boundary
     rollouts = sampler.assemble_refill(prefill, finals)
     return _collect(rollouts, futures, keep_texts, t0,
-                    {"segment_max": longest})
+                    {"segment_max": longest}, unused=unused)
 
   previous = None
   for chunk in sampler.chunks(params, prefill, rng, n=n,
-                              prompt_offset=prompt_offset):
+                              prompt_offset=prompt_offset,
+                              length_limits=length_limits):
     outs.append(chunk)
     if previous is not None:
       submit(previous)
@@ -233,11 +244,19 @@ def _submit_finished(pool: RewardPool, state, p_start: int, seen: np.ndarray,
 
 
 def _collect(rollouts: Rollouts, futures: list, keep_texts: bool,
-             t0: float, extra: dict[str, float] | None = None) -> Scored:
-  """Waits for the decode and the verifiers; rewards back on device."""
+             t0: float, extra: dict[str, float] | None = None,
+             unused: np.ndarray | None = None) -> Scored:
+  """Waits for the decode and the verifiers; rewards back on device.
+  `unused` ([P, G] bool) marks placeholder rows: reward 0, text ""."""
   jax.block_until_ready(rollouts.tokens)
   t1 = time.perf_counter()
   rewards, status, texts = {}, {}, {}
+  if unused is not None:
+    for p, g in zip(*np.nonzero(unused)):
+      p, g = int(p), int(g)
+      rewards[p, g], status[p, g] = 0.0, STATUS_CODES["ok"]
+      if keep_texts:
+        texts[p, g] = ""
   for keys, items, future in futures:
     for (p, g), item, result in zip(keys, items, future.result()):
       rewards[p, g] = result.reward

@@ -31,6 +31,7 @@ from absl import app, flags
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
+from brorl_jax import allocated_sampling
 from brorl_jax import checkpointing
 from brorl_jax import cli
 from brorl_jax import distributed
@@ -100,7 +101,9 @@ class Trainer:
     self.sampler = exp.sampler()
     self.num_groups = cfg.loop.prompts_per_step
     self.group = cfg.rollout.n
-    samples = self.num_groups * self.group
+    self.allocation = cfg.allocation()       # None: fixed N
+    samples = (self.num_groups * self.group if self.allocation is None
+               else self.allocation.budget)
     self.optimizer = ts_lib.make_optimizer(cfg.optim, samples)
     self.lr_schedule = cfg.optim.schedule_fn(samples)
     self.sample_shardings = exp.param_shardings(sampling=True)
@@ -223,10 +226,19 @@ class Trainer:
     # ---- 2. Rollouts (device), scored on host as chunks finish -------------
     # The trainer's FSDP layout is resharded on device for decoding.
     sample_params = reshard(state.params, self.sample_shardings)
-    scored = scoring.sample_and_score(
-        self.sampler, self.pool, self.tokenizer, sample_params, tokens,
-        lengths, prompts.records, jax.random.fold_in(key, ROLLOUT),
-        should_stop=preempt.requested)
+    valid, alloc_metrics = None, {}
+    if self.allocation is None:
+      scored = scoring.sample_and_score(
+          self.sampler, self.pool, self.tokenizer, sample_params, tokens,
+          lengths, prompts.records, jax.random.fold_in(key, ROLLOUT),
+          should_stop=preempt.requested)
+    else:                # unequal groups: [P, G_max] rows + a valid mask
+      out = allocated_sampling.sample_allocated(
+          self.sampler, self.pool, self.tokenizer, sample_params, tokens,
+          lengths, prompts.records, jax.random.fold_in(key, ROLLOUT),
+          self.allocation, correct_threshold=cfg.rewards.correct_threshold,
+          should_stop=preempt.requested)
+      scored, valid, alloc_metrics = out or (None, None, {})
     # The sampling copy is not needed by the update: free it before.
     del sample_params
     if scored is None or preempt.requested():
@@ -246,7 +258,7 @@ class Trainer:
     # ---- 3. Advantages (device): dynamic sampling, shaping -----------------
     t1 = time.perf_counter()
     prep = self._prepare(self.batch_cfg, tokens, lengths, ro, scored.rewards,
-                         jnp.int32(step))
+                         jnp.int32(step), valid)
     rb = prep.batch
 
     # ---- 4. Update (device, state donated) ---------------------------------
@@ -279,7 +291,7 @@ class Trainer:
 
     # ---- 6. Metrics (one explicit device -> host transfer) -----------------
     host = step_log.to_host({
-        **prep.stats, **{f"loss/{k}": v for k, v in upd.items()},
+        **prep.stats, **alloc_metrics, **{f"loss/{k}": v for k, v in upd.items()},
         **mass_after,
         "rollout/finished_slot_frac": ro.finished_slots /
         jnp.maximum(ro.total_slots, 1),

@@ -88,6 +88,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.rollout.early_stop = True
   c.rollout.refill = False          # True: refilled slots (README, sampler)
   c.rollout.segment_steps = 256     # refill: steps between host check-ins
+  # Rollouts per prompt: "fixed" (n each) or "adaptive" (rl/allocation.py:
+  # a probe of probe_n each, then `budget` rows in all, water-filled by the
+  # coupling bound; n is then the cap; needs refill=True).
+  c.rollout.allocation = "fixed"
+  c.rollout.budget = 0              # adaptive: rows per step, probe included
+  c.rollout.probe_n = 4             # adaptive: first-round rollouts/prompt
+  c.rollout.allocation_floor = 0    # adaptive: what unmixed probes end with
+  c.rollout.allocation_block = 4    # adaptive: rollouts handed out at a time
 
   c.rewards = ml_collections.ConfigDict()
   c.rewards.correct_threshold = 0.5

@@ -275,3 +275,30 @@ def test_shaping_reaches_the_advantages(budget_run):
   archive.close()
   # Truncated rollouts scored -1 whatever the verifier said.
   assert any(r["reward/shaped_mean"] < r["reward/mean"] for r in rows)
+
+
+@pytest.mark.slow
+def test_adaptive_allocation_runs_unequal_groups_end_to_end(tmp_path):
+  workdir = tmp_path / "run"
+  run(workdir, {**_mixed_rewards(tmp_path), "total_steps": 2,
+                "checkpoint.every": 0, "algo.advantage.dynamic_sampling": True,
+                "rollout.allocation": "adaptive", "rollout.budget": 20,
+                "rollout.probe_n": 2, "rollout.allocation_block": 2})
+  rows = read_metrics(workdir)
+  archive = RolloutArchive(workdir / "rollouts")
+  for r in rows:
+    # P = 4 prompts x G_max = 8 padded rows, 20 of them real.
+    stored = archive.read_step(r["step"])
+    assert stored["rewards"].size == 4 * 8
+    assert r["rollout/n_mean"] == pytest.approx(20 / 4)
+    assert 2 <= r["rollout/n_min"] <= r["rollout/n_mean"] <= \
+        r["rollout/n_max"] <= 8
+    # Only real rows count: at most 20 x 10 tokens, and fewer than the
+    # archive's padded rows hold.
+    assert 20 <= r["rollout/generated_tokens"] <= 200
+    assert r["rollout/generated_tokens"] < int(np.sum(stored["lengths"]))
+    assert 0.0 <= r["rollout/budget_mixed_share"] <= 1.0
+    assert r["rollout/coupling_pred"] >= 0.0
+    assert r["rollout/coupling_measured"] >= 0.0
+  archive.close()
+  assert rows[-1]["optim/updates_total"] == 4

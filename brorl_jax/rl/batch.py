@@ -7,6 +7,13 @@
 
 Shapes never depend on how many groups survive: dropped or missing groups
 are masked, so nothing recompiles.
+
+Unequal groups (adaptive allocation, `rl/allocation.py`) use the same
+representation end to end: the padded `[P, G_max]` arrays with a `valid`
+mask, G_max = `rollout.n`. A prompt's group is its valid rollouts; invalid
+ones count in no statistic, baseline, normalizer or mass-balance term (the
+update's loss mask is `valid & kept group`). With every rollout valid this
+is the fixed-N path exactly.
 """
 
 from __future__ import annotations
@@ -117,6 +124,7 @@ class Prepared:
     correct_mask / incorrect_mask: the first-token masks of the kept groups
       (`mass_balance.first_token_masks`), for the post-update diagnostics.
     group_mask: [P] bool, groups that enter the update.
+    valid: [P, G] bool, the kept groups' rollouts that exist.
   """
 
   batch: RolloutBatch
@@ -125,10 +133,11 @@ class Prepared:
   correct_mask: jax.Array
   incorrect_mask: jax.Array
   group_mask: jax.Array
+  valid: jax.Array
 
 
 def prepare(cfg: BatchConfig, prompt_tokens, prompt_lengths,
-            rollouts: Rollouts, rewards, step) -> Prepared:
+            rollouts: Rollouts, rewards, step, valid=None) -> Prepared:
   """Selects groups, shapes rewards, computes advantages and diagnostics.
 
   Args:
@@ -137,6 +146,8 @@ def prepare(cfg: BatchConfig, prompt_tokens, prompt_lengths,
     rollouts: the sampler's rollouts of the P_over prompts, whole.
     rewards: [P_over, G] the verifier's rewards.
     step: int32, the RL step (cosine-penalty cycle).
+    valid: [P_over, G] bool, rollouts that exist (unequal groups); None:
+      all of them.
 
   Returns:
     The batch, its statistics, and what the diagnostics need.
@@ -145,7 +156,8 @@ def prepare(cfg: BatchConfig, prompt_tokens, prompt_lengths,
       rollouts.tokens, rollouts.logprobs, rollouts.lengths, rollouts.stopped,
       rollouts.first_probs)
   thr = cfg.correct_threshold
-  valid = jnp.ones(rewards.shape, bool)                     # [P_over, G]
+  if valid is None:
+    valid = jnp.ones(rewards.shape, bool)                   # [P_over, G]
   num_correct, num_valid = adv_lib.group_counts(rewards, valid, thr)
   informative = (num_correct > 0) & (num_correct < num_valid)
   if cfg.advantage.dynamic_sampling:
@@ -154,16 +166,16 @@ def prepare(cfg: BatchConfig, prompt_tokens, prompt_lengths,
     idx = jnp.arange(cfg.num_groups)
     prompt_ok = jnp.ones((cfg.num_groups,), bool)
   take = lambda x: jnp.take(x, idx, axis=0)  # noqa: E731
-  sel_rewards, sel_lengths, sel_stopped = (take(rewards), take(lengths),
-                                           take(stopped))
+  sel_rewards, sel_lengths, sel_stopped, sel_valid = (
+      take(rewards), take(lengths), take(stopped), take(valid))
   shaped = None
   if cfg.shaping.enabled:
     shaped = shape_rewards(sel_rewards, sel_lengths, sel_stopped,
                            cfg.max_new_tokens, cfg.shaping, step=step)
   adv, group_mask = adv_lib.compute_advantages(
-      sel_rewards, jnp.ones(sel_rewards.shape, bool), prompt_ok,
-      cfg.advantage, correct_threshold=thr, shaped_rewards=shaped)
-  mask = group_mask[:, None] & jnp.ones(sel_rewards.shape, bool)
+      sel_rewards, sel_valid, prompt_ok, cfg.advantage, correct_threshold=thr,
+      shaped_rewards=shaped)
+  mask = group_mask[:, None] & sel_valid
   batch = RolloutBatch(
       prompt_tokens=take(prompt_tokens), prompt_lengths=take(prompt_lengths),
       tokens=take(tokens), logprobs=take(logprobs), lengths=sel_lengths,
@@ -178,21 +190,30 @@ def prepare(cfg: BatchConfig, prompt_tokens, prompt_lengths,
                                         incorrect_mask)
   mass = mass_balance.summarize(terms, group_mask)
 
-  correct = adv_lib.is_correct(rewards, thr)
-  g = rewards.shape[1]
+  correct = adv_lib.is_correct(rewards, thr) & valid
+  num_rows = jnp.maximum(valid.sum(), 1)
+  vmean = lambda x: jnp.where(valid, x, 0).sum() / num_rows  # noqa: E731
+  sizes = valid.sum(-1)                                     # [P_over]
+  reward_mean = vmean(rewards)
   stats = {
-      "reward/mean": rewards.mean(), "reward/std": rewards.std(),
-      "reward/pass_rate": correct.mean(),
-      "group/all_correct_frac": (num_correct == g).mean(),
+      "reward/mean": reward_mean,
+      "reward/std": jnp.sqrt(vmean(jnp.square(rewards - reward_mean))),
+      "reward/pass_rate": correct.sum() / num_rows,
+      "group/all_correct_frac": (num_correct == num_valid).mean(),
       "group/all_wrong_frac": (num_correct == 0).mean(),
       "group/mixed_frac": informative.mean(),
       "group/trained": group_mask.sum(),
-      "rollout/dynamic_sampling_pass_rate":
-          group_mask.sum() * g / rewards.size,
-      "rollout/response_len_mean": lengths.mean(),
-      "rollout/response_len_max": lengths.max(),
-      "rollout/truncated_frac": 1.0 - stopped.mean(),
-      "rollout/generated_tokens": lengths.sum(),
+      # Share of the step's rollouts in groups with mixed rewards (equals
+      # mixed_frac when groups are equal).
+      "rollout/mixed_share": jnp.where(informative, sizes, 0).sum() /
+          num_rows,
+      "rollout/n_min": sizes.min(), "rollout/n_mean": sizes.mean(),
+      "rollout/n_max": sizes.max(),
+      "rollout/dynamic_sampling_pass_rate": mask.sum() / num_rows,
+      "rollout/response_len_mean": vmean(lengths),
+      "rollout/response_len_max": jnp.where(valid, lengths, 0).max(),
+      "rollout/truncated_frac": 1.0 - vmean(stopped),
+      "rollout/generated_tokens": jnp.where(valid, lengths, 0).sum(),
       "advantage/mean": jnp.where(mask, adv, 0).sum() / jnp.maximum(
           mask.sum(), 1),
       "advantage/abs_mean": jnp.where(mask, jnp.abs(adv), 0).sum() /
@@ -204,4 +225,4 @@ def prepare(cfg: BatchConfig, prompt_tokens, prompt_lengths,
   stats.update({f"mass/{k}": v for k, v in mass.items()})
   return Prepared(batch=batch, stats=stats, selected=idx,
                   correct_mask=correct_mask, incorrect_mask=incorrect_mask,
-                  group_mask=group_mask)
+                  group_mask=group_mask, valid=sel_valid)

@@ -54,17 +54,19 @@ def _lengths(rows: Rows) -> jax.Array:
 def realized(probs_before: jax.Array, probs_after: jax.Array,
              correct_mask: jax.Array, incorrect_mask: jax.Array,
              group_mask: jax.Array, logp_before: jax.Array,
-             logp_after: jax.Array, row_correct: jax.Array
-             ) -> dict[str, jax.Array]:
-  """All realized-change metrics as scalars (means over trained prompts)."""
+             logp_after: jax.Array, row_correct: jax.Array,
+             row_valid: jax.Array | None = None) -> dict[str, jax.Array]:
+  """All realized-change metrics as scalars (means over trained prompts);
+  `row_valid` ([k] bool, default all) marks the re-scored rows that exist."""
   change = mass_balance.realized_first_token_change(
       probs_before, probs_after, correct_mask, incorrect_mask)
   denom = jnp.maximum(group_mask.sum(), 1)
   out = {k: jnp.where(group_mask, v, 0.0).sum() / denom
          for k, v in change.items()}
+  if row_valid is None:
+    row_valid = jnp.ones(row_correct.shape, bool)
   out.update(mass_balance.sequence_logp_change(
-      logp_before, logp_after, row_correct,
-      jnp.ones(row_correct.shape, bool)))
+      logp_before, logp_after, row_correct, row_valid))
   return out
 
 
@@ -120,10 +122,12 @@ class StepDiagnostics:
     logp_after = self._seq(params, prepared.batch, rows)
     row_rewards = jnp.take(jnp.take(rewards, sel, 0).reshape(-1), rows)
     row_correct = row_rewards >= self.correct_threshold
+    # Padding rows of unequal groups (adaptive allocation) count nowhere.
+    row_valid = jnp.take(prepared.valid.reshape(-1), rows)
     out = self._realized(probs_before, first_probs_after,
                          prepared.correct_mask, prepared.incorrect_mask,
                          prepared.group_mask, logp_before, logp_after,
-                         row_correct)
+                         row_correct, row_valid)
     return {f"mass/{k}": v for k, v in out.items()}
 
   def after_update(self, sampler: Any, params: Any, sample_shardings: Any,
