@@ -38,6 +38,10 @@ from brorl_jax.model.sharding import active_platform
 NEG_INF = -1e30
 # Key block of `blockwise`: scores of [B, K, Q, T, 512] f32 at a time.
 BLOCK = 512
+# The Pallas kernels' blocks (`pallas_attention`, whose Mosaic/Triton imports
+# this module defers; tests/model/test_attention_kernels.py checks they agree).
+SPLASH_BLOCK = 512
+GPU_BLOCK = 128
 _AUTO = {"cpu": "blockwise", "gpu": "cudnn", "tpu": "splash"}
 
 
@@ -58,6 +62,27 @@ def resolve_attention_backend(name: str, platform: str) -> str:
     return name
   platform = "gpu" if platform in ("cuda", "rocm") else platform
   return _AUTO.get(platform, "blockwise")
+
+
+def length_granule(backend: str, t: int) -> int:
+  """The backend's block at sequence length `t`: lengths that are multiples
+  of it are computed without padding (the update's length buckets).
+
+  Args:
+    backend: a resolved backend (not "auto").
+    t: the sequence length.
+  """
+  if backend == "blockwise":     # one block of round_up(t, 8), else BLOCK
+    return BLOCK if t > BLOCK else 8
+  if backend == "splash":        # pallas_attention: min(SPLASH_BLOCK, 128k)
+    return SPLASH_BLOCK if t > SPLASH_BLOCK else 128
+  if backend == "pallas_gpu":    # pallas_attention.GPU_BLOCK
+    return GPU_BLOCK
+  if backend in ("reference", "cudnn"):
+    return 8
+  raise ValueError(f"length_granule: {backend!r} is not a resolved "
+                   f"attention backend; resolve it with "
+                   f"resolve_attention_backend first")
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array,
