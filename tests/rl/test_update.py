@@ -185,10 +185,9 @@ def test_length_buckets_equal_the_untrimmed_update(tiny_policy, tiny_params,
   # LP = 6, T = 19 with blockwise's granule of 8: buckets of 11 and 19
   # response columns (input lengths 16, 24); 2 buckets keep compiling short.
   assert buckets.bucket_targets(LP, 19, 2, "blockwise") == (11, 19)
-  # The reference policy's forward is cut too (KL on once: compile time).
-  loss_cfg = losses.LossConfig(aggregation=aggregation,
-                               kl_coef=0.1 if aggregation == "token_mean"
-                               else 0.0)
+  # No KL term: the reference forward takes the same cut micro-batch, and
+  # it would double the compile time.
+  loss_cfg = losses.LossConfig(aggregation=aggregation, kl_coef=0.0)
   recorder = optax.GradientTransformation(
       init=lambda p: jax.tree.map(jnp.zeros_like, p),
       update=lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g))
@@ -201,7 +200,7 @@ def test_length_buckets_equal_the_untrimmed_update(tiny_policy, tiny_params,
                            jax.tree.leaves(cut.opt_state)):
     scale = float(jnp.abs(g_full).max())
     np.testing.assert_allclose(g_cut, g_full, rtol=1e-5, atol=1e-5 * scale)
-  for key in ("loss", "pg_loss", "kl_loss", "num_tokens", "entropy"):
+  for key in ("loss", "pg_loss", "num_tokens", "entropy"):
     np.testing.assert_allclose(m_cut[key], m_full[key], rtol=1e-5, err_msg=key)
 
 
