@@ -149,6 +149,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.algo.shuffle = True
   c.algo.vocab_chunk = 16_384
   c.algo.seq_chunk = 1024
+  # Compiled row lengths of the update (halving the response from
+  # max_new_tokens): each micro-batch runs at the smallest holding its
+  # longest row, so the update's cost follows the tokens generated. 1 = off.
+  c.algo.length_buckets = 4
   c.algo.advantage = ml_collections.ConfigDict()
   c.algo.advantage.estimator = "reinforce_pp_baseline"
   c.algo.advantage.eps = 1e-6

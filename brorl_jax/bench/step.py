@@ -16,7 +16,14 @@ be no update to time) and reports, from the same run:
   * the update's time with the configured `model.attention_backend` over
     the same iterations with `reference` (full `[T, T]` scores), both with
     diagnostics off and interleaved -> `update_backend_ratio` (<= 1: no
-    slower than the full-scores attention).
+    slower than the full-scores attention);
+  * the update's length buckets (`algo.length_buckets`): one update of the
+    demo model on 64 rows of up to 512 response tokens whose lengths are
+    seeded and long-tailed (mean a quarter of 512, four at 512), with the
+    default buckets over the same rows all at 512 (one bucket), interleaved
+    -> `update_trim_ratio` (issue 19's bar: <= 0.5), with both compiled
+    updates' temporary bytes (the buckets share one program: its peak is the
+    largest bucket's).
 """
 
 from __future__ import annotations
@@ -29,11 +36,20 @@ import statistics
 import tempfile
 import time
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from brorl_jax import cli, run_config
+from brorl_jax.rl import update as update_lib
+from brorl_jax.rl.batch import RolloutBatch
+from brorl_jax.rl.train_state import TrainState
 from brorl_jax.train import Preemption, Trainer
+
+# The length-bucket case: [P, G] rows of up to TRIM_T response tokens.
+TRIM_P, TRIM_G, TRIM_T, TRIM_MICRO = 8, 8, 512, 8
 
 
 def _flops(trainer) -> float:
@@ -69,6 +85,67 @@ def _matmul_flops_per_s(reps: int = 20) -> float:
     f(a, a).block_until_ready()
     times.append(time.perf_counter() - t0)
   return 2 * 1024**3 / statistics.median(times)
+
+
+def _long_tailed_batch(vocab: int, prompt_len: int) -> RolloutBatch:
+  """Seeded rows: exponential response lengths, a few at TRIM_T, mean
+  about TRIM_T / 4 (RL's long tail: most responses short, some truncated)."""
+  rng = np.random.default_rng(0)
+  p, g, t = TRIM_P, TRIM_G, TRIM_T
+  rows = p * g
+  at_max = rows // 16
+  # The other rows' exponential mean makes the overall mean ~ t / 4.
+  scale = (rows * t / 4 - at_max * t) / (rows - at_max)
+  lengths = np.minimum(np.ceil(rng.exponential(scale, rows)), t)
+  lengths[rng.choice(rows, at_max, replace=False)] = t
+  return RolloutBatch(
+      prompt_tokens=jnp.asarray(rng.integers(3, vocab, (p, prompt_len)),
+                                jnp.int32),
+      prompt_lengths=jnp.full((p,), prompt_len, jnp.int32),
+      tokens=jnp.asarray(rng.integers(3, vocab, (p, g, t)), jnp.int32),
+      logprobs=jnp.asarray(-rng.uniform(1, 7, (p, g, t)), jnp.float32),
+      lengths=jnp.asarray(lengths.reshape(p, g), jnp.int32),
+      advantages=jnp.asarray(rng.normal(size=(p, g)), jnp.float32),
+      mask=jnp.ones((p, g), bool))
+
+
+def _update_trim(trainer, reps: int) -> dict:
+  """The update with the default length buckets over the same rows padded
+  to TRIM_T (one bucket): times interleaved, temporaries compiled."""
+  cfg = trainer.cfg
+  batch = _long_tailed_batch(trainer.exp.model_cfg.vocab_size,
+                             cfg.rollout.max_prompt_len)
+  params = trainer.policy.init(jax.random.key(0))
+  state = TrainState.create(params, trainer.optimizer,
+                            with_reference=cfg.loss.kl_coef > 0)
+  arms = {}
+  for name, n in (("trimmed", update_lib.UpdateConfig().length_buckets),
+                  ("padded", 1)):
+    ucfg = dataclasses.replace(cfg.update, num_minibatches=1,
+                               micro_batch_size=TRIM_MICRO, length_buckets=n)
+    fn = jax.jit(update_lib.make_update_fn(
+        trainer.policy, ucfg, cfg.loss, trainer.optimizer,
+        temperature=cfg.rollout.logprob_temperature))
+    arms[name] = fn.lower(state, batch, jax.random.key(0)).compile()
+  temp = {k: int(f.memory_analysis().temp_size_in_bytes)
+          for k, f in arms.items()}
+  times = {k: [] for k in arms}
+  for i in range(reps + 1):                  # the first is a warm-up
+    for name, fn in arms.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(state, batch, jax.random.key(i)))
+      if i:
+        times[name].append(time.perf_counter() - t0)
+  med = {k: statistics.median(v) for k, v in times.items()}
+  return {"update_trim_ratio": med["trimmed"] / med["padded"],
+          "update_trim": {
+              "seconds": med, "temp_bytes": temp,
+              "rows": TRIM_P * TRIM_G, "max_new_tokens": TRIM_T,
+              "micro_batch_size": TRIM_MICRO,
+              "mean_response_len": float(batch.lengths.mean()),
+              "rows_at_max": int((batch.lengths == TRIM_T).sum()),
+              "length_buckets": update_lib.UpdateConfig().length_buckets,
+              "timed_calls": reps}}
 
 
 class _Run:
@@ -112,6 +189,8 @@ def main(argv: list[str]) -> dict:
   parser.add_argument("--config", default="configs/demo_cpu.py")
   parser.add_argument("--steps", type=int, default=8,
                       help="timed iterations per arm (after 2 warm-up ones)")
+  parser.add_argument("--trim_reps", type=int, default=2,
+                      help="timed updates per arm of update_trim_ratio")
   args = parser.parse_args(argv)
   base = {"warmstart.steps": 0, "logging.progress": "off",
           "logging.tensorboard": False, "logging.archive_rollouts": False,
@@ -136,6 +215,7 @@ def main(argv: list[str]) -> dict:
       for r, rows in zip(runs, (rows_on, rows_off, rows_ref)):
         rows.append(r.iterate())
     update_flops = _flops(on.trainer)
+    trim = _update_trim(off.trainer, args.trim_reps)
     cfg = on.trainer.cfg
     backend = on.trainer.sampler.decode_backend   # 'auto' resolved
     for r in runs:
@@ -174,6 +254,7 @@ def main(argv: list[str]) -> dict:
   results["update_backend_ratio"] = (med(rows_off, "time/update_s") /
                                      med(rows_ref, "time/update_s"))
   results["update_backend"] = backend
+  results.update(trim)
   results["diag_overhead"] = (results["mean_step_s"] /
                               results["mean_step_s_without_diagnostics"] - 1.0)
   print(f"per phase (median of {args.steps} steps): " + ", ".join(
@@ -185,6 +266,9 @@ def main(argv: list[str]) -> dict:
         f"GFLOP/s -> ratio {results['update_flops_ratio']:.2f}")
   print(f"update time, attention backend {backend!r} over 'reference': "
         f"{results['update_backend_ratio']:.2f}")
+  print(f"update with length buckets over the same rows at "
+        f"{TRIM_T} tokens: {results['update_trim_ratio']:.2f} (mean response "
+        f"{trim['update_trim']['mean_response_len']:.0f} tokens)")
   print(f"diagnostics overhead (diagnostics.every = {cfg.diagnostics.every},"
         f" mean of {args.steps} steps): "
         f"{100 * results['diag_overhead']:+.1f}% of the step")

@@ -13,7 +13,9 @@ they are never targets, and no real query sees their keys).
   * `blockwise`: online softmax in pure JAX, a scan over key blocks with a
     custom VJP that recomputes each block's probabilities in the backward
     (flash-attention style): `[B, K, Q, T, block]` at a time, memory linear
-    in T. The CPU default.
+    in T. A row that fits one block (T <= 512: the demo's 63 tokens) takes
+    the plain masked product under autodiff instead, which is that one
+    block with nothing recomputed. The CPU default.
   * `splash` (TPU) and `pallas_gpu`: Pallas kernels, in `pallas_attention`.
   * `cudnn` (GPU): `jax.nn.dot_product_attention(implementation="cudnn")`,
     whose padding is right padding only (`query_seq_lengths`): each row is
@@ -36,6 +38,10 @@ from brorl_jax.model.sharding import active_platform
 NEG_INF = -1e30
 # Key block of `blockwise`: scores of [B, K, Q, T, 512] f32 at a time.
 BLOCK = 512
+# The Pallas kernels' blocks (`pallas_attention`, whose Mosaic/Triton imports
+# this module defers; tests/model/test_attention_kernels.py checks they agree).
+SPLASH_BLOCK = 512
+GPU_BLOCK = 128
 _AUTO = {"cpu": "blockwise", "gpu": "cudnn", "tpu": "splash"}
 
 
@@ -56,6 +62,27 @@ def resolve_attention_backend(name: str, platform: str) -> str:
     return name
   platform = "gpu" if platform in ("cuda", "rocm") else platform
   return _AUTO.get(platform, "blockwise")
+
+
+def length_granule(backend: str, t: int) -> int:
+  """The backend's block at sequence length `t`: lengths that are multiples
+  of it are computed without padding (the update's length buckets).
+
+  Args:
+    backend: a resolved backend (not "auto").
+    t: the sequence length.
+  """
+  if backend == "blockwise":     # one block of round_up(t, 8), else BLOCK
+    return BLOCK if t > BLOCK else 8
+  if backend == "splash":        # pallas_attention: min(SPLASH_BLOCK, 128k)
+    return SPLASH_BLOCK if t > SPLASH_BLOCK else 128
+  if backend == "pallas_gpu":    # pallas_attention.GPU_BLOCK
+    return GPU_BLOCK
+  if backend in ("reference", "cudnn"):
+    return 8
+  raise ValueError(f"length_granule: {backend!r} is not a resolved "
+                   f"attention backend; resolve it with "
+                   f"resolve_attention_backend first")
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array,
@@ -170,19 +197,52 @@ def _blockwise_fwd_core(q, k, v, valid):
   init = (jnp.full((b, kh, q_heads, t), NEG_INF, jnp.float32),
           jnp.zeros((b, kh, q_heads, t), jnp.float32),
           jnp.zeros((b, kh, q_heads, t, h), jnp.float32))
-  # One block (rows up to 512 tokens, the demo's 63): straight-line code,
-  # no loop.
-  (m, l, acc), _ = jax.lax.scan(body, init, (kb, vb, validb, starts),
-                                unroll=kb.shape[0] == 1)
+  (m, l, acc), _ = jax.lax.scan(body, init, (kb, vb, validb, starts))
   out = acc / jnp.maximum(l, 1e-30)[..., None]               # [B, K, Q, T, H]
   lse = jnp.where(l > 0, m + jnp.log(jnp.maximum(l, 1e-30)), NEG_INF)
   out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
   return out, lse
 
 
-@jax.custom_vjp
 def blockwise_attention(q, k, v, valid):
   """Causal attention by online softmax over key blocks; see module doc."""
+  if k.shape[1] <= _block_size(q.shape[1]):
+    return _one_block_attention(q, k, v, valid)
+  return _blockwise_scan(q, k, v, valid)
+
+
+def _one_block_attention(q, k, v, valid):
+  """All keys in one block: the masked softmax product, autodiffed.
+
+  At one block the custom VJP's recompute (a second QK^T and exp in the
+  backward) and the online-softmax bookkeeping cost more than they save
+  (`bench step`'s update_backend_ratio read 1.09 with them at the demo's
+  63 tokens). Against `reference` this also scales q before the product,
+  normalises the [T, H] output instead of the [T, T] probabilities, and
+  treats the row maximum as a constant (softmax does not depend on it), so
+  no gradient flows through the max.
+  """
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  qg = _group(q, kh) * jnp.asarray(h ** -0.5, q.dtype)       # [B, T, K, Q, H]
+  s = jnp.einsum("btkqh,bskh->bkqts", qg, k,
+                 preferred_element_type=jnp.float32)
+  causal = jnp.arange(k.shape[1])[None, :] <= jnp.arange(t)[:, None]
+  mask = (causal[None] & valid[:, None, :])[:, None, None]   # [B,1,1,T,S]
+  s = jnp.where(mask, s, NEG_INF)
+  m = jax.lax.stop_gradient(s.max(-1, keepdims=True))
+  # Masked keys: exp(NEG_INF - m) = 0 where a row has a real key; a fully
+  # masked (padding) query averages all values, finite and unread.
+  p = jnp.exp(s - m)                                         # [B,K,Q,T,S]
+  l = p.sum(-1).transpose(0, 3, 1, 2)[..., None]             # [B, T, K, Q, 1]
+  out = jnp.einsum("bkqts,bskh->btkqh", p.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32) / l
+  return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+@jax.custom_vjp
+def _blockwise_scan(q, k, v, valid):
+  """Several key blocks: online softmax, recomputed per block backward."""
   return _blockwise_fwd_core(q, k, v, valid)[0]
 
 
@@ -222,8 +282,7 @@ def _blockwise_bwd(res, d_out):
     return dq, (dk_j, dv_j)
 
   dq0 = jnp.zeros(qg.shape, jnp.float32)
-  dq, (dk, dv) = jax.lax.scan(body, dq0, (kb, vb, validb, starts),
-                              unroll=kb.shape[0] == 1)
+  dq, (dk, dv) = jax.lax.scan(body, dq0, (kb, vb, validb, starts))
   dq = (dq * scale).reshape(b, t, n, h).astype(q.dtype)
 
   def unblock(x):                          # [nb, B, blk, K, H] -> [B, S, K, H]
@@ -233,7 +292,7 @@ def _blockwise_bwd(res, d_out):
   return dq, unblock(dk), unblock(dv), None
 
 
-blockwise_attention.defvjp(_blockwise_fwd, _blockwise_bwd)
+_blockwise_scan.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
 # ---- cuDNN -----------------------------------------------------------------

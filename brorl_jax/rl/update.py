@@ -6,9 +6,10 @@ optimizer updates (PPO style); each mini-batch is accumulated over
 micro-batches of `micro_batch_size` rows in a `lax.scan`, so memory is bound
 by one micro-batch. Every micro-batch loss is normalized by its mini-batch's
 token (or sequence) count, so the accumulated gradient equals the full
-mini-batch gradient. A mini-batch whose loss or gradient is not finite
-leaves parameters and optimizer state untouched and is counted in
-`state.skipped`.
+mini-batch gradient. With `length_buckets` > 1 each micro-batch runs at
+the smallest compiled length holding its longest row (`buckets`). A
+mini-batch whose loss or gradient is not finite leaves parameters and
+optimizer state untouched and is counted in `state.skipped`.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ import jax.numpy as jnp
 import optax
 
 from brorl_jax.config import check
-from brorl_jax.model.sharding import MeshRules, activation_rules, constrain
+from brorl_jax.model.attention_kernels import resolve_attention_backend
+from brorl_jax.model.sharding import (MeshRules, activation_rules,
+                                      active_platform, constrain)
 from brorl_jax.model.transformer import Policy
-from brorl_jax.rl import losses
+from brorl_jax.rl import buckets, losses
 from brorl_jax.rl.batch import RolloutBatch, Rows, make_rows
 from brorl_jax.rl.logprobs import response_logprobs
 from brorl_jax.rl.train_state import TrainState
@@ -43,6 +46,10 @@ class UpdateConfig:
     shuffle: shuffle rows before splitting them into mini-batches.
     vocab_chunk: vocabulary tile of the chunked log-prob computation.
     seq_chunk: sequence tile of the chunked log-prob computation.
+    length_buckets: at most this many compiled row lengths (halving the
+      response from `max_new_tokens`); rows are sorted by length within a
+      mini-batch and each micro-batch runs at the smallest that holds its
+      longest row. 1 = every row at the maximum length.
   """
 
   num_minibatches: int = 1
@@ -50,6 +57,7 @@ class UpdateConfig:
   shuffle: bool = True
   vocab_chunk: int = 8192
   seq_chunk: int = 512
+  length_buckets: int = 4
 
   def __post_init__(self):
     check(self.num_minibatches >= 1, f"{SECTION}.num_minibatches",
@@ -58,6 +66,8 @@ class UpdateConfig:
           "must be >= 1")
     check(self.vocab_chunk >= 1 and self.seq_chunk >= 1,
           f"{SECTION}.vocab_chunk", "chunk sizes must be >= 1")
+    check(self.length_buckets >= 1, f"{SECTION}.length_buckets",
+          "must be >= 1 (1 = no trimming)")
 
   def check_rows(self, rows: int) -> None:
     """Raises ConfigError unless `rows` split evenly."""
@@ -118,7 +128,7 @@ def make_update_fn(policy: Policy, cfg: UpdateConfig,
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def minibatch_update(state: TrainState, mini: Rows):
+  def minibatch_update(state: TrainState, mini: Rows, targets: tuple[int, ...]):
     normalizer = losses.loss_normalizer(mini.loss_mask, loss_cfg.aggregation)
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32),
                          state.params)
@@ -127,19 +137,22 @@ def make_update_fn(policy: Policy, cfg: UpdateConfig,
       micro = jax.tree.map(lambda x: constrain(
           x, ("batch",) + (None,) * (x.ndim - 1)), micro)
 
-      def compute(acc):
-        (loss, aux), grads = grad_fn(state.params, micro, normalizer,
-                                     state.ref_params)
+      def compute(acc, r):
+        (loss, aux), grads = grad_fn(state.params, buckets.cut(micro, r),
+                                     normalizer, state.ref_params)
         return (jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc,
                              grads), (loss, aux))
 
       def skip(acc):
         # Every row of this micro-batch is masked (dropped groups sorted to
         # the end): its gradient is exactly zero, so skip the work.
-        out = jax.eval_shape(compute, acc)[1]
+        out = jax.eval_shape(lambda a: compute(a, targets[-1]), acc)[1]
         return acc, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), out)
 
-      return jax.lax.cond(micro.loss_mask.any(), compute, skip, acc)
+      # Branch 0 skips; branch 1 + i runs the rows cut to bucket i.
+      branches = [skip] + [lambda acc, r=r: compute(acc, r) for r in targets]
+      return jax.lax.switch(buckets.branch_index(micro.loss_mask, targets),
+                            branches, acc)
 
     grads, (micro_losses, micro_aux) = jax.lax.scan(micro_step, zeros, mini)
     loss = micro_losses.sum()
@@ -173,16 +186,21 @@ def make_update_fn(policy: Policy, cfg: UpdateConfig,
         rows = jax.tree.map(lambda x: jnp.take(x, perm, axis=0), rows)
       m = cfg.num_minibatches
       k = r // m // cfg.micro_batch_size
-      # Within each mini-batch, rows that train come first (stable order):
-      # rows of groups dropped by dynamic sampling then fill whole
-      # micro-batches at the end, which `micro_step` skips.
+      t = rows.targets.shape[-1]
+      targets = buckets.bucket_targets(
+          rows.inputs.shape[-1] - t + 1, t, cfg.length_buckets,
+          resolve_attention_backend(policy.cfg.attention_backend,
+                                    active_platform()))
+      # Within each mini-batch, rows that train come first (stable order),
+      # longest first when there are buckets: rows of groups dropped by
+      # dynamic sampling then fill whole micro-batches at the end, which
+      # `micro_step` skips.
       rows = jax.tree.map(lambda x: x.reshape(m, r // m, *x.shape[1:]), rows)
-      order = jnp.argsort(~rows.loss_mask.any(-1), axis=1, stable=True)
-      rows = jax.tree.map(lambda x: jnp.take_along_axis(
-          x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1), rows)
+      rows = buckets.order_rows(rows, by_length=len(targets) > 1)
       rows = jax.tree.map(
           lambda x: x.reshape(m, k, cfg.micro_batch_size, *x.shape[2:]), rows)
-      state, stacked = jax.lax.scan(minibatch_update, state, rows)
+      state, stacked = jax.lax.scan(
+          lambda s, mini: minibatch_update(s, mini, targets), state, rows)
       metrics = _combine_minibatches(stacked)
       metrics["param_norm"] = optax.tree.norm(state.params)
       return state.replace(step=state.step + 1), metrics

@@ -98,3 +98,15 @@ def test_auto_resolves_by_platform():
     ak.resolve_attention_backend("flash", "cpu")
   with pytest.raises(ConfigError, match="model.attention_backend"):
     model_config("tiny", {"attention_backend": "flash"})
+
+
+def test_length_granules_follow_the_kernels_blocks():
+  # attention_kernels keeps copies of the Pallas blocks (it defers importing
+  # the kernels); the update's length buckets round to them.
+  assert (ak.SPLASH_BLOCK, ak.GPU_BLOCK) == (pallas_attention.SPLASH_BLOCK,
+                                             pallas_attention.GPU_BLOCK)
+  assert [ak.length_granule("blockwise", t) for t in (63, 512, 513)] == [
+      8, 8, ak.BLOCK]
+  assert [ak.length_granule("splash", t) for t in (100, 4096)] == [128, 512]
+  with pytest.raises(ValueError, match="resolve_attention_backend"):
+    ak.length_granule("auto", 64)

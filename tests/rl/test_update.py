@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from brorl_jax.config import ConfigError
-from brorl_jax.rl import losses
+from brorl_jax.rl import buckets, losses
 from brorl_jax.rl.train_state import (OptimConfig, TrainState,
                                       make_optimizer, reset_reference)
 from brorl_jax.rl.batch import RolloutBatch, make_rows
@@ -162,3 +162,73 @@ def test_dropped_groups_cost_nothing_and_change_nothing(tiny_policy,
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   assert float(m_full["num_tokens"]) == float(m_alone["num_tokens"])
   np.testing.assert_allclose(m_full["loss"], m_alone["loss"], rtol=1e-5)
+
+
+def _mixed_batch(vocab, t=19, seed=7):
+  """Rows of mixed response lengths (1..t, one at t), two dropped rows."""
+  rng = np.random.default_rng(seed)
+  batch = _batch(vocab, seed)
+  lengths = rng.integers(1, t // 3, (P, G)).astype(np.int32)
+  lengths[0, 2] = t
+  lengths[1, 0] = t // 2
+  return batch.replace(
+      tokens=jnp.asarray(rng.integers(3, vocab, (P, G, t)), jnp.int32),
+      logprobs=jnp.asarray(-rng.uniform(1, 7, (P, G, t)), jnp.float32),
+      lengths=jnp.asarray(lengths),
+      mask=jnp.asarray([[True] * G, [True, True, False, False]]))
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean"])
+def test_length_buckets_equal_the_untrimmed_update(tiny_policy, tiny_params,
+                                                   aggregation):
+  batch = _mixed_batch(tiny_policy.cfg.vocab_size)
+  # LP = 6, T = 19 with blockwise's granule of 8: buckets of 11 and 19
+  # response columns (input lengths 16, 24); 2 buckets keep compiling short.
+  assert buckets.bucket_targets(LP, 19, 2, "blockwise") == (11, 19)
+  # No KL term: the reference forward takes the same cut micro-batch, and
+  # it would double the compile time.
+  loss_cfg = losses.LossConfig(aggregation=aggregation, kl_coef=0.0)
+  recorder = optax.GradientTransformation(
+      init=lambda p: jax.tree.map(jnp.zeros_like, p),
+      update=lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g))
+  run = lambda n: _run(tiny_policy, tiny_params, UpdateConfig(  # noqa: E731
+      num_minibatches=1, micro_batch_size=2, length_buckets=n), loss_cfg,
+      recorder, batch)
+  full, m_full = run(1)
+  cut, m_cut = run(2)
+  for g_full, g_cut in zip(jax.tree.leaves(full.opt_state),
+                           jax.tree.leaves(cut.opt_state)):
+    scale = float(jnp.abs(g_full).max())
+    np.testing.assert_allclose(g_cut, g_full, rtol=1e-5, atol=1e-5 * scale)
+  for key in ("loss", "pg_loss", "num_tokens", "entropy"):
+    np.testing.assert_allclose(m_cut[key], m_full[key], rtol=1e-5, err_msg=key)
+
+
+def test_length_buckets_sort_rows_and_pick_the_smallest_bucket():
+  targets = buckets.bucket_targets(LP, 24, 4, "blockwise")
+  lengths = jnp.asarray([[3, 24, 0, 11, 5, 1, 12, 0]])    # [M=1, 8 rows]
+  rows = make_rows(RolloutBatch(
+      prompt_tokens=jnp.zeros((1, LP), jnp.int32),
+      prompt_lengths=jnp.full((1,), LP, jnp.int32),
+      tokens=jnp.broadcast_to(lengths[..., None], (1, 8, 24)),
+      logprobs=jnp.zeros((1, 8, 24)), lengths=lengths,
+      advantages=jnp.zeros((1, 8)), mask=jnp.ones((1, 8), bool)))
+  rows = jax.tree.map(lambda x: x[None], rows)            # one mini-batch
+  ordered = buckets.order_rows(rows, by_length=True)
+  assert ordered.targets[0, :, 0].tolist() == [24, 12, 11, 5, 3, 1, 0, 0]
+  micro = jax.tree.map(lambda x: x[0].reshape(4, 2, *x.shape[2:]), ordered)
+  index = [int(buckets.branch_index(micro.loss_mask[i], targets))
+           for i in range(4)]
+  assert index == [3, 2, 1, 0]     # longest 24 -> 24, 11 -> 11, 3 -> 3, skip
+  # Every row at the maximum length: one bucket, the untrimmed micro-batch.
+  full = jnp.ones((2, 24), bool)
+  assert int(buckets.branch_index(full, targets)) == len(targets)
+  assert buckets.cut(jax.tree.map(lambda x: x[0], micro), 24).targets.shape \
+      == (2, 24)
+  assert targets == (3, 11, 24)    # 19 (input 24 of 29) saves too little
+  # Granules the buckets round to, and buckets that save too little.
+  assert buckets.bucket_targets(32, 32, 4, "blockwise") == (9, 32)
+  assert buckets.bucket_targets(40, 10, 4, "blockwise") == (10,)
+  assert buckets.bucket_targets(1024, 16384, 4, "splash") == (
+      2049, 4097, 8193, 16384)
+  assert buckets.bucket_targets(32, 32, 1, "blockwise") == (32,)
