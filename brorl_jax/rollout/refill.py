@@ -135,14 +135,8 @@ def init_state(logits: jax.Array, prompt_keys: jax.Array, limits: jax.Array,
 
 
 def step(model, prefill, prompt_keys: jax.Array, limits: jax.Array,
-         s: RefillState, *, stop: jax.Array, sample: SampleFn,
-         backend: str = "reference") -> RefillState:
-  """One decode step of every slot, then the refill of the freed slots.
-
-  `backend` is the suffix read, "reference" (the masked product over the
-  whole buffer) or "blockwise" (key blocks up to the longest slot's
-  position, each row masked at its own).
-  """
+         s: RefillState, *, stop: jax.Array, sample: SampleFn) -> RefillState:
+  """One decode step of every slot, then the refill of the freed slots."""
   p, slots = s.slot_rollout.shape
   n, t_max = s.tokens.shape[1], s.tokens.shape[2]
   active = s.active
@@ -152,8 +146,7 @@ def step(model, prefill, prompt_keys: jax.Array, limits: jax.Array,
   hidden, caches = model(
       s.slot_token.reshape(p * slots, 1), positions.reshape(p * slots, 1),
       SharedPrefixAttention(prefix_valid=prefill.valid,
-                            step=s.slot_pos.reshape(p * slots),
-                            backend=backend), caches)
+                            step=s.slot_pos.reshape(p * slots)), caches)
   logits = model.logits(hidden)[:, 0].reshape(p, slots, -1)
   t1 = s.slot_pos + 1                                   # index of the draw
   tok, lp = sample(logits, slot_keys(prompt_keys, rid), t1)
@@ -184,9 +177,7 @@ def step(model, prefill, prompt_keys: jax.Array, limits: jax.Array,
   return RefillState(
       steps=s.steps + 1, tokens=tokens, logprobs=logprobs, lengths=lengths,
       done=done, queue=s.queue, live=s.live, taken=taken,
-      # Idle slots stay at position 0, so that the longest position (the
-      # blockwise suffix read's extent) is that of a slot still decoding.
-      slot_rollout=slot_rollout, slot_pos=jnp.where(free, 0, t1),
+      slot_rollout=slot_rollout, slot_pos=jnp.where(take, 0, t1),
       slot_token=jnp.where(take, first, tok),
       suffix_k=tuple(c[2] for c in caches),
       suffix_v=tuple(c[3] for c in caches),
@@ -196,8 +187,7 @@ def step(model, prefill, prompt_keys: jax.Array, limits: jax.Array,
 
 def run_segment(model, prefill, prompt_keys: jax.Array, limits: jax.Array,
                 state: RefillState, max_steps: jax.Array, *,
-                stop: jax.Array, sample: SampleFn,
-                backend: str = "reference") -> RefillState:
+                stop: jax.Array, sample: SampleFn) -> RefillState:
   """Runs up to `max_steps` steps, fewer once every slot is idle."""
   end = state.steps + max_steps
 
@@ -206,5 +196,5 @@ def run_segment(model, prefill, prompt_keys: jax.Array, limits: jax.Array,
 
   def body(s):
     return step(model, prefill, prompt_keys, limits, s, stop=stop,
-                sample=sample, backend=backend)
+                sample=sample)
   return jax.lax.while_loop(cond, body, state)

@@ -229,11 +229,6 @@ class Sampler:
     # A GPU/TPU kernel asked for on CPU runs its exact program interpreted
     # (slow; for tests).
     self._interpret = platform == "cpu"
-    # The refill's slots are at different positions: the kernels take one
-    # length for all rows, so with them the refill keeps the masked product
-    # (in the reference layout); blockwise masks each row at its own.
-    self._refill_backend = ("blockwise" if self.decode_backend == "blockwise"
-                            else "reference")
     self._prefill = jax.jit(self._prefill_fn)
     self._decode = jax.jit(self._decode_fn, static_argnames=("group",))
     self._refill_init = jax.jit(self._refill_init_fn,
@@ -369,7 +364,7 @@ class Sampler:
       return refill.run_segment(
           self.policy.bind(params), prefill, prompt_keys, limits, state,
           max_steps, stop=jnp.asarray(self.stop_ids, jnp.int32),
-          sample=self._sample, backend=self._refill_backend)
+          sample=self._sample)
 
   # ---- host API ------------------------------------------------------------
 

@@ -54,9 +54,8 @@ class SharedPrefixAttention:
       the same slot), or [P*G] int32, one slot per row (the refill decode,
       where each slot holds a rollout of its own length).
     backend: resolved decode backend (`model.config.ATTENTION_BACKENDS`, not
-      "auto"); with per-row slots a kernel backend's suffix read is the
-      masked product over the whole buffer (`blockwise` reads up to the
-      longest row).
+      "auto"); with per-row slots the suffix read is the masked product over
+      the whole buffer whatever the backend.
     interpret: run a kernel backend in Pallas interpret mode (CPU).
   """
 
@@ -131,14 +130,9 @@ class SharedPrefixAttention:
       o_suf, lse_suf = suffix_attention.attend_suffix(
           qb, suffix_k, suffix_v, self.step + 1, self.backend, self.interpret,
           merged_sharding(suffix_v.shape, *rows))
-    elif self.backend in ("blockwise", "reference"):
-      # Each row masked at its own length (a refilled slot's later positions
-      # hold an earlier rollout's KV); blockwise reads up to the longest.
-      o_suf, lse_suf = suffix_attention.attend_suffix(
-          qb, suffix_k, suffix_v, self.step + 1, self.backend)
     else:
-      # The kernels take one length for all rows: the masked product over
-      # the whole buffer.
+      # A refilled slot's later positions hold an earlier rollout's KV: the
+      # mask is per row, so the product covers the whole buffer.
       visible = (jnp.arange(suffix_v.shape[2])[None, :] <=
                  self.step[:, None])[:, None, None, :]
       s_suf = jnp.einsum("bkqh,bkth->bkqt" if time_major else

@@ -73,9 +73,7 @@ def attend_suffix(q: jax.Array, k: jax.Array, v: jax.Array,
     q: [B, K, Q, H] queries.
     k: [B, K, H, S] keys ([B, K, S, H] where `keys_time_major(backend)`).
     v: [B, K, S, H] values.
-    length: int32 scalar, slots written (>= 1), the same for every row; or
-      [B] int32, each row's own (the refill decode's slots; `reference`
-      and `blockwise` only).
+    length: int32 scalar, slots written (>= 1), the same for every row.
     backend: a resolved backend (not "auto").
     interpret: run a kernel backend in Pallas interpret mode (CPU tests).
     sharding: the suffix buffers' sharding (rows, kv heads, -, -) inside a
@@ -106,31 +104,21 @@ def attend_suffix(q: jax.Array, k: jax.Array, v: jax.Array,
                    f"{backend!r}; use one of {', '.join(ATTENTION_BACKENDS)}")
 
 
-def _row_lengths(length: jax.Array) -> jax.Array:
-  """An int32 scalar or [B] lengths -> broadcastable to [B, K, Q, S]."""
-  length = jnp.asarray(length)
-  return length if length.ndim == 0 else length[:, None, None, None]
-
-
 def _reference(q, k, v, length):
   """The masked product over all S slots."""
   s = jnp.einsum("bkqh,bkhs->bkqs", q, k,
                  preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
-  w, lse = masked_softmax_lse(s, jnp.arange(k.shape[-1]) <
-                              _row_lengths(length))
+  w, lse = masked_softmax_lse(s, jnp.arange(k.shape[-1]) < length)
   out = jnp.einsum("bkqs,bksh->bkqh", w.astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
   return out, lse
 
 
 def _blockwise(q, k, v, length, block):
-  """Online softmax over ceil(max length / block) key blocks (a while loop).
+  """Online softmax over ceil(length / block) key blocks (a while loop).
 
-  `length` is an int32 scalar (every row has written that many slots) or
-  [B] (each row its own, the refill decode's slots: the loop runs to the
-  longest and masks each row at its own length). A last block that would
-  run past S starts at S - block instead; the slots it shares with the
-  block before are masked out by position.
+  A last block that would run past S starts at S - block instead; the slots
+  it shares with the block before are masked out by position.
   """
   s_max, scale = k.shape[-1], q.shape[-1] ** -0.5
   if s_max <= block:
@@ -146,7 +134,7 @@ def _blockwise(q, k, v, length, block):
     s = jnp.einsum("bkqh,bkhs->bkqs", q, kb,
                    preferred_element_type=jnp.float32) * scale
     pos = start + jnp.arange(block)
-    visible = (pos >= i * block) & (pos < rows)
+    visible = (pos >= i * block) & (pos < length)
     s = jnp.where(visible, s, NEG_INF)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
@@ -156,12 +144,9 @@ def _blockwise(q, k, v, length, block):
         preferred_element_type=jnp.float32)
     return m_new, l * corr + jnp.sum(p, axis=-1), acc
 
-  rows = _row_lengths(length)
-  longest = jnp.minimum(jnp.max(length), s_max)
   m0 = jnp.full(q.shape[:-1], NEG_INF, jnp.float32)
   carry = (m0, jnp.zeros_like(m0), jnp.zeros(q.shape, jnp.float32))
-  m, l, acc = jax.lax.fori_loop(0, (longest + block - 1) // block, body,
-                                carry)
+  m, l, acc = jax.lax.fori_loop(0, (length + block - 1) // block, body, carry)
   return acc / l[..., None], m + jnp.log(l)
 
 

@@ -49,38 +49,8 @@ def test_backends_read_only_written_blocks(backend):
                                err_msg=f"length {length}")
 
 
-def test_blockwise_per_row_lengths_read_to_the_longest():
-  """The refill decode's read: each row masked at its own length.
-
-  Slots past a row's length hold other values (a refilled slot's earlier
-  rollout): they must not count. Blocks past the longest row's are never
-  read (NaN there would poison the output).
-  """
-  rng = np.random.default_rng(3)
-  b, kv, nq, h, s = 4, 2, 2, 16, 256
-  q = jnp.asarray(rng.normal(size=(b, kv, nq, h)), jnp.float32)
-  k = jnp.asarray(rng.normal(size=(b, kv, h, s)), jnp.float32)
-  v = jnp.asarray(rng.normal(size=(b, kv, s, h)), jnp.float32)
-  lengths = jnp.asarray([1, 70, 130, 64], jnp.int32)
-  want = [sa.attend_suffix(q[i:i + 1], k[i:i + 1], v[i:i + 1],
-                           lengths[i], "reference") for i in range(b)]
-  read = -(-130 // sa.BLOCKWISE_BLOCK) * sa.BLOCKWISE_BLOCK
-  pk, pv = k.at[..., read:].set(jnp.nan), v.at[:, :, read:].set(jnp.nan)
-  for backend, kk, vv in (("blockwise", pk, pv), ("reference", k, v)):
-    out, lse = jax.jit(sa.attend_suffix, static_argnums=4)(
-        q, kk, vv, lengths, backend)
-    for i, (w_out, w_lse) in enumerate(want):
-      np.testing.assert_allclose(out[i:i + 1], w_out, rtol=1e-5, atol=2e-6,
-                                 err_msg=f"{backend} row {i}")
-      np.testing.assert_allclose(lse[i:i + 1], w_lse, rtol=1e-6, atol=2e-6,
-                                 err_msg=f"{backend} row {i}")
-
-
-def _generate(backend, mesh_shape=None, refill=False):
-  """Tiny model, f32, 80 new tokens at temperature 0.7, rows stopping.
-
-  With `refill`, 2 slots per prompt serve its 3 rollouts.
-  """
+def _generate(backend, mesh_shape=None):
+  """Tiny model, f32, 80 new tokens at temperature 0.7, rows stopping."""
   rng = np.random.default_rng(1)
   lp = 10
   tokens = rng.integers(3, 512, (2, lp)).astype(np.int32)
@@ -93,8 +63,7 @@ def _generate(backend, mesh_shape=None, refill=False):
     rules = MeshRules(make_mesh(mesh_shape), SAMPLE_RULES)
     params = reshard(params, policy.shardings(rules))
   sampler = Sampler(policy, SamplerConfig(
-      n=3, max_prompt_len=lp, max_new_tokens=80, temperature=0.7,
-      refill=refill, max_decode_rows=4 if refill else 4096),
+      n=3, max_prompt_len=lp, max_new_tokens=80, temperature=0.7),
       stop_ids=(7, 11, 13), pad_id=0, mesh_rules=rules)
   assert sampler.decode_backend == backend
   return sampler.generate(params, tokens, lengths, jax.random.key(2))
@@ -105,10 +74,9 @@ def reference_rollouts():
   return _generate("reference")
 
 
-@pytest.mark.parametrize("backend,mesh_shape,refill", [
-    ("blockwise", None, False), ("pallas_gpu", (4, 1, 2), False),
-    ("blockwise", None, True)])
-def test_decode_equals_reference_decode(backend, mesh_shape, refill,
+@pytest.mark.parametrize("backend,mesh_shape", [
+    ("blockwise", None), ("pallas_gpu", (4, 1, 2))])
+def test_decode_equals_reference_decode(backend, mesh_shape,
                                         reference_rollouts):
   """Sampler level, f32: equal tokens, log-probs within 1e-5.
 
@@ -117,10 +85,9 @@ def test_decode_equals_reference_decode(backend, mesh_shape, refill,
   different steps. The GPU kernel (interpret mode) also exercises its suffix
   layout (time-major keys, padded to 128 slots) and, in a mesh (rows over
   data, kv heads over tensor), `shard_map`; the TPU kernel's layout is the
-  blockwise one, padded, and its numerics are checked above. The
-  refill decode's blockwise read (per-row lengths, refilled slots) too.
+  blockwise one, padded, and its numerics are checked above.
   """
-  ref, new = reference_rollouts, _generate(backend, mesh_shape, refill)
+  ref, new = reference_rollouts, _generate(backend, mesh_shape)
   lens = np.asarray(ref.lengths)
   assert lens.max() > sa.BLOCKWISE_BLOCK and lens.min() < lens.max(), lens
   np.testing.assert_array_equal(new.tokens, ref.tokens)
