@@ -77,6 +77,8 @@ class Preemption:
     flag = self.requested_at is not None
     if jax.process_count() > 1:
       flag = bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+      if flag and self.requested_at is None:   # told by another process
+        self.requested_at = time.monotonic()
     return flag
 
   def restore(self):
@@ -426,12 +428,11 @@ class Trainer:
           self.checkpointer.save(step, state, train_iter, self._meta(meta))
         if preempt.requested():
           break
-      if preempt.requested() and step not in self.checkpointer.all_steps():
-        t0 = time.perf_counter()
-        self.checkpointer.save(step, state, train_iter, self._meta(meta))
+      if preempt.requested():
+        if step not in self.checkpointer.all_steps():
+          self.checkpointer.save(step, state, train_iter, self._meta(meta))
         self.checkpointer.wait()
-        log.warning("preempted: saved step %d in %.1f s", step,
-                    time.perf_counter() - t0)
+        self._report_grace(step, time.monotonic() - preempt.requested_at)
     except checkpointing.CheckpointError:
       # Nothing logged after the last good checkpoint is kept (best effort:
       # the disk may be full; the next start cuts it back anyway).
@@ -458,6 +459,18 @@ class Trainer:
       self.writer.close()
       self.pool.close()
       preempt.restore()
+
+  def _report_grace(self, step: int, seconds: float) -> None:
+    """Logs how long the notice-to-saved path took against the grace."""
+    grace = self.cfg.checkpoint.preempt_grace_s
+    log.warning("preempted: step %d saved %.1f s after the SIGTERM "
+                "(checkpoint.preempt_grace_s = %.1f s)", step, seconds, grace)
+    if seconds > grace:
+      log.warning(
+          "the save came %.1f s after the grace: a real preemption would "
+          "have killed the process first; lower rollout.segment_steps "
+          "(refill decode) or rollout.max_decode_rows (fixed chunks)",
+          seconds - grace)
 
   def _meta(self, meta: dict) -> dict:
     return {**meta, "versions": {"jax": jax.__version__}}

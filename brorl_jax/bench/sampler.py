@@ -249,6 +249,17 @@ def main(argv: list[str]) -> dict:
                                 "new_tokens": args.new_tokens,
                                 "early_stop": False, "reps": args.reps,
                                 "timing": "best of reps, prefill included"}}
+  # Wall seconds of each part, compiles included (the whole bench has a
+  # time bar: README, sampler section).
+  parts: dict[str, float] = {}
+  results["part_seconds"] = parts
+  mark = [time.perf_counter()]
+
+  def lap(name):
+    now = time.perf_counter()
+    parts[name], mark[0] = now - mark[0], now
+    print(f"{name}: {parts[name]:.0f} s", flush=True)
+
   with tempfile.TemporaryDirectory() as tmp:
     # Same weights on both sides: export through the HF path, import back.
     hf.save_hf(policy.init(jax.random.key(0)), mcfg, pathlib.Path(tmp) / "hf")
@@ -266,6 +277,7 @@ def main(argv: list[str]) -> dict:
                          "hf_tokens_per_s": 64 * t / theirs,
                          "brorl_s": ours, "hf_s": theirs}
     results["hf_ratio_n64"] = theirs / ours
+    lap("hf_n64")
 
   # 2. Length-aware decode: per-step cost at two buffer sizes, for the
   # platform's default backend and for the reference (every slot read).
@@ -274,6 +286,7 @@ def main(argv: list[str]) -> dict:
            for name in ("auto", "reference")}
   results["length_aware"] = aware
   results["length_aware_ratio"] = aware["auto"]["ratio"]
+  lap("length_aware")
 
   # 3. Scaling with the group size at a fixed P x N = 512 rows.
   prompts = {n: rng.integers(3, mcfg.vocab_size, (512 // n, lp)).astype(
@@ -294,6 +307,7 @@ def main(argv: list[str]) -> dict:
   s16, s512 = scaling["16"], scaling["512"]
   results["scaling_bound_512_16"] = s16["seconds"] / (
       s16["seconds"] - s16["prefill_s"] + s512["prefill_s"])
+  lap("scaling")
 
   # The same comparison at long prompts (no target): there the P prompts'
   # prefill, which sharing does once per prompt, is a large share of a
@@ -309,6 +323,7 @@ def main(argv: list[str]) -> dict:
         **{str(n): {"prompts": 512 // n, "seconds": sec[n],
                     "tokens_per_s": 512 * t / sec[n]} for n in fns},
         "ratio_512_16": sec[16] / sec[512]}
+    lap("scaling_long_prompt")
 
   # 4. KV bytes: shared prefix vs a prompt repeated G times.
   kv = {}
@@ -325,6 +340,7 @@ def main(argv: list[str]) -> dict:
   assert prefix_bytes == kv_bytes(mcfg, 1, 0, 256, 0)["shared_prefix"]
   results["kv_bytes"] = kv
   results["kv_ratio_512"] = kv["64"]["ratio"]
+  lap("kv_bytes")
   results["targets"] = {"hf_ratio_n64": ">= 3", "scaling_ratio_512_16":
                         ">= 1.5", "kv_ratio_512": "<= 0.3",
                         "length_aware_ratio": "<= 1.3"}
@@ -342,6 +358,8 @@ def main(argv: list[str]) -> dict:
     results["targets"].update({
         "refill_speedup_skewed": ">= 2.5",
         "slot_utilization_skewed": ">= 0.9 x slot_utilization_bound_skewed"})
+    lap("skewed")
+  parts["total"] = sum(parts.values())
 
   print(f"brorl vs transformers generate (N=64, P=1): "
         f"{results['hf_n64']['brorl_tokens_per_s']:.0f} vs "
@@ -380,6 +398,8 @@ def main(argv: list[str]) -> dict:
           f"slot_utilization_skewed = "
           f"{results['slot_utilization_skewed']:.3f} (bound "
           f"{results['slot_utilization_bound_skewed']:.3f})")
+  print("part seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in
+                                      parts.items()))
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(results, indent=2))
   return results
