@@ -18,7 +18,7 @@ from brorl_jax.config import (check, check_choice, config_fields,
                               from_mapping, to_dict, unknown_key_error)
 from brorl_jax.data.prompts import DataConfig
 from brorl_jax.distributed import MeshConfig
-from brorl_jax.model.config import ModelConfig, model_config
+from brorl_jax.model.config import DTYPES, ModelConfig, model_config
 from brorl_jax.rewards.config import RewardsConfig
 from brorl_jax.rl.advantages import AdvantageConfig
 from brorl_jax.rl.losses import LossConfig
@@ -206,13 +206,24 @@ class RolloutSection:
 
   Attributes:
     prompts_per_step: P, prompts per RL step (global, all processes).
+    param_dtype: dtype of the sampler's copy of the parameters, cast once
+      in the train-to-sample reshard; None = `model.dtype` (the dtype every
+      matmul casts to anyway: bf16 halves the f32 copy, f32 runs are
+      unchanged).
   """
 
   prompts_per_step: int = 8
+  param_dtype: str | None = None
 
   def __post_init__(self):
     check(self.prompts_per_step >= 1, "rollout.prompts_per_step",
           "must be >= 1")
+    if self.param_dtype is not None:
+      check_choice(self.param_dtype, "rollout.param_dtype", DTYPES)
+
+  def sample_dtype(self, model: ModelConfig) -> str:
+    """The sampling copy's dtype (`param_dtype`, else the compute dtype)."""
+    return self.param_dtype or model.dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,7 +299,8 @@ def load(config: Any) -> RunConfig:
 
   model_section = dict(raw.get("model") or {})
   preset = model_section.pop("preset", None)
-  loop_keys, sampler_keys = _split(raw.get("rollout"), ["prompts_per_step"])
+  loop_keys, sampler_keys = _split(raw.get("rollout"),
+                                   ["prompts_per_step", "param_dtype"])
   algo = dict(raw.get("algo") or {})
   nested = {name: algo.pop(name, None) for name in
             ("advantage", "loss", "shaping", "reference")}

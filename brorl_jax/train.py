@@ -136,6 +136,7 @@ class Trainer:
     self.optimizer = ts_lib.make_optimizer(cfg.optim, samples)
     self.lr_schedule = cfg.optim.schedule_fn(samples)
     self.sample_shardings = exp.param_shardings(sampling=True)
+    self.sample_dtype = cfg.loop.sample_dtype(exp.policy.cfg)
     self.batch_cfg = batch_lib.BatchConfig(
         num_groups=self.num_groups, max_new_tokens=cfg.rollout.max_new_tokens,
         correct_threshold=cfg.rewards.correct_threshold,
@@ -254,7 +255,7 @@ class Trainer:
 
     # ---- 2. Rollouts (device), scored on host as chunks finish -------------
     # The trainer's FSDP layout is resharded on device for decoding.
-    sample_params = reshard(state.params, self.sample_shardings)
+    sample_params = self._sampling_copy(state.params)
     scored = scoring.sample_and_score(
         self.sampler, self.pool, self.tokenizer, sample_params, tokens,
         lengths, prompts.records, jax.random.fold_in(key, ROLLOUT),
@@ -364,6 +365,11 @@ class Trainer:
       return {}
     return {f"reward/{t}/mean": float(np.mean(v)) for t, v in tasks.items()}
 
+  def _sampling_copy(self, params):
+    """The sampler's parameters: the sampling layout, cast once to
+    `rollout.param_dtype` (default: the compute dtype)."""
+    return reshard(params, self.sample_shardings, dtype=self.sample_dtype)
+
   # ---- diagnostics ---------------------------------------------------------
 
   def _diag_after(self, state, before, prep, tokens, lengths, ro, rewards):
@@ -371,7 +377,7 @@ class Trainer:
     sampler under the updated parameters, the rest in rl/diagnostics.py."""
     if before is None:
       return {}
-    sample_params = reshard(state.params, self.sample_shardings)
+    sample_params = self._sampling_copy(state.params)
     sel = prep.selected
     pre = self.sampler.prefill(sample_params, jnp.take(tokens, sel, 0),
                                jnp.take(lengths, sel, 0))
@@ -431,7 +437,7 @@ class Trainer:
     if self.evaluator is None:
       return {}
     t0 = time.perf_counter()
-    params = reshard(state.params, self.sample_shardings)
+    params = self._sampling_copy(state.params)
     # The same key at every evaluation (common random numbers): pass@1
     # differences between steps are then the policy's, not the draws'; the
     # evaluate CLI on a checkpoint reproduces the loop's numbers.

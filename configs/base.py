@@ -88,6 +88,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.rollout.early_stop = True
   c.rollout.refill = False          # True: refilled slots (README, sampler)
   c.rollout.segment_steps = 256     # refill: steps between host check-ins
+  # The sampler's parameter copy, cast in the train-to-sample reshard;
+  # None = model.dtype (bf16: half the f32 copy, same matmul inputs).
+  c.rollout.param_dtype = ml_collections.FieldReference(None, str)
 
   c.rewards = ml_collections.ConfigDict()
   c.rewards.correct_threshold = 0.5
