@@ -160,7 +160,8 @@ class Trainer:
         self.policy, temperature=cfg.rollout.logprob_temperature,
         vocab_chunk=u.vocab_chunk, seq_chunk=u.seq_chunk,
         rescore_rollouts=cfg.diagnostics.rescore_rollouts,
-        correct_threshold=cfg.rewards.correct_threshold)
+        correct_threshold=cfg.rewards.correct_threshold,
+        mesh_rules=exp.mesh_train)
     self.writer = MetricsWriter(self.workdir,
                                 tensorboard=cfg.logging.tensorboard,
                                 enabled=exp.is_main)
