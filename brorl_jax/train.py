@@ -641,6 +641,8 @@ def run(argv: list[str] | None = None) -> None:
                        "models compile at 1 and 2 layers, 2 and 4 with "
                        "remat, extrapolated); >= depth compiles the full "
                        "model")
+  flags.DEFINE_string("json", None, "--dry_run: also write the summary "
+                      "(peaks in GiB per device, fits, sources) as JSON here")
   for alias, name in cli.dashed_aliases(
       ("print_config", "dry_run", "device_memory_gb", "dry_run_topology",
        "dry_run_layers")).items():
@@ -662,7 +664,8 @@ def run(argv: list[str] | None = None) -> None:
     if fl.dry_run:
       with cli.input_errors():
         sizing.dry_run(cfg, device_memory_gb=fl.device_memory_gb,
-                       topology=fl.dry_run_topology, layers=fl.dry_run_layers)
+                       topology=fl.dry_run_topology, layers=fl.dry_run_layers,
+                       json_path=fl.json)
       return
     if not fl.workdir:
       cli.fail("--workdir is required (the run's directory)")
