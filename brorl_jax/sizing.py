@@ -376,10 +376,17 @@ def dry_run(cfg, *, device_memory_gb: float | None = None,
                                    cfg.rollout.max_decode_rows) if p]
     log(f"{d} layer(s): compiling prefill, {len(plans)} decode chunks, "
         "update, diagnostics")
-    prefill = b.prefill()
-    decode = {pc * gc: b.decode(pc, gc) for pc, gc in plans}
-    update = b.update()
-    progs[d] = _Programs(prefill, decode, update, b.rescore())
+    def timed(name, fn, *args):
+      t = time.perf_counter()
+      result = fn(*args)
+      log(f"{d} layer(s): {name} compiled in {time.perf_counter() - t:.0f} s")
+      return result
+    prefill = timed("prefill", b.prefill)
+    decode = {pc * gc: timed(f"decode chunk of {pc * gc} rows", b.decode,
+                             pc, gc) for pc, gc in plans}
+    update = timed("update", b.update)
+    progs[d] = _Programs(prefill, decode, update,
+                         timed("diagnostics re-scoring", b.rescore))
     log(f"{d} layer(s): compiled in {time.perf_counter() - t0:.0f} s")
   if len(depths) == 1:
     m = progs[depth]
