@@ -18,7 +18,7 @@ from brorl_jax.config import (check, check_choice, config_fields,
                               from_mapping, to_dict, unknown_key_error)
 from brorl_jax.data.prompts import DataConfig
 from brorl_jax.distributed import MeshConfig
-from brorl_jax.model.config import ModelConfig, model_config
+from brorl_jax.model.config import DTYPES, ModelConfig, model_config
 from brorl_jax.rewards.config import RewardsConfig
 from brorl_jax.rl.advantages import AdvantageConfig
 from brorl_jax.rl.allocation import AllocationConfig
@@ -196,6 +196,10 @@ class RolloutSection:
       (all an all-correct or all-wrong probe gets while a mixed prompt can
       take more).
     allocation_block: adaptive: rollouts handed out at a time.
+    param_dtype: dtype of the sampler's copy of the parameters, cast once
+      in the train-to-sample reshard; None = `model.dtype` (the dtype every
+      matmul casts to anyway: bf16 halves the f32 copy, f32 runs are
+      unchanged).
   """
 
   prompts_per_step: int = 8
@@ -204,11 +208,18 @@ class RolloutSection:
   probe_n: int = 4
   allocation_floor: int = 0
   allocation_block: int = 4
+  param_dtype: str | None = None
 
   def __post_init__(self):
     check(self.prompts_per_step >= 1, "rollout.prompts_per_step",
           "must be >= 1")
     check_choice(self.allocation, "rollout.allocation", ALLOCATIONS)
+    if self.param_dtype is not None:
+      check_choice(self.param_dtype, "rollout.param_dtype", DTYPES)
+
+  def sample_dtype(self, model: ModelConfig) -> str:
+    """The sampling copy's dtype (`param_dtype`, else the compute dtype)."""
+    return self.param_dtype or model.dtype
 
 
 @dataclasses.dataclass(frozen=True)

@@ -50,6 +50,7 @@ from brorl_jax import checkpointing, hf
 from brorl_jax.model.sharding import (SAMPLE_RULES, TRAIN_RULES, MeshRules,
                                       make_mesh)
 from brorl_jax.model.transformer import Policy
+from brorl_jax.rl import diagnostics as diag_lib
 from brorl_jax.rl import train_state as ts_lib
 from brorl_jax.rl.batch import RolloutBatch
 from brorl_jax.rl.update import compile_update
@@ -137,6 +138,7 @@ class _Programs:
   prefill: Mem
   decode: dict[int, Mem]          # rows per chunk -> decode chunk
   update: Mem | None
+  rescore: Mem | None             # diagnostics' re-scoring (None: off)
 
 
 class _Builder:
@@ -154,8 +156,14 @@ class _Builder:
     abstract = self.policy.abstract_params()
     with_sh = checkpointing.abstract_with_shardings
     self.params = with_sh(abstract, self.policy.shardings(self.train_rules))
-    self.sample_params = with_sh(abstract,
-                                 self.policy.shardings(self.sample_rules))
+    # The sampling copy: the sampling layout, in rollout.param_dtype (the
+    # train loop's reshard casts it).
+    sample_dtype = jnp.dtype(cfg.loop.sample_dtype(self.policy.cfg))
+    self.sample_params = with_sh(
+        jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+            a.shape, sample_dtype if jnp.issubdtype(a.dtype, jnp.floating)
+            else a.dtype), abstract),
+        self.policy.shardings(self.sample_rules))
     with_reference = cfg.loss.kl_coef > 0
     state_sh = ts_lib.state_shardings(
         abstract, self.policy.shardings(self.train_rules), self.optimizer,
@@ -209,7 +217,9 @@ class _Builder:
     return Mem.of(self.sampler.lower_decode(self.sample_params, part, keys,
                                             group=gc).compile())
 
-  def update(self) -> Mem:
+  def batch(self) -> RolloutBatch:
+    """The update's (and the diagnostics') batch: P groups, rows split
+    over the data axes."""
     c = self.cfg
     p, g = c.loop.prompts_per_step, c.rollout.n
     lp, t = c.rollout.max_prompt_len, c.rollout.max_new_tokens
@@ -223,10 +233,35 @@ class _Builder:
                             ("batch",) + (None,) * (len(s[0]) - 1)),
         shapes, is_leaf=lambda s: isinstance(s, tuple) and len(s) == 2
         and isinstance(s[0], tuple))
+    return batch
+
+  def update(self) -> Mem:
+    c = self.cfg
     return Mem.of(compile_update(
         self.policy, c.update, c.loss, self.optimizer,
         temperature=c.rollout.logprob_temperature,
-        mesh_rules=self.train_rules, state=self.state, batch=batch))
+        mesh_rules=self.train_rules, state=self.state, batch=self.batch()))
+
+  @property
+  def rescored_rows(self) -> int:
+    """Rollouts the diagnostics re-score per step (0: diagnostics off)."""
+    c = self.cfg
+    if c.diagnostics.every <= 0:
+      return 0
+    return min(c.diagnostics.rescore_rollouts,
+               c.loop.prompts_per_step * c.rollout.n)
+
+  def rescore(self) -> Mem | None:
+    """The diagnostics' re-scoring program, as the train loop jits it."""
+    c, k = self.cfg, self.rescored_rows
+    if k == 0:
+      return None
+    fn = diag_lib.jit_rescore(
+        self.policy, mesh_rules=self.train_rules,
+        temperature=c.rollout.logprob_temperature,
+        vocab_chunk=c.update.vocab_chunk, seq_chunk=c.update.seq_chunk)
+    rows = jax.ShapeDtypeStruct((k,), jnp.int32, sharding=self.rep)
+    return Mem.of(fn.lower(self.state.params, self.batch(), rows).compile())
 
 
 def _row_plans(num_prompts: int, group: int, max_rows: int):
@@ -278,6 +313,7 @@ def _default_memory_gib(devices, topology: str | None) -> tuple[float, str]:
 
 def dry_run(cfg, *, device_memory_gb: float | None = None,
             topology: str | None = None, layers: int = 0,
+            json_path: str | None = None,
             out: Callable[[str], None] = print) -> dict[str, Any]:
   """Compiles the step's programs for `cfg` and reports per-device memory.
 
@@ -291,13 +327,19 @@ def dry_run(cfg, *, device_memory_gb: float | None = None,
       else compiles at 1 and 2 layers (2 and 4 with remat) extrapolated to
       the full depth; k >= the depth compiles the full model; a smaller k
       extrapolates from compiles at 1 (2 with remat) and k layers.
+    json_path: also write the summary (the Returns' JSON keys) here.
     out: where the report's lines go.
 
   Returns:
-    {"max_decode_rows", "decode_plan", "sampling_peak_gib",
-     "update_peak_gib", "device_memory_gib", "figures": [(name, GiB,
-     source)], ...}.
+    The summary written to `json_path`: per-device GiB
+    "device_memory_gib", "peak_prefill_gib", "peak_decode_gib",
+    "peak_update_gib", "peak_diagnostics_gib"; "max_decode_rows_fit";
+    "fits" (every peak <= device memory); "compile_s"; "sources" {key:
+    "compiled" | "analytic" | "sum"}; plus (not in the JSON)
+    "max_decode_rows" (= max_decode_rows_fit), "decode_plan",
+    "figures": [(name, GiB, source)], ...
   """
+  start = time.perf_counter()
   jax.config.update("jax_threefry_partitionable", True)
   devices = _tpu_devices(topology) if topology else jax.devices()
   mesh = make_mesh(cfg.mesh.shape, devices)
@@ -333,11 +375,18 @@ def dry_run(cfg, *, device_memory_gb: float | None = None,
     plans = [p for p in _row_plans(num_prompts, cfg.rollout.n,
                                    cfg.rollout.max_decode_rows) if p]
     log(f"{d} layer(s): compiling prefill, {len(plans)} decode chunks, "
-        "update")
-    prefill = b.prefill()
-    decode = {pc * gc: b.decode(pc, gc) for pc, gc in plans}
-    update = b.update()
-    progs[d] = _Programs(prefill, decode, update)
+        "update, diagnostics")
+    def timed(name, fn, *args):
+      t = time.perf_counter()
+      result = fn(*args)
+      log(f"{d} layer(s): {name} compiled in {time.perf_counter() - t:.0f} s")
+      return result
+    prefill = timed("prefill", b.prefill)
+    decode = {pc * gc: timed(f"decode chunk of {pc * gc} rows", b.decode,
+                             pc, gc) for pc, gc in plans}
+    update = timed("update", b.update)
+    progs[d] = _Programs(prefill, decode, update,
+                         timed("diagnostics re-scoring", b.rescore))
     log(f"{d} layer(s): compiled in {time.perf_counter() - t0:.0f} s")
   if len(depths) == 1:
     m = progs[depth]
@@ -346,7 +395,8 @@ def dry_run(cfg, *, device_memory_gb: float | None = None,
     ext = lambda x, y: x.lerp(y, depths[0], depths[1], depth)  # noqa: E731
     m = _Programs(ext(a.prefill, z.prefill),
                   {r: ext(a.decode[r], z.decode[r]) for r in a.decode},
-                  ext(a.update, z.update))
+                  ext(a.update, z.update),
+                  a.rescore and ext(a.rescore, z.rescore))
   full = b if depths == (depth,) else _Builder(cfg, model_cfg, mesh, depth)
   update_temp_src, cpu_upper = compiled, None
   if platform == "CPU" and model_cfg.remat and len(depths) == 2:
@@ -407,7 +457,21 @@ def dry_run(cfg, *, device_memory_gb: float | None = None,
                     + big.peak - slope * rows[-1])
   sampling_peak = fixed_sampling + slope * rows[-1]
   prefill_peak = state_bytes + m.prefill.peak
-  update_peak = m.update.peak + sample_copy + rollouts + first_probs
+  # What train.py holds when: the sampling copy is deleted before the
+  # update (the step's rollouts and first-token probabilities stay for the
+  # diagnostics); the diagnostics re-score before the update under the old
+  # state, and after it next to a new sampling copy and the kept prompts'
+  # prefill (`Trainer._diag_after`).
+  held = rollouts + first_probs
+  update_peak = m.update.peak + held
+  diag_peak, rescore = 0.0, m.rescore
+  if rescore is not None:
+    rest_of_state = opt + ref + counters          # params: rescore's args
+    batch_bytes = per_device_bytes(full.batch())
+    diag_peak = max(
+        rescore.peak + rest_of_state + held,                     # before
+        m.prefill.peak + state_bytes + batch_bytes + held,       # prefill
+        rescore.peak + rest_of_state + sample_copy + m.prefill.out + held)
 
   memory_gib, memory_src = ((device_memory_gb, "--device_memory_gb")
                             if device_memory_gb else
@@ -447,9 +511,14 @@ def dry_run(cfg, *, device_memory_gb: float | None = None,
           "bound)", cpu_upper, compiled)] if cpu_upper is not None else []),
       ("  outputs not aliased to the donated state",
        m.update.out - m.update.alias, compiled),
-      ("  + sampling copy, rollouts, first-token probs held meanwhile",
-       sample_copy + rollouts + first_probs, "analytic"),
+      ("  + rollouts, first-token probs held meanwhile (the sampling "
+       "copy is freed)", held, "analytic"),
       ("  peak while updating", update_peak, "sum"),
+      *([(f"diagnostics: {full.rescored_rows} rollouts re-scored before "
+          "and after the update, kept prompts re-prefilled", None, ""),
+         ("  re-scoring: temporaries", rescore.temp, compiled),
+         ("  peak of the diagnostics (after the update: new sampling copy "
+          "+ prefill)", diag_peak, "sum")] if rescore is not None else []),
   ]
   n_params = model_cfg.num_params()
   out(f"dry run: {len(devices)} {platform} devices, mesh "
@@ -465,7 +534,8 @@ def dry_run(cfg, *, device_memory_gb: float | None = None,
   out(f"prefill phase peak {prefill_peak / GiB:.2f} GiB, decode phase peak "
       f"{sampling_peak / GiB:.2f} GiB (at max_decode_rows="
       f"{c.max_decode_rows}, chunks of {rows[-1]} rows), update phase peak "
-      f"{update_peak / GiB:.2f} GiB")
+      f"{update_peak / GiB:.2f} GiB, diagnostics peak "
+      f"{diag_peak / GiB:.2f} GiB")
   out(f"device memory: {memory_gib:.1f} GiB ({memory_src})")
   if plan:
     chunks = num_prompts * g // max_rows
@@ -485,12 +555,39 @@ def dry_run(cfg, *, device_memory_gb: float | None = None,
     out(f"warning: the update needs {update_peak / GiB:.1f} GiB > "
         f"{memory_gib:.1f} GiB: lower algo.micro_batch_size, shard more "
         "(mesh.shape fsdp / tensor), or shorten the sequences")
-  return {"max_decode_rows": max_rows, "decode_plan": plan,
+  if diag_peak > budget:
+    out(f"warning: the diagnostics need {diag_peak / GiB:.1f} GiB > "
+        f"{memory_gib:.1f} GiB: lower diagnostics.rescore_rollouts")
+  peaks = {"peak_prefill_gib": prefill_peak, "peak_decode_gib": sampling_peak,
+           "peak_update_gib": update_peak,
+           "peak_diagnostics_gib": diag_peak}
+  word = lambda src: src.split(" ")[0] if src else ""  # noqa: E731
+  summary = {
+      "device_memory_gib": memory_gib,
+      **{k: v / GiB for k, v in peaks.items()},
+      "max_decode_rows_fit": max_rows,
+      "fits": all(v <= budget for v in peaks.values()),
+      "compile_s": time.perf_counter() - start,
+      "sources": {"device_memory_gib": "analytic",
+                  **{k: "sum" for k in peaks},
+                  "max_decode_rows_fit": word(slope_src)},
+      "figures": {n.strip(): {"gib": v / GiB, "source": word(s)}
+                  for n, v, s in figures if v is not None},
+      "compiled": compiled, "platform": platform, "devices": len(devices),
+      "mesh": dict(mesh.shape),
+      "configured_max_decode_rows": c.max_decode_rows,
+      "micro_batch_size": cfg.update.micro_batch_size,
+      "sample_param_dtype": str(jnp.dtype(
+          cfg.loop.sample_dtype(model_cfg)))}
+  if json_path:
+    pathlib.Path(json_path).write_text(json.dumps(summary, indent=1) + "\n")
+    out(f"wrote {json_path}")
+  return {**summary, "max_decode_rows": max_rows, "decode_plan": plan,
           "fit_rows": fit_rows, "refill_slots": slots,
           "sampling_peak_gib": sampling_peak / GiB,
           "update_peak_gib": update_peak / GiB,
           "prefill_peak_gib": prefill_peak / GiB,
-          "device_memory_gib": memory_gib, "per_row_bytes": slope,
+          "per_row_bytes": slope,
           "figures": [(n, v / GiB, s) for n, v, s in figures
                       if v is not None],
           "compiled_label": compiled, "mesh": dict(mesh.shape)}

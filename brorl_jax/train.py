@@ -109,6 +109,7 @@ class Trainer:
     self.optimizer = ts_lib.make_optimizer(cfg.optim, samples)
     self.lr_schedule = cfg.optim.schedule_fn(samples)
     self.sample_shardings = exp.param_shardings(sampling=True)
+    self.sample_dtype = cfg.loop.sample_dtype(exp.policy.cfg)
     self.batch_cfg = batch_lib.BatchConfig(
         num_groups=self.num_groups, max_new_tokens=cfg.rollout.max_new_tokens,
         correct_threshold=cfg.rewards.correct_threshold,
@@ -132,7 +133,8 @@ class Trainer:
         self.policy, temperature=cfg.rollout.logprob_temperature,
         vocab_chunk=u.vocab_chunk, seq_chunk=u.seq_chunk,
         rescore_rollouts=cfg.diagnostics.rescore_rollouts,
-        correct_threshold=cfg.rewards.correct_threshold)
+        correct_threshold=cfg.rewards.correct_threshold,
+        mesh_rules=exp.mesh_train)
     self.writer = MetricsWriter(self.workdir,
                                 tensorboard=cfg.logging.tensorboard,
                                 enabled=exp.is_main)
@@ -227,7 +229,7 @@ class Trainer:
 
     # ---- 2. Rollouts (device), scored on host as chunks finish -------------
     # The trainer's FSDP layout is resharded on device for decoding.
-    sample_params = reshard(state.params, self.sample_shardings)
+    sample_params = self._sampling_copy(state.params)
     valid, alloc_metrics = None, {}
     if self.allocation is None:
       scored = scoring.sample_and_score(
@@ -287,7 +289,8 @@ class Trainer:
     mass_after = {}
     if do_diag:
       mass_after = jax.block_until_ready(self.diagnostics.after_update(
-          self.sampler, new_state.params, self.sample_shardings, before, prep,
+          self.sampler, new_state.params,
+          self._sampling_copy(new_state.params), before, prep,
           tokens, lengths, ro.first_probs, scored.rewards))
     times["diag_s"] = time.perf_counter() - t2
 
@@ -329,6 +332,11 @@ class Trainer:
         tokenizer=self.tokenizer, prompt_text=self.pipeline.prompt_text)
     return new_state, metrics
 
+  def _sampling_copy(self, params):
+    """The sampler's parameters: the sampling layout, cast once to
+    `rollout.param_dtype` (default: the compute dtype)."""
+    return reshard(params, self.sample_shardings, dtype=self.sample_dtype)
+
   # ---- evaluation ----------------------------------------------------------
 
   def evaluate(self, state, step: int, preempt) -> dict[str, float] | None:
@@ -336,7 +344,7 @@ class Trainer:
     if self.evaluator is None:
       return {}
     return self.evaluator.loop_metrics(
-        reshard(state.params, self.sample_shardings), step, self.cfg.seed,
+        self._sampling_copy(state.params), step, self.cfg.seed,
         should_stop=preempt.requested)
 
   # ---- the loop ------------------------------------------------------------
@@ -512,6 +520,8 @@ def run(argv: list[str] | None = None) -> None:
                        "models compile at 1 and 2 layers, 2 and 4 with "
                        "remat, extrapolated); >= depth compiles the full "
                        "model")
+  flags.DEFINE_string("json", None, "--dry_run: also write the summary "
+                      "(peaks in GiB per device, fits, sources) as JSON here")
   for alias, name in cli.dashed_aliases(
       ("print_config", "dry_run", "device_memory_gb", "dry_run_topology",
        "dry_run_layers")).items():
@@ -533,7 +543,8 @@ def run(argv: list[str] | None = None) -> None:
     if fl.dry_run:
       with cli.input_errors():
         sizing.dry_run(cfg, device_memory_gb=fl.device_memory_gb,
-                       topology=fl.dry_run_topology, layers=fl.dry_run_layers)
+                       topology=fl.dry_run_topology, layers=fl.dry_run_layers,
+                       json_path=fl.json)
       return
     if not fl.workdir:
       cli.fail("--workdir is required (the run's directory)")

@@ -96,6 +96,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.rollout.probe_n = 4             # adaptive: first-round rollouts/prompt
   c.rollout.allocation_floor = 0    # adaptive: what unmixed probes end with
   c.rollout.allocation_block = 4    # adaptive: rollouts handed out at a time
+  # The sampler's parameter copy, cast in the train-to-sample reshard;
+  # None = model.dtype (bf16: half the f32 copy, same matmul inputs).
+  c.rollout.param_dtype = ml_collections.FieldReference(None, str)
 
   c.rewards = ml_collections.ConfigDict()
   c.rewards.correct_threshold = 0.5

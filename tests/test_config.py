@@ -23,6 +23,9 @@ def test_shipped_configs_validate():
   assert cfg.eval_sampler().temperature == cfg.eval.temperature
   full = run_config.load(base.get_config())
   assert full.model.num_layers == 28 and full.loss.kl_coef == 1e-4
+  # The sampling copy defaults to the compute dtype (bf16 over f32 masters).
+  assert full.loop.sample_dtype(full.model) == "bfloat16"
+  assert cfg.loop.sample_dtype(cfg.model) == cfg.model.dtype
 
 
 @pytest.mark.parametrize("key,value,named", [
@@ -36,6 +39,7 @@ def test_shipped_configs_validate():
     ("checkpoint.keep", 0, "checkpoint.keep"),
     ("logging.archive_every", 0, "logging.archive_every"),
     ("logging.progress", "bars", "logging.progress"),
+    ("rollout.param_dtype", "bf16", "rollout.param_dtype"),
 ])
 def test_bad_values_name_the_key(key, value, named):
   c = demo_cpu.get_config()

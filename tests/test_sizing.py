@@ -1,6 +1,7 @@
 """`train --dry_run`: compiled per-device memory and the decode-row limit."""
 
 import importlib.util
+import json
 import math
 import os
 import pathlib
@@ -60,6 +61,13 @@ def test_dry_run_prints_compiled_figures_and_the_row_limit(tiny_report):
   assert "temporaries (activations, gradients)" in compiled
   assert "memory per decoded row, per device" in compiled
   assert figures["temporaries (activations, gradients)"][0] > 0
+  # The diagnostics' re-scoring is compiled too, and the update's peak no
+  # longer counts the sampling copy (train.py frees it first).
+  assert figures["re-scoring: temporaries"][0] > 0
+  assert figures["re-scoring: temporaries"][1].startswith("compiled")
+  assert result["peak_diagnostics_gib"] > 0
+  assert result["peak_update_gib"] == pytest.approx(
+      figures["peak while updating"][0])
 
 
 @pytest.mark.slow
@@ -71,6 +79,8 @@ def test_analytic_figures_match_the_model(tiny_report):
   # Mesh (8, 1, 1): nothing is sharded over fsdp or tensor, so every device
   # holds all f32 parameters, Adam's two moments and the reference copy.
   assert figures["parameters, train layout"] == 4 * n
+  # The sampling copy takes the compute dtype (tiny_rl: f32, as here).
+  assert result["sample_param_dtype"] == _tiny().model.dtype == "float32"
   assert figures["parameters, sampling copy"] == 4 * n
   assert figures["reference parameters (KL)"] == 4 * n
   assert figures["optimizer state (AdamW mu, nu)"] == pytest.approx(
@@ -154,13 +164,25 @@ def test_dry_run_cli(tmp_path):
   run = subprocess.run(
       [sys.executable, "-m", "brorl_jax.train", "--config",
        str(ROOT / "tests/configs/tiny_rl.py"), "--dry_run",
-       "--device_memory_gb=0.5", "--config.mesh.shape=(4,2,1)"],
+       "--device_memory_gb=0.5", "--config.mesh.shape=(4,2,1)",
+       f"--json={tmp_path / 'dry.json'}"],
       cwd=ROOT, capture_output=True, text=True, timeout=300,
       env={**os.environ, "PYTHONPATH": str(ROOT)})
   assert run.returncode == 0, run.stderr
   assert "mesh data=4 fsdp=2 tensor=1" in run.stdout
   assert "device memory: 0.5 GiB (--device_memory_gb)" in run.stdout
   assert "largest max_decode_rows that fits: 32" in run.stdout
+  summary = json.loads((tmp_path / "dry.json").read_text())
+  assert summary["device_memory_gib"] == 0.5
+  assert summary["max_decode_rows_fit"] == 32
+  peaks = [summary[k] for k in ("peak_decode_gib", "peak_update_gib",
+                                "peak_diagnostics_gib")]
+  assert all(p > 0 for p in peaks)
+  assert summary["fits"] == (max(peaks + [summary["peak_prefill_gib"]])
+                             <= 0.5)
+  assert summary["compile_s"] > 0
+  assert set(summary["sources"].values()) <= {"compiled", "analytic", "sum"}
+  assert summary["sources"]["max_decode_rows_fit"] == "compiled"
 
 
 # ---- the two 1.5B configs (sized by the dry run) ----------------------------

@@ -20,6 +20,7 @@ import threading
 from typing import Any, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -218,11 +219,23 @@ def param_shardings(abstract_params: Any, axes_tree: Any,
       axes_tree, is_leaf=lambda x: isinstance(x, tuple))
 
 
-def reshard(tree: Any, shardings: Any) -> Any:
+def reshard(tree: Any, shardings: Any, dtype: Any = None) -> Any:
   """Moves arrays to other shardings on device (a jitted identity).
 
   Used to go from the training layout (FSDP) to the sampling layout without a
   round trip through the host. The input is not donated: the trainer keeps
   its copy.
+
+  Args:
+    tree: arrays to move.
+    shardings: their target shardings (a matching tree).
+    dtype: if given, floating-point leaves are cast to it in the same
+      program (the sampler's bf16 copy of f32 master weights: cast once,
+      moved at half the bytes).
   """
-  return jax.jit(lambda t: t, out_shardings=shardings)(tree)
+  def move(t):
+    if dtype is None:
+      return t
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(
+        x.dtype, jnp.floating) else x, t)
+  return jax.jit(move, out_shardings=shardings)(tree)

@@ -110,11 +110,14 @@ class Transformer(nnx.Module):
       new_caches.append(cache)
     return self.final_norm(x), tuple(new_caches)
 
-  def unembed_matrix(self) -> jax.Array:
-    """[D, V] output projection in the compute dtype."""
+  def unembed_matrix(self, master: bool = False) -> jax.Array:
+    """[D, V] output projection in the compute dtype (`master`: in the
+    parameters' own dtype, for callers that cast it themselves)."""
     if self.cfg.tie_embeddings:
-      return self.embedder["embedding"][...].T.astype(self.dtype)
-    return self.lm_head["kernel"][...].astype(self.dtype)
+      w = self.embedder["embedding"][...].T
+    else:
+      w = self.lm_head["kernel"][...]
+    return w if master else w.astype(self.dtype)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """[B, T, D] -> [B, T, V] float32. Only for small T (decode, tests)."""

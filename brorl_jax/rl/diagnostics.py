@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from brorl_jax.model.sharding import reshard
+from brorl_jax.model.sharding import MeshRules, activation_rules, constrain
 from brorl_jax.model.transformer import Policy
 from brorl_jax.rl import mass_balance
 from brorl_jax.rl.batch import RolloutBatch, Rows, make_rows
@@ -39,6 +39,31 @@ def sequence_logp(policy: Policy, params: Any, rows: Rows, *,
   in_response = jnp.arange(rows.targets.shape[1])[None] < \
       _lengths(rows)[:, None]
   return jnp.where(in_response, logp, 0.0).sum(-1)
+
+
+def make_rescore_fn(policy: Policy, *, temperature: float, vocab_chunk: int,
+                    seq_chunk: int, mesh_rules: MeshRules | None = None):
+  """`(params, batch, rows [S]) -> [S]` sequence log-probs of the picked
+  rows, laid out like the update: the picked rows split over the data axes
+  (each device scores its share, not all S rows) under the train layout's
+  activation rules. Un-jitted; `jit_rescore` jits it."""
+
+  def rescore(params, rb: RolloutBatch, rows: jax.Array) -> jax.Array:
+    with activation_rules(mesh_rules):
+      sub = jax.tree.map(lambda x: constrain(
+          x, ("batch",) + (None,) * (x.ndim - 1)), subset_rows(rb, rows))
+      return sequence_logp(policy, params, sub, temperature=temperature,
+                           vocab_chunk=vocab_chunk, seq_chunk=seq_chunk)
+  return rescore
+
+
+def jit_rescore(policy: Policy, *, mesh_rules: MeshRules | None = None,
+                **kw):
+  """The jitted re-scoring; its output [S] is replicated (it is small and
+  compared on every process). The train loop and the dry run share it."""
+  out = mesh_rules.replicated() if mesh_rules is not None else None
+  return jax.jit(make_rescore_fn(policy, mesh_rules=mesh_rules, **kw),
+                 out_shardings=out)
 
 
 def _lengths(rows: Rows) -> jax.Array:
@@ -81,11 +106,13 @@ class StepDiagnostics:
 
   def __init__(self, policy: Policy, *, temperature: float, vocab_chunk: int,
                seq_chunk: int, rescore_rollouts: int,
-               correct_threshold: float):
-    kw = dict(temperature=temperature, vocab_chunk=vocab_chunk,
-              seq_chunk=seq_chunk)
-    self._seq = jax.jit(lambda params, rb, rows: sequence_logp(
-        policy, params, subset_rows(rb, rows), **kw))
+               correct_threshold: float,
+               mesh_rules: MeshRules | None = None):
+    # Sharded like the update (`mesh_rules`: the train layout), so a pod
+    # splits the re-scored rows instead of every device scoring all of them.
+    self._seq = jit_rescore(policy, mesh_rules=mesh_rules,
+                            temperature=temperature, vocab_chunk=vocab_chunk,
+                            seq_chunk=seq_chunk)
     self._realized = jax.jit(realized)
     self.rescore_rollouts = rescore_rollouts
     self.correct_threshold = correct_threshold
@@ -130,7 +157,7 @@ class StepDiagnostics:
                          row_correct, row_valid)
     return {f"mass/{k}": v for k, v in out.items()}
 
-  def after_update(self, sampler: Any, params: Any, sample_shardings: Any,
+  def after_update(self, sampler: Any, params: Any, sample_params: Any,
                    before, prepared: Any, tokens: jax.Array,
                    lengths: jax.Array, first_probs_before: jax.Array,
                    rewards: jax.Array) -> dict[str, jax.Array]:
@@ -140,14 +167,14 @@ class StepDiagnostics:
     Args:
       sampler: the run's `rollout.Sampler` (`prefill`, `first_probs`).
       params: the updated parameters (training layout).
-      sample_shardings: the sampler's parameter layout (resharded on device).
+      sample_params: the sampler's copy of `params` (its layout and dtype).
       before, prepared, first_probs_before, rewards: as `after`.
       tokens, lengths: [P_over, Lp], [P_over] the step's prompts.
     """
     if before is None:
       return {}
     sel = prepared.selected
-    pre = sampler.prefill(reshard(params, sample_shardings),
+    pre = sampler.prefill(sample_params,
                           jnp.take(tokens, sel, 0), jnp.take(lengths, sel, 0))
     return self.after(params, sampler.first_probs(pre), before, prepared,
                       first_probs_before, rewards)

@@ -21,6 +21,15 @@ hidden @ w per tile in the backward pass, as in any fused cross-entropy.
 When V is not a multiple of vc the last chunk is slid back to end at V and
 the columns that an earlier chunk already owns are masked to -inf, so `w`
 is never padded or copied.
+
+The weight crosses the mesh once per call (one micro-batch of the update):
+it is cast to the compute dtype and gathered whole before the loops, so no
+tile is all-gathered inside them (slicing the FSDP-sharded weight per tile
+gathered it once per vocabulary step). Its gradient does not flow through
+that copy: each tile's matmul (`_tile_logits`, a custom VJP) sends the
+weight gradient, accumulated and emitted in float32, to the master weight
+itself, so the optimizer and the cross-device reduction see float32 however
+low the compute dtype.
 """
 
 from __future__ import annotations
@@ -32,20 +41,60 @@ import jax
 import jax.numpy as jnp
 
 from brorl_jax.model import attention as attn_lib
+from brorl_jax.model.sharding import constrain
 from brorl_jax.model.transformer import Policy, positions_from_valid
 
 
-def _vocab_step(carry, chunk, hidden, targets, w, inv_temp, vocab_chunk,
-                with_entropy):
-  """One [B, tc, vc] tile: updates the online statistics of every position."""
+@jax.custom_vjp
+def _tile_logits(hidden, w_tile, master_tile):
+  """[B, tc, D] x [D, vc] -> [B, tc, vc] f32 logits of one tile.
+
+  `w_tile` (compute dtype, gathered) is what the matmul reads;
+  `master_tile` (the parameter's own dtype and layout) only receives the
+  weight gradient, in float32, so it never takes the compute dtype.
+  """
+  del master_tile  # read only by the backward pass
+  return jnp.einsum("btd,dv->btv", hidden, w_tile,
+                    preferred_element_type=jnp.float32)
+
+
+def _tile_logits_fwd(hidden, w_tile, master_tile):
+  # A 0-d array stands for the master's dtype (residuals are arrays).
+  return _tile_logits(hidden, w_tile, master_tile), (
+      hidden, w_tile, jnp.zeros((), master_tile.dtype))
+
+
+def _tile_logits_bwd(res, ct):
+  hidden, w_tile, master_like = res
+  # As JAX's own transpose of the matmul: f32 products, then the input's
+  # dtype for the hidden states; the weight's gradient stays float32 until
+  # it reaches the master weight (in its dtype: f32 in the recipes).
+  d_hidden = jnp.einsum("btv,dv->btd", ct, w_tile,
+                        preferred_element_type=jnp.float32)
+  d_w = jnp.einsum("btd,btv->dv", hidden, ct,
+                   preferred_element_type=jnp.float32)
+  return (d_hidden.astype(hidden.dtype), jnp.zeros_like(w_tile),
+          d_w.astype(master_like.dtype))
+
+
+_tile_logits.defvjp(_tile_logits_fwd, _tile_logits_bwd)
+
+
+def _vocab_step(carry, chunk, hidden, targets, w, w_master, inv_temp,
+                vocab_chunk, with_entropy):
+  """One [B, tc, vc] tile: updates the online statistics of every position.
+
+  `w` is the gathered compute-dtype copy the matmul reads, `w_master` the
+  weight that takes the gradient (see `_tile_logits`).
+  """
   m, s, t, z_target = carry  # each [B, tc] f32
   vocab = w.shape[1]
   owned_start = chunk * vocab_chunk
   # The last chunk slides back to stay inside [0, V); see module docstring.
   start = jnp.minimum(owned_start, vocab - vocab_chunk)
-  w_tile = jax.lax.dynamic_slice_in_dim(w, start, vocab_chunk, axis=1)
-  z = jnp.einsum("btd,dv->btv", hidden, w_tile.astype(hidden.dtype),
-                 preferred_element_type=jnp.float32) * inv_temp  # [B, tc, vc]
+  tile = lambda x: jax.lax.dynamic_slice_in_dim(  # noqa: E731
+      x, start, vocab_chunk, axis=1)
+  z = _tile_logits(hidden, tile(w), tile(w_master)) * inv_temp  # [B,tc,vc]
   owned = start + jnp.arange(vocab_chunk) >= owned_start  # [vc]
   z = jnp.where(owned, z, -jnp.inf)
   # log Z does not depend on the shift m, so no gradient flows through it;
@@ -84,9 +133,10 @@ def token_logprobs(
   Args:
     hidden: [B, T, D] final hidden states (after the last norm); the matmul
       runs in this dtype with f32 accumulation.
-    w_unembed: [D, V] unembedding (the transposed embedding when tied). Each
-      tile is cast to `hidden.dtype`, so passing f32 master weights keeps
-      the accumulated gradient of `w` in f32.
+    w_unembed: [D, V] unembedding (the transposed embedding when tied), in
+      the parameters' dtype: it is cast to `hidden.dtype` and gathered once
+      here, and its gradient comes back in that dtype (f32 master weights
+      get f32 gradients, accumulated in f32).
     targets: [B, T] int token ids whose log-prob is wanted. Ids outside
       [0, V) (e.g. padding -1) give logp = -log Z: mask them in the loss.
     temperature: the sampler's temperature, so these are the log-probs of
@@ -108,6 +158,10 @@ def token_logprobs(
   num_seq_chunks = math.ceil(length / tc)
   pad = num_seq_chunks * tc - length
   inv_temp = 1.0 / jnp.asarray(temperature, jnp.float32)
+  # One cast and one gather per call, outside the loops; no gradient flows
+  # through this copy (it reaches `w_unembed` through `_tile_logits`).
+  w_compute = constrain(
+      jax.lax.stop_gradient(w_unembed.astype(hidden.dtype)), (None, None))
 
   # [nT, B, tc, ...]: sequence chunks lead so lax.map can walk them.
   hidden_c = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
@@ -115,14 +169,14 @@ def token_logprobs(
   targets_c = jnp.pad(targets, ((0, 0), (0, pad)))
   targets_c = targets_c.reshape(batch, num_seq_chunks, tc).swapaxes(0, 1)
 
-  step = jax.checkpoint(_vocab_step, static_argnums=(6, 7))
+  step = jax.checkpoint(_vocab_step, static_argnums=(7, 8))
 
   def seq_chunk_fn(xs):
     h, tgt = xs  # [B, tc, D], [B, tc]
     zeros = jnp.zeros((batch, tc), jnp.float32)
     init = (jnp.full((batch, tc), -jnp.inf), zeros, zeros, zeros)
-    body = lambda carry, i: step(carry, i, h, tgt, w_unembed, inv_temp, vc,
-                                 return_entropy)
+    body = lambda carry, i: step(carry, i, h, tgt, w_compute, w_unembed,
+                                 inv_temp, vc, return_entropy)
     (m, s, t, z_target), _ = jax.lax.scan(
         body, init, jnp.arange(num_vocab_chunks))
     log_s = jnp.log(s)
@@ -152,6 +206,9 @@ def response_logprobs(policy: Policy, params: Any, inputs: jax.Array,
                         valid, backend=policy.cfg.attention_backend))
   t = targets.shape[1]
   hidden = hidden[:, -t:]                     # positions predicting responses
-  return token_logprobs(hidden, model.unembed_matrix(), targets, temperature,
+  # The master weight (parameter dtype): token_logprobs casts and gathers
+  # it once, and returns its gradient in that dtype.
+  return token_logprobs(hidden, model.unembed_matrix(master=True), targets,
+                        temperature,
                         vocab_chunk=vocab_chunk, seq_chunk=seq_chunk,
                         return_entropy=with_entropy)
