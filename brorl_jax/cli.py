@@ -98,6 +98,17 @@ def dashed_aliases(names: Sequence[str]) -> dict[str, str]:
   return {n.replace("_", "-"): n for n in names if "_" in n}
 
 
+def set_keys(config: Any, overrides: Mapping[str, Any]) -> Any:
+  """Sets dotted keys (`{"rollout.n": 8}`) in a ConfigDict; returns it."""
+  for key, value in overrides.items():
+    *parents, last = key.split(".")
+    node = config
+    for name in parents:
+      node = node[name]
+    node[last] = value
+  return config
+
+
 def _bad_override(config: Any, key: str) -> ConfigError | None:
   """The error for override `key` (dotted) if `config` has no such key."""
   node, parts = config, key.split(".")

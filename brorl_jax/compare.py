@@ -32,6 +32,7 @@ from typing import Sequence
 import numpy as np
 
 from brorl_jax import checkpointing
+from brorl_jax import cli
 from brorl_jax import experiment as exp_lib
 from brorl_jax import plot
 from brorl_jax import run_config
@@ -69,17 +70,14 @@ def load_config(path: str, arm: str):
 
 def apply_overrides(config, overrides: Sequence[str]):
   """`--config.a.b=v` flags applied to a ConfigDict (values as literals)."""
+  parsed = {}
   for flag in overrides:
     key, _, value = flag[len("--config."):].partition("=")
-    *path, last = key.split(".")
-    node = config
-    for name in path:
-      node = node[name]
     try:
-      node[last] = ast.literal_eval(value)
+      parsed[key] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
-      node[last] = value                 # a bare string
-  return config
+      parsed[key] = value                # a bare string
+  return cli.set_keys(config, parsed)
 
 
 def warm_start(config, workdir: pathlib.Path) -> pathlib.Path:

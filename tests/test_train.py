@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from brorl_jax import checkpointing
+from brorl_jax import checkpointing, cli
 from brorl_jax.metrics import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -25,14 +25,8 @@ TIMING = ("time/", "throughput/", "eval/time_s", "latency")
 
 def _train(workdir, **overrides):
   from brorl_jax import train
-  cfg = tiny_rl.get_config()
-  for key, value in overrides.items():
-    node = cfg
-    *parents, last = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[last] = value
-  return train.train(cfg, str(workdir))
+  return train.train(cli.set_keys(tiny_rl.get_config(), overrides),
+                     str(workdir))
 
 
 def _comparable(workdir):

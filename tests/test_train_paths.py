@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from brorl_jax import checkpointing
+from brorl_jax import checkpointing, cli
 from brorl_jax.data import tasks
 from brorl_jax.data.tokenizer_loader import load_tokenizer
 from brorl_jax.metrics import read_metrics
@@ -46,14 +46,8 @@ KL = {**FAST, "algo.loss.kl_coef": 0.05, "algo.reference.reset_every": 3,
 def run(workdir, overrides):
   """`train.train` on the tiny config with dotted-key overrides."""
   from brorl_jax import train
-  cfg = tiny_rl.get_config()
-  for key, value in overrides.items():
-    node = cfg
-    *parents, last = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[last] = value
-  return train.train(cfg, str(workdir))
+  return train.train(cli.set_keys(tiny_rl.get_config(), overrides),
+                     str(workdir))
 
 
 def _comparable(rows):

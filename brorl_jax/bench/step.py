@@ -157,13 +157,7 @@ class _Run:
                                                   config_path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    c = module.get_config()
-    for key, value in overrides.items():
-      node = c
-      *parents, last = key.split(".")
-      for p in parents:
-        node = node[p]
-      node[last] = value
+    c = cli.set_keys(module.get_config(), overrides)
     self.trainer = Trainer(run_config.load(c), workdir)
     self.preempt = Preemption()
     self.state, self.iter, self.meta = self.trainer.init_state(self.preempt)
