@@ -24,8 +24,9 @@ number of new tokens (early stop off) and prefill included in every timing:
     -> `refill_speedup_skewed`; the refill's share of slot-steps that made a
     token -> `slot_utilization_skewed`, against what an event simulation of
     the same lengths and pools reaches -> `slot_utilization_bound_skewed`
-    (each the worse of the two shapes). One repetition (after a compile
-    run with every rollout 2 tokens long).
+    (each the worse of the two shapes). One repetition, after a compile
+    run in which one rollout runs to T and the others stop at 2 tokens (so
+    the refill's suffix widths are all compiled, `rollout/refill.py`).
 """
 
 from __future__ import annotations
@@ -201,8 +202,12 @@ def skewed(policy, params, rng, prompt_len: int, t_max: int = 1024,
                           max_new_tokens=t_max, max_decode_rows=slots,
                           refill=refill, segment_steps=segment_steps)
       sampler = Sampler(policy, cfg, stop_ids=NO_STOP, pad_id=0)
+      # Warm-up: one rollout runs to T, so every program of either sampler
+      # is compiled before the timed run (the refill's suffix widths too).
+      warm_limits = np.full((p, n), 2, np.int32)
+      warm_limits[0, 0] = t_max
       warm = sampler.generate(params, prompts, plen, jax.random.key(0),
-                              length_limits=np.full((p, n), 2, np.int32))
+                              length_limits=warm_limits)
       jax.block_until_ready(warm.tokens)
       t0 = time.perf_counter()
       ro = sampler.generate(params, prompts, plen, jax.random.key(1),

@@ -16,6 +16,14 @@ the slot count, and its log-probs equal to float rounding.
 The decode runs in segments of at most `max_steps` steps (`run_segment`),
 its whole state carried between calls, so the host can score finished
 rollouts and honour a preemption between segments.
+
+Suffix width. A slot masks its suffix read at its own length, so the read is
+the masked product over the whole suffix buffer (the length-aware backends
+take one length for all rows). The buffer is therefore cut, between
+segments, to the slots the next segment can reach: the longest busy slot's
+position plus the segment's steps, rounded up to one of `WIDTH_BUCKETS`
+widths (`suffix_width`, `fit_width`); slots past it hold only earlier,
+finished rollouts' keys. Each width is one compile of the segment program.
 """
 
 from __future__ import annotations
@@ -26,8 +34,15 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from brorl_jax.model.sharding import constrain
+from brorl_jax.model.sharding import constrain, constrain_merged
 from brorl_jax.rollout.shared_prefix import SharedPrefixAttention
+
+# Suffix widths a refill decode compiles: multiples of ceil(T / 4), so at
+# most four segment programs per run. On the sampler bench's skewed lengths
+# (T = 1024, 64 slots, 256-step segments) the segments' mean width is ~0.83 T
+# with quarter widths or eighth widths alike (an event simulation of the
+# bench's lengths); a demo-model step costs ~4 ms plus ~13 us per suffix slot.
+WIDTH_BUCKETS = 4
 
 
 @struct.dataclass
@@ -45,9 +60,11 @@ class RefillState:
     live: [P] int32 rollouts that need decoding.
     taken: [P] int32 queue entries handed to slots so far.
     slot_rollout: [P, G] int32 rollout a slot decodes (N: idle).
-    slot_pos: [P, G] int32 index of the slot's current token.
+    slot_pos: [P, G] int32 index of the slot's current token (0 when idle,
+      so that the busy slots set the suffix width).
     slot_token: [P, G] int32 the slot's current token (the next input).
-    suffix_k / suffix_v: per layer, the slots' suffix caches.
+    suffix_k / suffix_v: per layer, the slots' suffix caches, W <= T slots
+      wide (`fit_width`).
     busy_slots: int32 slot-steps that produced a token.
     total_slots: int32 slot-steps run.
   """
@@ -73,6 +90,44 @@ class RefillState:
     """[P, G] bool, slots decoding a rollout."""
     return self.slot_rollout < self.tokens.shape[1]
 
+  @property
+  def width(self) -> int:
+    """W, the suffix buffers' slots."""
+    return self.suffix_v[0].shape[2]
+
+  def extent(self) -> jax.Array:
+    """int32, the busy slots' longest position + 1 (0: every slot idle)."""
+    return jnp.max(jnp.where(self.active, self.slot_pos + 1, 0))
+
+
+def suffix_width(extent: int, steps: int, t_max: int) -> int:
+  """Suffix slots a segment of `steps` steps can write, in whole buckets.
+
+  A busy slot at position x writes its keys at x, x + 1, ... (one a step); a
+  slot refilled in the segment starts again at 0. So `steps` steps from busy
+  positions below `extent` write below extent + steps - 1.
+  """
+  bucket = -(-t_max // WIDTH_BUCKETS)
+  need = max(extent, 1) + steps - 1
+  return min(t_max, -(-need // bucket) * bucket)
+
+
+def fit_width(x: jax.Array, width: int, axis: int,
+              lead: tuple[int, int]) -> jax.Array:
+  """One suffix buffer cut or zero-padded to `width` slots along `axis`.
+
+  `lead` is (P, G), the buffer's flat first axis (for its sharding). The
+  caller guarantees no busy slot is at or past `width`.
+  """
+  have = x.shape[axis]
+  if width < have:
+    x = jax.lax.slice_in_dim(x, 0, width, axis=axis)
+  elif width > have:
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, width - have)
+    x = jnp.pad(x, pad)
+  return constrain_merged(x, ("batch", "group"), lead, ("act_kv", None, None))
+
 
 SampleFn = Callable[[jax.Array, jax.Array, jax.Array],
                     tuple[jax.Array, jax.Array]]
@@ -87,7 +142,7 @@ def slot_keys(prompt_keys: jax.Array, rollouts: jax.Array) -> jax.Array:
 def init_state(logits: jax.Array, prompt_keys: jax.Array, limits: jax.Array,
                *, slots: int, t_max: int, stop: jax.Array, pad_id: int,
                sample: SampleFn, suffix_shape: tuple[int, int, Any],
-               num_layers: int) -> RefillState:
+               num_layers: int, width: int | None = None) -> RefillState:
   """Draws every rollout's first token and fills the slots.
 
   Args:
@@ -101,6 +156,7 @@ def init_state(logits: jax.Array, prompt_keys: jax.Array, limits: jax.Array,
     sample: (logits, keys, step) -> (tokens, logprobs).
     suffix_shape: (kv heads, head dim, dtype) of the suffix caches.
     num_layers: layers (one suffix cache each).
+    width: suffix slots of the first segment (default T).
   """
   p, n = limits.shape
   ids = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (p, n))
@@ -118,7 +174,8 @@ def init_state(logits: jax.Array, prompt_keys: jax.Array, limits: jax.Array,
                            jnp.take_along_axis(queue, jnp.broadcast_to(
                                first_q, (p, slots)), 1), n)
   kv, hd, dtype = suffix_shape
-  suffix = [SharedPrefixAttention.empty_suffix(p, slots, t_max, kv, hd, dtype)
+  suffix = [SharedPrefixAttention.empty_suffix(p, slots, width or t_max, kv,
+                                               hd, dtype)
             for _ in range(num_layers)]
   return RefillState(
       steps=jnp.int32(0), tokens=tokens, logprobs=logprobs,
@@ -177,7 +234,7 @@ def step(model, prefill, prompt_keys: jax.Array, limits: jax.Array,
   return RefillState(
       steps=s.steps + 1, tokens=tokens, logprobs=logprobs, lengths=lengths,
       done=done, queue=s.queue, live=s.live, taken=taken,
-      slot_rollout=slot_rollout, slot_pos=jnp.where(take, 0, t1),
+      slot_rollout=slot_rollout, slot_pos=jnp.where(free, 0, t1),
       slot_token=jnp.where(take, first, tok),
       suffix_k=tuple(c[2] for c in caches),
       suffix_v=tuple(c[3] for c in caches),

@@ -232,9 +232,12 @@ class Sampler:
     self._prefill = jax.jit(self._prefill_fn)
     self._decode = jax.jit(self._decode_fn, static_argnames=("group",))
     self._refill_init = jax.jit(self._refill_init_fn,
-                                static_argnames=("n", "slots"))
+                                static_argnames=("n", "slots", "width"))
     self._refill_segment = jax.jit(self._refill_segment_fn,
                                    donate_argnames=("state",))
+    self._fit_width = jax.jit(self._fit_width_fn,
+                              static_argnames=("width", "axis", "lead"))
+    self._refill_extent = jax.jit(refill.RefillState.extent)
     # Jitted: traced eagerly, the nested vmaps cost ~10 ms of host time per
     # chunk (measured at N = 64).
     self._row_keys = jax.jit(sampling.row_keys)
@@ -340,7 +343,7 @@ class Sampler:
                 total_slots=s.t * pc * group)
 
   def _refill_init_fn(self, prefill: Prefill, prompt_keys, limits, n: int,
-                      slots: int) -> refill.RefillState:
+                      slots: int, width: int) -> refill.RefillState:
     mcfg = self.policy.cfg
     if limits is None:
       limits = jnp.full((prefill.logits.shape[0], n), self.cfg.max_new_tokens,
@@ -352,7 +355,11 @@ class Sampler:
           stop=jnp.asarray(self.stop_ids, jnp.int32), pad_id=self.pad_id,
           sample=self._sample, suffix_shape=(mcfg.num_kv_heads,
                                              mcfg.head_dim, mcfg.dtype),
-          num_layers=mcfg.num_layers)
+          num_layers=mcfg.num_layers, width=width)
+
+  def _fit_width_fn(self, x, width: int, axis: int, lead: tuple[int, int]):
+    with activation_rules(self.mesh_rules):
+      return refill.fit_width(x, width, axis, lead)
 
   def _refill_segment_fn(self, params, prefill: Prefill, prompt_keys, limits,
                          state: refill.RefillState, max_steps
@@ -449,27 +456,52 @@ class Sampler:
     segment. The state's buffers are donated to the next segment: read what
     you need from it (finished rollouts: `state.done`) before resuming.
     Deciding whether to go on reads one replicated scalar per segment (on
-    several hosts: one small all-reduce), never one per step.
+    several hosts: one small all-reduce), never one per step: the busy
+    slots' extent, which also sets the next segment's suffix width
+    (`refill.suffix_width`; a width not seen before is a compile).
 
     Args: as `chunks`.
     """
     n = self.cfg.n if n is None else n
     num_prompts = prefill.logits.shape[0]
     pc, slots = refill_plan(num_prompts, n, self.cfg.max_decode_rows)
-    seg = jnp.int32(self.cfg.segment_steps)
+    steps, t_max = self.cfg.segment_steps, self.cfg.max_new_tokens
+    seg = jnp.int32(steps)
     for p0 in range(0, num_prompts, pc):
       part = jax.tree.map(lambda x: x[p0:p0 + pc], prefill)
       keys = self._prompt_keys(rng, jnp.arange(prompt_offset + p0,
                                                prompt_offset + p0 + pc))
       limits = (None if length_limits is None else jnp.asarray(
           length_limits, jnp.int32)[p0:p0 + pc])
-      state = self._refill_init(part, keys, limits, n=n, slots=slots)
+      width = refill.suffix_width(0, steps, t_max)
+      state = self._refill_init(part, keys, limits, n=n, slots=slots,
+                                width=width)
       while True:
         state = self._refill_segment(params, part, keys, limits, state, seg)
-        last = not bool(jnp.any(state.active))
-        yield slice(p0, p0 + pc), state, last
-        if last:
+        extent = int(self._refill_extent(state))
+        yield slice(p0, p0 + pc), state, extent == 0
+        if extent == 0:
           break
+        width = refill.suffix_width(extent, steps, t_max)
+        if width != state.width:
+          state = self._resize_suffix(state, width)
+
+  def _resize_suffix(self, state: refill.RefillState, width: int
+                     ) -> refill.RefillState:
+    """The state with its suffix buffers `width` slots wide.
+
+    One layer's buffer at a time, each old buffer deleted once its copy is
+    dispatched: the transient is one layer's buffer, not a second cache.
+    """
+    lead = state.slot_rollout.shape
+    out = {}
+    for name, axis in (("suffix_k", 3), ("suffix_v", 2)):
+      new = []
+      for x in getattr(state, name):
+        new.append(self._fit_width(x, width=width, axis=axis, lead=lead))
+        x.delete()
+      out[name] = tuple(new)
+    return state.replace(**out)
 
   def assemble_refill(self, prefill: Prefill,
                       finals: Sequence[refill.RefillState]) -> Rollouts:

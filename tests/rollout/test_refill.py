@@ -7,7 +7,7 @@ import pytest
 from brorl_jax.config import ConfigError
 from brorl_jax.model.sharding import (SAMPLE_RULES, MeshRules, make_mesh,
                                       reshard)
-from brorl_jax.rollout import Sampler, SamplerConfig
+from brorl_jax.rollout import Sampler, SamplerConfig, refill
 from brorl_jax.rollout.sampler import refill_plan
 from brorl_jax.rollout.slots import fixed_chunk_steps, simulate_pools
 
@@ -104,10 +104,31 @@ def test_slot_utilization_matches_the_event_simulation(tiny_policy,
     sim = simulate_pools(limits, refill_plan(P, N, rows)[1])
     assert int(out.total_slots) == sim["steps"] * rows
     assert int(out.total_slots) - int(out.finished_slots) == sim["busy"]
+    # The suffix buffers follow the busy slots: narrower than T at first
+    # (and again as the long rollouts end), wide enough for each segment.
+    prefill = s.prefill(tiny_params, tokens, lengths)
+    widths, ends = [], []
+    for _, state, last in s.segments(tiny_params, prefill, jax.random.key(0),
+                                     length_limits=limits):
+      widths.append(state.width)
+      ends.append(last)
+    assert widths[0] < T and len(set(widths)) > 1 and ends[-1]
+    assert all(w % -(-T // refill.WIDTH_BUCKETS) == 0 or w == T
+               for w in widths)
   # The fixed chunks' steps: each chunk runs to its longest row.
   fixed = _sampler(tiny_policy, (10_000,), max_decode_rows=6).generate(
       tiny_params, tokens, lengths, jax.random.key(0), length_limits=limits)
   assert int(fixed.total_slots) == fixed_chunk_steps(limits, 2) * 6
+
+
+def test_suffix_width_by_hand():
+  # T = 12: widths in multiples of 3. Busy slots below position 5 (extent
+  # 5), 4 steps: writes up to position 4 + 3 = 7 -> 8 slots -> 9.
+  assert refill.suffix_width(5, 4, 12) == 9
+  assert refill.suffix_width(0, 4, 12) == 6      # first segment: 0..3
+  assert refill.suffix_width(1, 3, 12) == 3
+  assert refill.suffix_width(11, 4, 12) == 12    # never past T
+  assert refill.suffix_width(3, 1000, 12) == 12
 
 
 def test_simulate_pools_by_hand():
