@@ -17,13 +17,14 @@ The decode runs in segments of at most `max_steps` steps (`run_segment`),
 its whole state carried between calls, so the host can score finished
 rollouts and honour a preemption between segments.
 
-Suffix width. A slot masks its suffix read at its own length, so the read is
-the masked product over the whole suffix buffer (the length-aware backends
-take one length for all rows). The buffer is therefore cut, between
-segments, to the slots the next segment can reach: the longest busy slot's
-position plus the segment's steps, rounded up to one of `WIDTH_BUCKETS`
-widths (`suffix_width`, `fit_width`); slots past it hold only earlier,
-finished rollouts' keys. Each width is one compile of the segment program.
+Suffix width. Each slot's suffix read stops at its own length. The kernel
+backends (GPU, TPU) read only that far, so their buffer stays whole. The
+`reference` and `blockwise` reads are the masked product over the whole
+buffer, so for them the buffer is cut, between segments, to the slots the
+next segment can reach: the longest busy slot's position plus the segment's
+steps, rounded up to one of `WIDTH_BUCKETS` widths (`suffix_width`,
+`fit_width`); slots past it hold only earlier, finished rollouts' keys. Each
+width is one compile of the segment program.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from brorl_jax.model.sharding import constrain, constrain_merged
+from brorl_jax.rollout import suffix_attention
 from brorl_jax.rollout.shared_prefix import SharedPrefixAttention
 
 # Suffix widths a refill decode compiles: multiples of ceil(T / 4), so at
@@ -100,13 +102,17 @@ class RefillState:
     return jnp.max(jnp.where(self.active, self.slot_pos + 1, 0))
 
 
-def suffix_width(extent: int, steps: int, t_max: int) -> int:
+def suffix_width(extent: int, steps: int, t_max: int,
+                 backend: str = "reference") -> int:
   """Suffix slots a segment of `steps` steps can write, in whole buckets.
 
   A busy slot at position x writes its keys at x, x + 1, ... (one a step); a
   slot refilled in the segment starts again at 0. So `steps` steps from busy
-  positions below `extent` write below extent + steps - 1.
+  positions below `extent` write below extent + steps - 1. A kernel backend
+  reads each row at its own length: its buffer stays whole.
   """
+  if suffix_attention.reads_per_row(backend):
+    return suffix_attention.suffix_slots(t_max, backend)
   bucket = -(-t_max // WIDTH_BUCKETS)
   need = max(extent, 1) + steps - 1
   return min(t_max, -(-need // bucket) * bucket)
@@ -142,7 +148,8 @@ def slot_keys(prompt_keys: jax.Array, rollouts: jax.Array) -> jax.Array:
 def init_state(logits: jax.Array, prompt_keys: jax.Array, limits: jax.Array,
                *, slots: int, t_max: int, stop: jax.Array, pad_id: int,
                sample: SampleFn, suffix_shape: tuple[int, int, Any],
-               num_layers: int, width: int | None = None) -> RefillState:
+               num_layers: int, width: int | None = None,
+               backend: str = "reference") -> RefillState:
   """Draws every rollout's first token and fills the slots.
 
   Args:
@@ -157,6 +164,7 @@ def init_state(logits: jax.Array, prompt_keys: jax.Array, limits: jax.Array,
     suffix_shape: (kv heads, head dim, dtype) of the suffix caches.
     num_layers: layers (one suffix cache each).
     width: suffix slots of the first segment (default T).
+    backend: the decode backend (the suffix buffers' layout).
   """
   p, n = limits.shape
   ids = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (p, n))
@@ -175,7 +183,7 @@ def init_state(logits: jax.Array, prompt_keys: jax.Array, limits: jax.Array,
                                first_q, (p, slots)), 1), n)
   kv, hd, dtype = suffix_shape
   suffix = [SharedPrefixAttention.empty_suffix(p, slots, width or t_max, kv,
-                                               hd, dtype)
+                                               hd, dtype, backend)
             for _ in range(num_layers)]
   return RefillState(
       steps=jnp.int32(0), tokens=tokens, logprobs=logprobs,
@@ -192,8 +200,12 @@ def init_state(logits: jax.Array, prompt_keys: jax.Array, limits: jax.Array,
 
 
 def step(model, prefill, prompt_keys: jax.Array, limits: jax.Array,
-         s: RefillState, *, stop: jax.Array, sample: SampleFn) -> RefillState:
-  """One decode step of every slot, then the refill of the freed slots."""
+         s: RefillState, *, stop: jax.Array, sample: SampleFn,
+         backend: str = "reference", interpret: bool = False) -> RefillState:
+  """One decode step of every slot, then the refill of the freed slots.
+
+  `backend` / `interpret`: the suffix read (`SharedPrefixAttention`).
+  """
   p, slots = s.slot_rollout.shape
   n, t_max = s.tokens.shape[1], s.tokens.shape[2]
   active = s.active
@@ -203,7 +215,8 @@ def step(model, prefill, prompt_keys: jax.Array, limits: jax.Array,
   hidden, caches = model(
       s.slot_token.reshape(p * slots, 1), positions.reshape(p * slots, 1),
       SharedPrefixAttention(prefix_valid=prefill.valid,
-                            step=s.slot_pos.reshape(p * slots)), caches)
+                            step=s.slot_pos.reshape(p * slots),
+                            backend=backend, interpret=interpret), caches)
   logits = model.logits(hidden)[:, 0].reshape(p, slots, -1)
   t1 = s.slot_pos + 1                                   # index of the draw
   tok, lp = sample(logits, slot_keys(prompt_keys, rid), t1)
@@ -244,7 +257,8 @@ def step(model, prefill, prompt_keys: jax.Array, limits: jax.Array,
 
 def run_segment(model, prefill, prompt_keys: jax.Array, limits: jax.Array,
                 state: RefillState, max_steps: jax.Array, *,
-                stop: jax.Array, sample: SampleFn) -> RefillState:
+                stop: jax.Array, sample: SampleFn, backend: str = "reference",
+                interpret: bool = False) -> RefillState:
   """Runs up to `max_steps` steps, fewer once every slot is idle."""
   end = state.steps + max_steps
 
@@ -253,5 +267,5 @@ def run_segment(model, prefill, prompt_keys: jax.Array, limits: jax.Array,
 
   def body(s):
     return step(model, prefill, prompt_keys, limits, s, stop=stop,
-                sample=sample)
+                sample=sample, backend=backend, interpret=interpret)
   return jax.lax.while_loop(cond, body, state)

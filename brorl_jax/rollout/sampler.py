@@ -355,7 +355,8 @@ class Sampler:
           stop=jnp.asarray(self.stop_ids, jnp.int32), pad_id=self.pad_id,
           sample=self._sample, suffix_shape=(mcfg.num_kv_heads,
                                              mcfg.head_dim, mcfg.dtype),
-          num_layers=mcfg.num_layers, width=width)
+          num_layers=mcfg.num_layers, width=width,
+          backend=self.decode_backend)
 
   def _fit_width_fn(self, x, width: int, axis: int, lead: tuple[int, int]):
     with activation_rules(self.mesh_rules):
@@ -371,7 +372,8 @@ class Sampler:
       return refill.run_segment(
           self.policy.bind(params), prefill, prompt_keys, limits, state,
           max_steps, stop=jnp.asarray(self.stop_ids, jnp.int32),
-          sample=self._sample)
+          sample=self._sample, backend=self.decode_backend,
+          interpret=self._interpret)
 
   # ---- host API ------------------------------------------------------------
 
@@ -473,7 +475,7 @@ class Sampler:
                                                prompt_offset + p0 + pc))
       limits = (None if length_limits is None else jnp.asarray(
           length_limits, jnp.int32)[p0:p0 + pc])
-      width = refill.suffix_width(0, steps, t_max)
+      width = refill.suffix_width(0, steps, t_max, self.decode_backend)
       state = self._refill_init(part, keys, limits, n=n, slots=slots,
                                 width=width)
       while True:
@@ -482,7 +484,8 @@ class Sampler:
         yield slice(p0, p0 + pc), state, extent == 0
         if extent == 0:
           break
-        width = refill.suffix_width(extent, steps, t_max)
+        width = refill.suffix_width(extent, steps, t_max,
+                                    self.decode_backend)
         if width != state.width:
           state = self._resize_suffix(state, width)
 
@@ -495,7 +498,9 @@ class Sampler:
     """
     lead = state.slot_rollout.shape
     out = {}
-    for name, axis in (("suffix_k", 3), ("suffix_v", 2)):
+    time_major = suffix_attention.keys_time_major(self.decode_backend)
+    key_axis = 2 if time_major else 3
+    for name, axis in (("suffix_k", key_axis), ("suffix_v", 2)):
       new = []
       for x in getattr(state, name):
         new.append(self._fit_width(x, width=width, axis=axis, lead=lead))

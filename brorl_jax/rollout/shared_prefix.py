@@ -54,8 +54,9 @@ class SharedPrefixAttention:
       the same slot), or [P*G] int32, one slot per row (the refill decode,
       where each slot holds a rollout of its own length).
     backend: resolved decode backend (`model.config.ATTENTION_BACKENDS`, not
-      "auto"); with per-row slots the suffix read is the masked product over
-      the whole buffer whatever the backend.
+      "auto"); with per-row slots the kernels read each row up to its own
+      slot, `reference` and `blockwise` take the masked product over the
+      buffer (`suffix_attention`).
     interpret: run a kernel backend in Pallas interpret mode (CPU).
   """
 
@@ -126,21 +127,11 @@ class SharedPrefixAttention:
     suffix_k = constrain_merged(suffix_k, *rows)
     suffix_v = constrain_merged(suffix_v, *rows)
     qb = q.reshape(b, kv_heads, n // kv_heads, h)           # [B, K, Q, H]
-    if not per_row:
-      o_suf, lse_suf = suffix_attention.attend_suffix(
-          qb, suffix_k, suffix_v, self.step + 1, self.backend, self.interpret,
-          merged_sharding(suffix_v.shape, *rows))
-    else:
-      # A refilled slot's later positions hold an earlier rollout's KV: the
-      # mask is per row, so the product covers the whole buffer.
-      visible = (jnp.arange(suffix_v.shape[2])[None, :] <=
-                 self.step[:, None])[:, None, None, :]
-      s_suf = jnp.einsum("bkqh,bkth->bkqt" if time_major else
-                         "bkqh,bkht->bkqt", qb, suffix_k,
-                         preferred_element_type=jnp.float32) * scale
-      w_suf, lse_suf = masked_softmax_lse(s_suf, visible)
-      o_suf = jnp.einsum("bkqt,bkth->bkqh", w_suf.astype(suffix_v.dtype),
-                         suffix_v, preferred_element_type=jnp.float32)
+    # Per-row slots: a refilled slot's later positions hold an earlier
+    # rollout's KV, so each row is read (or masked) at its own length.
+    o_suf, lse_suf = suffix_attention.attend_suffix(
+        qb, suffix_k, suffix_v, self.step + 1, self.backend, self.interpret,
+        merged_sharding(suffix_v.shape, *rows))
     o_suf = o_suf.reshape(p, g, kv_heads, n // kv_heads, h)
     lse_suf = lse_suf.reshape(p, g, kv_heads, n // kv_heads)
     out = merge_lse(o_pre, lse_pre, o_suf, lse_suf)         # [P, G, K, Q, H]

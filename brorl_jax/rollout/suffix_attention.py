@@ -19,6 +19,13 @@ buffer of `max_new_tokens`. The backends (the model config's
     (row, kv head, key block) whose index maps clamp the block to the last
     written one (no DMA past the length) and that returns the log-sum-exp.
 
+The refill decode's slots sit at different positions: `length` is then one
+per row ([B]). The kernels take it as it is (the GPU kernel's `kv_seq_len`;
+the TPU kernel clamps each row's blocks at its own); `reference` and
+`blockwise` take the masked product over the whole buffer, which the refill
+keeps as narrow as its busy slots (`refill.suffix_width`; a per-row blockwise
+loop runs to the longest slot anyway and measured slower on CPU).
+
 Every backend returns the normalized output over the written slots and its
 log-sum-exp, which `SharedPrefixAttention` merges with the prefix part.
 Kernel backends take `interpret=True` to run their exact program on CPU.
@@ -51,6 +58,11 @@ KERNEL_BLOCK = 128
 
 
 
+def reads_per_row(backend: str) -> bool:
+  """The backend's read stops at each row's own length (a kernel)."""
+  return backend in _KERNELS
+
+
 def keys_time_major(backend: str) -> bool:
   """Suffix keys stored [B, K, T, H] (GPU kernel) instead of [B, K, H, T]."""
   return backend in _GPU_KERNEL
@@ -73,7 +85,8 @@ def attend_suffix(q: jax.Array, k: jax.Array, v: jax.Array,
     q: [B, K, Q, H] queries.
     k: [B, K, H, S] keys ([B, K, S, H] where `keys_time_major(backend)`).
     v: [B, K, S, H] values.
-    length: int32 scalar, slots written (>= 1), the same for every row.
+    length: int32 scalar, slots written (>= 1), the same for every row; or
+      [B] int32, each row's own (the refill decode).
     backend: a resolved backend (not "auto").
     interpret: run a kernel backend in Pallas interpret mode (CPU tests).
     sharding: the suffix buffers' sharding (rows, kv heads, -, -) inside a
@@ -90,9 +103,10 @@ def attend_suffix(q: jax.Array, k: jax.Array, v: jax.Array,
     return jax.shard_map(
         functools.partial(attend_suffix, backend=backend,
                           interpret=interpret),
-        mesh=sharding.mesh, in_specs=(spec4, spec4, spec4, P()),
+        mesh=sharding.mesh,
+        in_specs=(spec4, spec4, spec4, P(rows) if jnp.ndim(length) else P()),
         out_specs=(spec4, spec3), check_vma=False)(q, k, v, length)
-  if backend == "reference":
+  if backend == "reference" or (backend == "blockwise" and jnp.ndim(length)):
     return _reference(q, k, v, length)
   if backend == "blockwise":
     return _blockwise(q, k, v, length, BLOCKWISE_BLOCK)
@@ -105,9 +119,11 @@ def attend_suffix(q: jax.Array, k: jax.Array, v: jax.Array,
 
 
 def _reference(q, k, v, length):
-  """The masked product over all S slots."""
+  """The masked product over all S slots (each row's own length if [B])."""
   s = jnp.einsum("bkqh,bkhs->bkqs", q, k,
                  preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+  if jnp.ndim(length):
+    length = length[:, None, None, None]
   w, lse = masked_softmax_lse(s, jnp.arange(k.shape[-1]) < length)
   out = jnp.einsum("bkqs,bksh->bkqh", w.astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
@@ -161,7 +177,8 @@ def _gpu_decode(q, k, v, length, interpret):
   # gqa wants [B, S, K, H] and swaps to [B, K, S, H]: the two swaps cancel.
   out, (l, m) = decode_attention.gqa(
       q.reshape(b, kv * nq, h), k.swapaxes(1, 2), v.swapaxes(1, 2),
-      kv_seq_len=jnp.full((b,), length, jnp.int32), sm_scale=h ** -0.5,
+      kv_seq_len=jnp.broadcast_to(length, (b,)).astype(jnp.int32),
+      sm_scale=h ** -0.5,
       block_k=block_k, k_splits=splits, interpret=interpret,
       return_residuals=True)
   return (out.reshape(b, kv, nq, h).astype(jnp.float32),
@@ -171,7 +188,7 @@ def _gpu_decode(q, k, v, length, interpret):
 def _tpu_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc,
                 acc_sc, *, block: int):
   """One (row, kv head, key block) program; m, l kept lane-broadcast."""
-  j, length = pl.program_id(2), len_ref[0]
+  j, length = pl.program_id(2), len_ref[pl.program_id(0)]
 
   @pl.when(j == 0)
   def _init():
@@ -205,7 +222,8 @@ def _tpu_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc,
 def _tpu_decode(q, k, v, length, interpret, block: int = KERNEL_BLOCK):
   """Pallas TPU decode over [B, K, H, S] keys; blocks past `length` unread.
 
-  The key/value index maps clamp the block index to the last written block:
+  Each row's length (a scalar is broadcast) is a prefetched scalar. The
+  key/value index maps clamp a row's block index to its last written block:
   later grid steps ask for the block already in VMEM, so the pipeline issues
   no copy for them, and `pl.when` skips their compute.
   """
@@ -213,8 +231,8 @@ def _tpu_decode(q, k, v, length, interpret, block: int = KERNEL_BLOCK):
   s_max = k.shape[-1]
   lanes = 128
 
-  def last(len_ref):
-    return (len_ref[0] - 1) // block
+  def last(i, len_ref):
+    return (len_ref[i] - 1) // block
 
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=1,
@@ -223,10 +241,10 @@ def _tpu_decode(q, k, v, length, interpret, block: int = KERNEL_BLOCK):
           pl.BlockSpec((None, None, nq, h), lambda i, n, j, ln: (i, n, 0, 0)),
           pl.BlockSpec((None, None, h, block),
                        lambda i, n, j, ln: (i, n, 0,
-                                            jnp.minimum(j, last(ln)))),
+                                            jnp.minimum(j, last(i, ln)))),
           pl.BlockSpec((None, None, block, h),
-                       lambda i, n, j, ln: (i, n, jnp.minimum(j, last(ln)),
-                                            0)),
+                       lambda i, n, j, ln: (i, n,
+                                            jnp.minimum(j, last(i, ln)), 0)),
       ],
       out_specs=[
           pl.BlockSpec((None, None, nq, h), lambda i, n, j, ln: (i, n, 0, 0)),
@@ -245,5 +263,5 @@ def _tpu_decode(q, k, v, length, interpret, block: int = KERNEL_BLOCK):
           dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret,
       name="suffix_decode",
-  )(jnp.reshape(length, (1,)).astype(jnp.int32), q, k, v)
+  )(jnp.broadcast_to(length, (b,)).astype(jnp.int32), q, k, v)
   return out, lse[..., 0]

@@ -49,7 +49,38 @@ def test_backends_read_only_written_blocks(backend):
                                err_msg=f"length {length}")
 
 
-def _generate(backend, mesh_shape=None):
+@pytest.mark.parametrize("backend", ["blockwise", "pallas_gpu", "splash"])
+def test_per_row_lengths_read_each_row_to_its_own(backend):
+  """[B] lengths (the refill's slots): each row equal to the reference at
+  its own length. The kernels read no block past a row's own (NaN there);
+  blockwise takes the masked product, so its buffer holds no NaN."""
+  rng = np.random.default_rng(1)
+  b, kv, nq, h, s = 4, 2, 2, 16, 384
+  q = jnp.asarray(rng.normal(size=(b, kv, nq, h)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(b, kv, h, s)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(b, kv, s, h)), jnp.float32)
+  lengths = np.array([1, 129, 256, 300], np.int32)
+  pk, pv = k, v
+  if sa.reads_per_row(backend):
+    for i, n in enumerate(lengths):
+      read = -(-n // sa.KERNEL_BLOCK) * sa.KERNEL_BLOCK
+      pk, pv = pk.at[i, ..., read:].set(jnp.nan), pv.at[i, :, read:].set(
+          jnp.nan)
+  if sa.keys_time_major(backend):
+    pk = pk.swapaxes(2, 3)
+  out, lse = jax.jit(lambda q, k, v, n: sa.attend_suffix(
+      q, k, v, n, backend, interpret=True))(q, pk, pv, jnp.asarray(lengths))
+  for i, n in enumerate(lengths):
+    want_out, want_lse = sa.attend_suffix(q[i:i + 1], k[i:i + 1],
+                                          v[i:i + 1], jnp.int32(n),
+                                          "reference")
+    np.testing.assert_allclose(out[i:i + 1], want_out, rtol=1e-5, atol=2e-6,
+                               err_msg=f"row {i}, length {n}")
+    np.testing.assert_allclose(lse[i:i + 1], want_lse, rtol=1e-6, atol=2e-6,
+                               err_msg=f"row {i}, length {n}")
+
+
+def _generate(backend, mesh_shape=None, **sampler_kw):
   """Tiny model, f32, 80 new tokens at temperature 0.7, rows stopping."""
   rng = np.random.default_rng(1)
   lp = 10
@@ -63,8 +94,8 @@ def _generate(backend, mesh_shape=None):
     rules = MeshRules(make_mesh(mesh_shape), SAMPLE_RULES)
     params = reshard(params, policy.shardings(rules))
   sampler = Sampler(policy, SamplerConfig(
-      n=3, max_prompt_len=lp, max_new_tokens=80, temperature=0.7),
-      stop_ids=(7, 11, 13), pad_id=0, mesh_rules=rules)
+      n=3, max_prompt_len=lp, max_new_tokens=80, temperature=0.7,
+      **sampler_kw), stop_ids=(7, 11, 13), pad_id=0, mesh_rules=rules)
   assert sampler.decode_backend == backend
   return sampler.generate(params, tokens, lengths, jax.random.key(2))
 
@@ -74,9 +105,11 @@ def reference_rollouts():
   return _generate("reference")
 
 
-@pytest.mark.parametrize("backend,mesh_shape", [
-    ("blockwise", None), ("pallas_gpu", (4, 1, 2))])
-def test_decode_equals_reference_decode(backend, mesh_shape,
+@pytest.mark.parametrize("backend,mesh_shape,refill", [
+    ("blockwise", None, False), ("pallas_gpu", (4, 1, 2), False),
+    ("blockwise", None, True), ("splash", None, True),
+    ("pallas_gpu", (4, 1, 2), True)])
+def test_decode_equals_reference_decode(backend, mesh_shape, refill,
                                         reference_rollouts):
   """Sampler level, f32: equal tokens, log-probs within 1e-5.
 
@@ -85,9 +118,13 @@ def test_decode_equals_reference_decode(backend, mesh_shape,
   different steps. The GPU kernel (interpret mode) also exercises its suffix
   layout (time-major keys, padded to 128 slots) and, in a mesh (rows over
   data, kv heads over tensor), `shard_map`; the TPU kernel's layout is the
-  blockwise one, padded, and its numerics are checked above.
+  blockwise one, padded, and its numerics are checked above. With `refill`
+  (2 slots per prompt, 3 rollouts each, segments of 32 steps) the slots
+  sit at different positions: the kernels read each row to its own length,
+  blockwise's buffer is cut to the busy slots between segments.
   """
-  ref, new = reference_rollouts, _generate(backend, mesh_shape)
+  kw = dict(refill=True, max_decode_rows=4, segment_steps=32) if refill else {}
+  ref, new = reference_rollouts, _generate(backend, mesh_shape, **kw)
   lens = np.asarray(ref.lengths)
   assert lens.max() > sa.BLOCKWISE_BLOCK and lens.min() < lens.max(), lens
   np.testing.assert_array_equal(new.tokens, ref.tokens)
@@ -118,14 +155,16 @@ def test_tpu_kernel_compiles_ahead_of_time_for_v5p():
   b, kv, nq, h, s = 8 * devices.size, 2, 6, 128, 2048
   args = [jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=rows)
           for shape in ((b, kv, nq, h), (b, kv, h, s), (b, kv, s, h))]
-  args.append(jax.ShapeDtypeStruct((), jnp.int32,
-                                   sharding=NamedSharding(mesh,
-                                                          PartitionSpec())))
-  compiled = jax.jit(lambda q, k, v, n: sa.attend_suffix(
-      q, k, v, n, "splash", sharding=NamedSharding(
-          mesh, PartitionSpec("data", None, None, None)))
-                     ).lower(*args).compile()
-  assert "tpu_custom_call" in compiled.as_text()
-  out = compiled.memory_analysis()
-  # Output and lse only: no [B, K, Q, S] scores.
-  assert out.temp_size_in_bytes < b * kv * nq * s * 4 // devices.size
+  # One length for every row (a fixed chunk), or one per row (refill).
+  lengths = (jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(
+      mesh, PartitionSpec())), jax.ShapeDtypeStruct((b,), jnp.int32,
+                                                    sharding=rows))
+  for length in lengths:
+    compiled = jax.jit(lambda q, k, v, n: sa.attend_suffix(
+        q, k, v, n, "splash", sharding=NamedSharding(
+            mesh, PartitionSpec("data", None, None, None)))
+                       ).lower(*args, length).compile()
+    assert "tpu_custom_call" in compiled.as_text()
+    out = compiled.memory_analysis()
+    # Output and lse only: no [B, K, Q, S] scores.
+    assert out.temp_size_in_bytes < b * kv * nq * s * 4 // devices.size
