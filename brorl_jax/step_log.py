@@ -46,18 +46,23 @@ def rename(host: dict) -> dict:
 
 
 def task_rewards(records: Sequence[Any], rewards: jax.Array,
-                 replicated) -> dict[str, float]:
+                 replicated, valid: jax.Array | None = None
+                 ) -> dict[str, float]:
   """Per task family mean reward, `reward/<task>/mean`; {} for one family.
 
   Args:
     records: the step's prompt records (`.task`), one per row of `rewards`.
     rewards: [P, G] global rewards (their transfer is small).
     replicated: the sampling mesh's replicated sharding (for the gather).
+    valid: optional [P, G] bool, the rollouts that exist (adaptive
+      allocation's unused rows are placeholders with reward 0: not counted).
   """
   r = distributed.fetch(rewards, replicated)                    # [P, G]
+  ok = (np.ones(r.shape, bool) if valid is None
+        else distributed.fetch(valid, replicated))
   tasks: dict[str, list[float]] = {}
-  for rec, row in zip(records, r):
-    tasks.setdefault(rec.task, []).extend(row.tolist())
+  for rec, row, keep in zip(records, r, ok):
+    tasks.setdefault(rec.task, []).extend(row[keep].tolist())
   if len(tasks) < 2:
     return {}
   return {f"reward/{t}/mean": float(np.mean(v)) for t, v in tasks.items()}

@@ -310,7 +310,8 @@ class Trainer:
     metrics["rollout/generated_tokens_total"] = meta["generated_tokens_total"]
     metrics["optim/lr"] = float(self.lr_schedule(int(new_state.updates)))
     metrics.update(step_log.task_rewards(prompts.records, scored.rewards,
-                                         self.exp.mesh_sample.replicated()))
+                                         self.exp.mesh_sample.replicated(),
+                                         valid))
     metrics.update({f"verify/{k}": v for k, v in step_log.global_verify_stats(
         self.pool.pop_stats(), {r.verifier for r in prompts.records})
                     .items()})
