@@ -42,10 +42,10 @@ import numpy as np
 import tensorstore as ts
 
 from brorl_jax import metrics as metrics_lib
+from brorl_jax.rewards import STATUS_CODES
 
 SAMPLES_FILE = "samples.jsonl"
 # Verifier status as stored (uint8): the reward pool's status strings.
-STATUS_CODES = {"ok": 0, "timeout": 1, "error": 2}
 STATUS_NAMES = {code: name for name, code in STATUS_CODES.items()}
 
 # Zarr chunk lengths (elements): about 1 MiB for the flat token arrays.

@@ -26,10 +26,8 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from brorl_jax.rewards import RewardPool, VerifyItem
+from brorl_jax.rewards import STATUS_CODES, RewardPool, VerifyItem
 from brorl_jax.rollout import Rollouts, Sampler
-
-STATUS_CODES = {"ok": 0, "timeout": 1, "error": 2}
 
 
 def host_shards(x: jax.Array) -> list[tuple[tuple[slice, ...], np.ndarray]]:

@@ -15,11 +15,13 @@ Nothing here imports JAX; math-verify and reasoning-gym load on first use.
 
 from brorl_jax.rewards.config import RewardsConfig, is_correct
 from brorl_jax.rewards.pool import RewardPool
-from brorl_jax.rewards.registry import (VERIFIERS, VerifyItem, VerifyResult,
-                                        get_verifier, register, score)
+from brorl_jax.rewards.registry import (STATUS_CODES, VERIFIERS, VerifyItem,
+                                        VerifyResult, get_verifier, register,
+                                        score)
 from brorl_jax.rewards.sandbox import SandboxUnavailable
 
 __all__ = [
-    "RewardsConfig", "is_correct", "RewardPool", "VERIFIERS", "VerifyItem",
+    "RewardsConfig", "is_correct", "RewardPool", "STATUS_CODES", "VERIFIERS",
+    "VerifyItem",
     "VerifyResult", "get_verifier", "register", "score", "SandboxUnavailable",
 ]

@@ -34,6 +34,8 @@ VERIFIERS: dict[str, Verifier] = {
     "countdown": tasks.countdown_score,
 }
 STATUSES = ("ok", "timeout", "error")
+# Their small-int codes in device arrays and the rollout archive.
+STATUS_CODES = {name: code for code, name in enumerate(STATUSES)}
 _RESERVED = ("completion", "answer", "config")
 
 
