@@ -16,7 +16,8 @@ number of new tokens (early stop off) and prefill included in every timing:
   * per-step decode time over the first 64 tokens (N = 64, P = 1) with
     `max_new_tokens` = 4096 over the same with 128 -> `length_aware_ratio`
     (1 when a step reads only the KV written so far; the platform's default
-    `model.attention_backend`, and the reference backend for comparison).
+    `model.attention_backend`, and the reference backend for comparison;
+    best of 3 x reps, a step being a difference of two short timings).
   * skewed lengths: T = 1024, 64 slots, each rollout stopping at a length
     drawn lognormal (sigma 0.8, mean 0.2 T, 2 % capped at T; seed 0; the
     bench's stop rule, `length_limits`), at P = 1, N = 512 and P = 8,
@@ -286,8 +287,11 @@ def main(argv: list[str]) -> dict:
 
   # 2. Length-aware decode: per-step cost at two buffer sizes, for the
   # platform's default backend and for the reference (every slot read).
+  # A step is a difference of two short timings (~0.3 s): 3x the reps (on
+  # a quiet machine the ratio read 1.02-1.43 over runs with 3 reps and
+  # 1.19-1.21 with 9).
   aware = {name: length_aware(mcfg.replace(attention_backend=name), params,
-                              prompt1, args.reps)
+                              prompt1, 3 * args.reps)
            for name in ("auto", "reference")}
   results["length_aware"] = aware
   results["length_aware_ratio"] = aware["auto"]["ratio"]
