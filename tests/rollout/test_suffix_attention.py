@@ -49,8 +49,7 @@ def test_backends_read_only_written_blocks(backend):
                                err_msg=f"length {length}")
 
 
-@pytest.mark.parametrize("backend", ["blockwise", "pallas_gpu", "splash"])
-def test_per_row_lengths_read_each_row_to_its_own(backend):
+def _per_row_case(backend, interpret):
   """[B] lengths (the refill's slots): each row equal to the reference at
   its own length. The kernels read no block past a row's own (NaN there);
   blockwise takes the masked product, so its buffer holds no NaN."""
@@ -69,7 +68,8 @@ def test_per_row_lengths_read_each_row_to_its_own(backend):
   if sa.keys_time_major(backend):
     pk = pk.swapaxes(2, 3)
   out, lse = jax.jit(lambda q, k, v, n: sa.attend_suffix(
-      q, k, v, n, backend, interpret=True))(q, pk, pv, jnp.asarray(lengths))
+      q, k, v, n, backend, interpret=interpret))(q, pk, pv,
+                                                 jnp.asarray(lengths))
   for i, n in enumerate(lengths):
     want_out, want_lse = sa.attend_suffix(q[i:i + 1], k[i:i + 1],
                                           v[i:i + 1], jnp.int32(n),
@@ -78,6 +78,17 @@ def test_per_row_lengths_read_each_row_to_its_own(backend):
                                err_msg=f"row {i}, length {n}")
     np.testing.assert_allclose(lse[i:i + 1], want_lse, rtol=1e-6, atol=2e-6,
                                err_msg=f"row {i}, length {n}")
+
+
+@pytest.mark.parametrize("backend", ["blockwise", "pallas_gpu", "splash"])
+def test_per_row_lengths_read_each_row_to_its_own(backend):
+  _per_row_case(backend, interpret=True)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+def test_gpu_decode_kernel_on_hardware():
+  """The GPU decode kernel compiled for the device (not interpreted)."""
+  _per_row_case("pallas_gpu", interpret=False)
 
 
 def _generate(backend, mesh_shape=None, **sampler_kw):
