@@ -222,6 +222,22 @@ def compile_update(policy: Policy, cfg: UpdateConfig,
                    batch: Any) -> jax.stages.Compiled:
   """AOT-compiles the update; the train loop and the dry run share it.
 
+  Arguments as `lower_update`; returns the compiled `(state, batch, rng)
+  -> (state, metrics)`.
+  """
+  return lower_update(policy, cfg, loss_cfg, optimizer,
+                      temperature=temperature, mesh_rules=mesh_rules,
+                      state=state, batch=batch).compile()
+
+
+def lower_update(policy: Policy, cfg: UpdateConfig,
+                 loss_cfg: losses.LossConfig,
+                 optimizer: optax.GradientTransformation, *,
+                 temperature: float, mesh_rules: MeshRules, state: Any,
+                 batch: Any) -> jax.stages.Lowered:
+  """The update lowered for abstract arguments (`compile_update` compiles
+  it; the dry run compiles several programs side by side).
+
   Args:
     policy, cfg, loss_cfg, optimizer, temperature: as `make_update_fn`.
     mesh_rules: the training mesh (the rng and the metrics are replicated).
@@ -231,7 +247,7 @@ def compile_update(policy: Policy, cfg: UpdateConfig,
       committed arguments whose sharding differs.
 
   Returns:
-    The compiled `(state, batch, rng) -> (state, metrics)`.
+    The lowered `(state, batch, rng) -> (state, metrics)`.
   """
   fn = make_update_fn(policy, cfg, loss_cfg, optimizer,
                       temperature=temperature, mesh_rules=mesh_rules)
@@ -242,4 +258,4 @@ def compile_update(policy: Policy, cfg: UpdateConfig,
   key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep)
   jitted = jax.jit(fn, in_shardings=(state_sh, batch_sh, rep),
                    out_shardings=(state_sh, rep), donate_argnums=0)
-  return jitted.lower(state, batch, key).compile()
+  return jitted.lower(state, batch, key)
