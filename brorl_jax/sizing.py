@@ -27,9 +27,10 @@ Parameters, optimizer state and rollout buffers are computed from their
 shardings (labelled analytic; exact for what they cover).
 
 The update is compiled at its longest length bucket alone (`_Builder.update`
-says what the other `lax.switch` branches would add), and every program of
-both depths is lowered first and then compiled two at a time
-(`_compile_all`). The TPU compiler spends nearly all its time in
+says what the other `lax.switch` branches would add), on the TPU compiler
+at the model's full depth (its remat temporaries are not linear in depth,
+and its compile time barely grows with it), and every program is lowered
+first and then compiled two at a time (`_compile_all`). The TPU compiler spends nearly all its time in
 per-instruction code generation after buffer assignment: each bucket
 branch costs as much as the first, a deeper model barely more (BroRL,
 v5p-64: the four-bucket update took 602 s at 2 layers and 594 s at 4, the
@@ -419,18 +420,28 @@ def dry_run(cfg, *, device_memory_gb: float | None = None,
   # then compiled side by side (`_compile_all`).
   t0 = time.perf_counter()
   lowered, plans = {}, None
+  full = _Builder(cfg, model_cfg, mesh, depth)
+  # The TPU compiler's update temporaries are not linear in depth (BroRL,
+  # v5p-64, longest bucket: 6.24 / 5.97 / 6.75 / 9.70 GiB at 2 / 4 / 8 /
+  # 16 layers), while its compile time barely grows with depth (106 s at
+  # 8 layers, 140 s at 16, alone): there the update compiles whole.
+  update_depths = (depth,) if platform == "TPU" else depths
+  if update_depths != depths:
+    lowered[depth, "update"] = full.update()
   for d in depths:
-    b = _Builder(cfg, model_cfg, mesh, d)
+    b = full if d == depth else _Builder(cfg, model_cfg, mesh, d)
     num_prompts = b.num_prompts
     plans = [p for p in _row_plans(num_prompts, cfg.rollout.n,
                                    cfg.rollout.max_decode_rows) if p]
-    lowered[d, "update"] = b.update()
+    if update_depths == depths:
+      lowered[d, "update"] = b.update()
     lowered[d, "diagnostics re-scoring"] = b.rescore()
     lowered[d, "prefill"] = b.prefill()
     for pc, gc in plans:
       lowered[d, f"decode chunk of {pc * gc} rows"] = b.decode(pc, gc)
   log(f"lowered {sum(x is not None for x in lowered.values())} programs "
-      f"({'+'.join(map(str, depths))} layers) in "
+      f"({'+'.join(map(str, depths))} layers; the update at "
+      f"{'+'.join(map(str, update_depths))}) in "
       f"{time.perf_counter() - t0:.0f} s; compiling them, "
       f"{COMPILE_WORKERS} at a time")
   # The slowest programs first (the updates, then the re-scorings).
@@ -442,7 +453,8 @@ def dry_run(cfg, *, device_memory_gb: float | None = None,
   progs = {d: _Programs(
       mem[d, "prefill"],
       {pc * gc: mem[d, f"decode chunk of {pc * gc} rows"] for pc, gc in plans},
-      mem[d, "update"], mem[d, "diagnostics re-scoring"]) for d in depths}
+      mem.get((d, "update")), mem[d, "diagnostics re-scoring"])
+           for d in depths}
   if len(depths) == 1:
     m = progs[depth]
   else:
@@ -450,11 +462,13 @@ def dry_run(cfg, *, device_memory_gb: float | None = None,
     ext = lambda x, y: x.lerp(y, depths[0], depths[1], depth)  # noqa: E731
     m = _Programs(ext(a.prefill, z.prefill),
                   {r: ext(a.decode[r], z.decode[r]) for r in a.decode},
-                  ext(a.update, z.update),
+                  (ext(a.update, z.update) if update_depths == depths
+                   else mem[depth, "update"]),
                   a.rescore and ext(a.rescore, z.rescore))
-  full = b if depths == (depth,) else _Builder(cfg, model_cfg, mesh, depth)
   # The update is compiled at its longest length bucket (`_Builder.update`).
-  update_src = f"{compiled}, longest length bucket"
+  update_src = (f"{compiled}, longest length bucket" if update_depths == depths
+                else f"compiled ({backend}; {depth} layers, longest length "
+                "bucket)")
   update_temp_src, cpu_upper = update_src, None
   if platform == "CPU" and model_cfg.remat and len(depths) == 2:
     # XLA's CPU scheduler is not memory-aware: it runs the rematerialized
