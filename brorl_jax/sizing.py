@@ -26,6 +26,16 @@ intermediates), so on CPU the update's temporaries of a remat model are the
 Parameters, optimizer state and rollout buffers are computed from their
 shardings (labelled analytic; exact for what they cover).
 
+The update is compiled at its longest length bucket alone (`_Builder.update`
+says what the other `lax.switch` branches would add), on the TPU compiler
+at the model's full depth (its remat temporaries are not linear in depth,
+and its compile time barely grows with it), and every program is lowered
+first and then compiled two at a time (`_compile_all`). The TPU compiler spends nearly all its time in
+per-instruction code generation after buffer assignment: each bucket
+branch costs as much as the first, a deeper model barely more (BroRL,
+v5p-64: the four-bucket update took 602 s at 2 layers and 594 s at 4, the
+longest bucket alone 233 s and 259 s, two at a time).
+
 The report gives the peak of the sampling phase and of the update phase,
 and the largest `max_decode_rows` whose sampling peak fits the device
 memory (`--device_memory_gb`; default: the TPU's HBM, the GPU's JAX limit,
@@ -34,9 +44,11 @@ or 80 GB, an H100, on CPU).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import re
 import sys
@@ -53,7 +65,7 @@ from brorl_jax.model.transformer import Policy
 from brorl_jax.rl import diagnostics as diag_lib
 from brorl_jax.rl import train_state as ts_lib
 from brorl_jax.rl.batch import RolloutBatch
-from brorl_jax.rl.update import compile_update
+from brorl_jax.rl.update import lower_update
 from brorl_jax.rollout import sampling
 from brorl_jax.rollout.sampler import (Prefill, Sampler, plan_chunks,
                                       refill_plan)
@@ -182,20 +194,19 @@ class _Builder:
     return jax.ShapeDtypeStruct(shape, dtype,
                                 sharding=rules.sharding(axes, shape))
 
-  def prefill(self) -> Mem:
+  def prefill(self) -> jax.stages.Lowered:
     p, lp = self.num_prompts, self.cfg.rollout.max_prompt_len
     r = self.sample_rules
     tokens = self._sds(r, (p, lp), jnp.int32, ("batch", None))
     lengths = self._sds(r, (p,), jnp.int32, ("batch",))
     # The sampler's own program, lowered from abstract arguments.
-    return Mem.of(self.sampler.lower_prefill(self.sample_params, tokens,
-                                             lengths).compile())
+    return self.sampler.lower_prefill(self.sample_params, tokens, lengths)
 
   @property
   def num_prompts(self) -> int:
     return self.cfg.advantage.prompts_to_sample(self.cfg.loop.prompts_per_step)
 
-  def decode(self, pc: int, gc: int) -> Mem:
+  def decode(self, pc: int, gc: int) -> jax.stages.Lowered:
     mc, r = self.policy.cfg, self.sample_rules
     lp, dt = self.cfg.rollout.max_prompt_len, jnp.dtype(mc.dtype)
     # The prompt KV in the layouts the prefill stores it in.
@@ -214,8 +225,8 @@ class _Builder:
     keys = jax.eval_shape(lambda: sampling.row_keys(
         jax.random.key(0), jnp.arange(pc), jnp.arange(gc)))
     keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=self.rep)
-    return Mem.of(self.sampler.lower_decode(self.sample_params, part, keys,
-                                            group=gc).compile())
+    return self.sampler.lower_decode(self.sample_params, part, keys,
+                                     group=gc)
 
   def batch(self) -> RolloutBatch:
     """The update's (and the diagnostics') batch: P groups, rows split
@@ -235,12 +246,24 @@ class _Builder:
         and isinstance(s[0], tuple))
     return batch
 
-  def update(self) -> Mem:
+  def update(self) -> jax.stages.Lowered:
+    """The loop's update with its longest length bucket alone.
+
+    The loop compiles one `lax.switch` branch per bucket
+    (`rl/buckets.py`); a switch runs one branch at a time, and every
+    tensor of a shorter bucket's branch is a shorter copy of the longest
+    one's. On the CPU the whole switch's temporaries equal the longest
+    branch's within 0.1 % (tested); on the TPU compiler each further
+    branch costs as much compile time as the first, and the whole switch
+    held 2.6 % more temporaries than its longest branch in the one
+    comparison made (README, Known limitations).
+    """
     c = self.cfg
-    return Mem.of(compile_update(
-        self.policy, c.update, c.loss, self.optimizer,
+    return lower_update(
+        self.policy, dataclasses.replace(c.update, length_buckets=1),
+        c.loss, self.optimizer,
         temperature=c.rollout.logprob_temperature,
-        mesh_rules=self.train_rules, state=self.state, batch=self.batch()))
+        mesh_rules=self.train_rules, state=self.state, batch=self.batch())
 
   @property
   def rescored_rows(self) -> int:
@@ -251,7 +274,7 @@ class _Builder:
     return min(c.diagnostics.rescore_rollouts,
                c.loop.prompts_per_step * c.rollout.n)
 
-  def rescore(self) -> Mem | None:
+  def rescore(self) -> jax.stages.Lowered | None:
     """The diagnostics' re-scoring program, as the train loop jits it."""
     c, k = self.cfg, self.rescored_rows
     if k == 0:
@@ -261,7 +284,33 @@ class _Builder:
         temperature=c.rollout.logprob_temperature,
         vocab_chunk=c.update.vocab_chunk, seq_chunk=c.update.seq_chunk)
     rows = jax.ShapeDtypeStruct((k,), jnp.int32, sharding=self.rep)
-    return Mem.of(fn.lower(self.state.params, self.batch(), rows).compile())
+    return fn.lower(self.state.params, self.batch(), rows)
+
+
+# Programs compiled at once. XLA's compilers release the GIL, and the TPU
+# compiler's passes keep about one core busy (BroRL's v5p programs: 117 %
+# CPU alone on an idle 2-core machine), so two compiles side by side use a
+# second core. Each compile holds its own working memory (a few GB for the
+# 1.5B recipes on the TPU compiler): more at once would only add memory.
+COMPILE_WORKERS = min(2, os.cpu_count() or 1)
+
+
+def _compile_all(lowered: dict, log: Callable[[str], None]) -> dict:
+  """Compiles `{(depth, name): Lowered | None}`, `COMPILE_WORKERS` at a
+  time in the given order (longest first packs best), logging each one's
+  wall time; returns `{key: Mem | None}`."""
+  def compile_one(key):
+    t = time.perf_counter()
+    result = Mem.of(lowered[key].compile())
+    log(f"{key[0]} layer(s): {key[1]} compiled in "
+        f"{time.perf_counter() - t:.0f} s (arguments {result.args / GiB:.3f}"
+        f" GiB, temporaries {result.temp / GiB:.3f} GiB)")
+    return result
+  with concurrent.futures.ThreadPoolExecutor(COMPILE_WORKERS) as pool:
+    futures = {k: pool.submit(compile_one, k) for k, v in lowered.items()
+               if v is not None}
+    return {k: futures[k].result() if k in futures else None
+            for k in lowered}
 
 
 def _row_plans(num_prompts: int, group: int, max_rows: int):
@@ -367,27 +416,45 @@ def dry_run(cfg, *, device_memory_gb: float | None = None,
   def log(msg):
     print(f"[dry_run] {msg}", file=sys.stderr, flush=True)
 
-  progs, num_prompts, plans = {}, None, None
+  # Every program of every depth is lowered first (tracing holds the GIL),
+  # then compiled side by side (`_compile_all`).
+  t0 = time.perf_counter()
+  lowered, plans = {}, None
+  full = _Builder(cfg, model_cfg, mesh, depth)
+  # The TPU compiler's update temporaries are not linear in depth (BroRL,
+  # v5p-64, longest bucket: 6.24 / 5.97 / 6.75 / 9.70 GiB at 2 / 4 / 8 /
+  # 16 layers), while its compile time barely grows with depth (106 s at
+  # 8 layers, 140 s at 16, alone): there the update compiles whole.
+  update_depths = (depth,) if platform == "TPU" else depths
+  if update_depths != depths:
+    lowered[depth, "update"] = full.update()
   for d in depths:
-    t0 = time.perf_counter()
-    b = _Builder(cfg, model_cfg, mesh, d)
+    b = full if d == depth else _Builder(cfg, model_cfg, mesh, d)
     num_prompts = b.num_prompts
     plans = [p for p in _row_plans(num_prompts, cfg.rollout.n,
                                    cfg.rollout.max_decode_rows) if p]
-    log(f"{d} layer(s): compiling prefill, {len(plans)} decode chunks, "
-        "update, diagnostics")
-    def timed(name, fn, *args):
-      t = time.perf_counter()
-      result = fn(*args)
-      log(f"{d} layer(s): {name} compiled in {time.perf_counter() - t:.0f} s")
-      return result
-    prefill = timed("prefill", b.prefill)
-    decode = {pc * gc: timed(f"decode chunk of {pc * gc} rows", b.decode,
-                             pc, gc) for pc, gc in plans}
-    update = timed("update", b.update)
-    progs[d] = _Programs(prefill, decode, update,
-                         timed("diagnostics re-scoring", b.rescore))
-    log(f"{d} layer(s): compiled in {time.perf_counter() - t0:.0f} s")
+    if update_depths == depths:
+      lowered[d, "update"] = b.update()
+    lowered[d, "diagnostics re-scoring"] = b.rescore()
+    lowered[d, "prefill"] = b.prefill()
+    for pc, gc in plans:
+      lowered[d, f"decode chunk of {pc * gc} rows"] = b.decode(pc, gc)
+  log(f"lowered {sum(x is not None for x in lowered.values())} programs "
+      f"({'+'.join(map(str, depths))} layers; the update at "
+      f"{'+'.join(map(str, update_depths))}) in "
+      f"{time.perf_counter() - t0:.0f} s; compiling them, "
+      f"{COMPILE_WORKERS} at a time")
+  # The slowest programs first (the updates, then the re-scorings).
+  kinds = ("update", "diagnostics re-scoring", "prefill", "decode")
+  rank = lambda k: next(i for i, n in enumerate(kinds)  # noqa: E731
+                        if k[1].startswith(n))
+  mem = _compile_all(dict(sorted(lowered.items(),
+                                 key=lambda kv: rank(kv[0]))), log)
+  progs = {d: _Programs(
+      mem[d, "prefill"],
+      {pc * gc: mem[d, f"decode chunk of {pc * gc} rows"] for pc, gc in plans},
+      mem.get((d, "update")), mem[d, "diagnostics re-scoring"])
+           for d in depths}
   if len(depths) == 1:
     m = progs[depth]
   else:
@@ -395,10 +462,14 @@ def dry_run(cfg, *, device_memory_gb: float | None = None,
     ext = lambda x, y: x.lerp(y, depths[0], depths[1], depth)  # noqa: E731
     m = _Programs(ext(a.prefill, z.prefill),
                   {r: ext(a.decode[r], z.decode[r]) for r in a.decode},
-                  ext(a.update, z.update),
+                  (ext(a.update, z.update) if update_depths == depths
+                   else mem[depth, "update"]),
                   a.rescore and ext(a.rescore, z.rescore))
-  full = b if depths == (depth,) else _Builder(cfg, model_cfg, mesh, depth)
-  update_temp_src, cpu_upper = compiled, None
+  # The update is compiled at its longest length bucket (`_Builder.update`).
+  update_src = (f"{compiled}, longest length bucket" if update_depths == depths
+                else f"compiled ({backend}; {depth} layers, longest length "
+                "bucket)")
+  update_temp_src, cpu_upper = update_src, None
   if platform == "CPU" and model_cfg.remat and len(depths) == 2:
     # XLA's CPU scheduler is not memory-aware: it runs the rematerialized
     # forwards early and keeps every layer's intermediates alive, so the
@@ -416,8 +487,8 @@ def dry_run(cfg, *, device_memory_gb: float | None = None,
     cpu_upper = m.update.temp
     m.update = dataclasses.replace(
         m.update, temp=progs[2].update.temp + (depth - 2) * saved)
-    update_temp_src = ("compiled 2 layers (CPU) + analytic remat-saved "
-                       "block inputs")
+    update_temp_src = ("compiled 2 layers (CPU, longest length bucket) + "
+                       "analytic remat-saved block inputs")
 
   # ---- analytic figures (from shardings) -----------------------------------
   st = full.state
@@ -504,13 +575,13 @@ def dry_run(cfg, *, device_memory_gb: float | None = None,
       (f"update: {cfg.loop.prompts_per_step * g} rows in "
        f"{cfg.update.num_minibatches} mini-batches of micro-batches of "
        f"{cfg.update.micro_batch_size}", None, ""),
-      ("  arguments (state + rollout batch)", m.update.args, compiled),
+      ("  arguments (state + rollout batch)", m.update.args, update_src),
       ("  temporaries (activations, gradients)", m.update.temp,
        update_temp_src),
       *([("    (CPU compile extrapolated: remat not scheduled, upper "
-          "bound)", cpu_upper, compiled)] if cpu_upper is not None else []),
+          "bound)", cpu_upper, update_src)] if cpu_upper is not None else []),
       ("  outputs not aliased to the donated state",
-       m.update.out - m.update.alias, compiled),
+       m.update.out - m.update.alias, update_src),
       ("  + rollouts, first-token probs held meanwhile (the sampling "
        "copy is freed)", held, "analytic"),
       ("  peak while updating", update_peak, "sum"),

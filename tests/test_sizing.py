@@ -17,6 +17,8 @@ from brorl_jax import checkpointing, experiment, hf
 from brorl_jax import config as config_lib
 from brorl_jax import run_config
 from brorl_jax import sizing
+from brorl_jax.rl import update as update_lib
+from brorl_jax.rl.buckets import bucket_targets
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -120,6 +122,25 @@ def test_deep_models_extrapolate_from_two_depths():
   # parameters, optimizer state and the batch).
   key = "arguments (state + rollout batch)"
   assert _figure(result, key) == pytest.approx(_figure(full, key), rel=1e-3)
+
+
+def test_the_longest_bucket_bounds_the_whole_switch():
+  # The dry run compiles the update at its longest length bucket alone
+  # (`_Builder.update`); the loop's update holds every bucket as a branch
+  # of one lax.switch, which runs one branch at a time.
+  cfg = _tiny(**{"rollout.max_prompt_len": 8, "rollout.max_new_tokens": 32,
+                 "algo.length_buckets": 3, "mesh.shape": (1, 1, 1),
+                 "algo.loss.kl_coef": 0.0})
+  mesh = sizing.make_mesh(cfg.mesh.shape, jax.devices()[:1])
+  b = sizing._Builder(cfg, cfg.model, mesh, 1)
+  assert bucket_targets(8, 32, 3, "blockwise") == (9, 17, 32)
+  switch = update_lib.compile_update(
+      b.policy, cfg.update, cfg.loss, b.optimizer,
+      temperature=cfg.rollout.logprob_temperature,
+      mesh_rules=b.train_rules, state=b.state, batch=b.batch())
+  whole, longest = sizing.Mem.of(switch), sizing.Mem.of(b.update().compile())
+  assert longest.args == whole.args
+  assert longest.temp == pytest.approx(whole.temp, rel=0.01)
 
 
 def _figure(result, name):

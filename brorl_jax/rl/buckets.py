@@ -65,23 +65,30 @@ def needed_targets(loss_mask: jax.Array) -> jax.Array:
   return (loss_mask * jnp.arange(1, t + 1, dtype=jnp.int32)).max(-1)
 
 
-def order_rows(rows: Rows, by_length: bool) -> Rows:
-  """Sorts the rows of each mini-batch ([M, R/M, ...]), stably.
+def row_order(loss_mask: jax.Array, perm: jax.Array, num_minibatches: int,
+              by_length: bool) -> jax.Array:
+  """The update's row order, as indices into the step's rows.
 
   Args:
-    rows: one step's rows split into mini-batches.
-    by_length: longest needed response first (for buckets); else only the
-      rows that train first (one bucket: today's micro-batches exactly).
+    loss_mask: [R, T] the step's rows' loss mask.
+    perm: [R] the shuffle (`arange(R)`: none); row `perm[i]` goes to
+      position i, and mini-batch j takes positions j * R/M onwards.
+    num_minibatches: M.
+    by_length: sort each mini-batch longest needed response first (for
+      buckets); else only the rows that train first (one bucket).
 
   Returns:
-    `rows` reordered along axis 1; rows that do not train come last, where
-    they fill whole micro-batches that the update skips.
+    [M, R/M] int32: each mini-batch's rows, stably sorted; rows that do
+    not train come last, where they fill whole micro-batches that the
+    update skips. Only these indices move: the update gathers each
+    micro-batch's rows from the step's (row-sharded) rows when it runs
+    it, never a reordered copy of them all.
   """
-  need = needed_targets(rows.loss_mask)                      # [M, R/M]
+  perm = perm.reshape(num_minibatches, -1)
+  need = needed_targets(loss_mask)[perm]                      # [M, R/M]
   key = -need if by_length else (need == 0).astype(jnp.int32)
   order = jnp.argsort(key, axis=1, stable=True)
-  return jax.tree.map(lambda x: jnp.take_along_axis(
-      x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1), rows)
+  return jnp.take_along_axis(perm, order, axis=1).astype(jnp.int32)
 
 
 def branch_index(loss_mask: jax.Array, targets: tuple[int, ...]) -> jax.Array:

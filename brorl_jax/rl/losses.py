@@ -123,11 +123,15 @@ def loss_normalizer(mask: jax.Array, aggregation: str) -> jax.Array:
     f32 scalar: the token count, or the count of sequences with at least
     one token.
   """
-  mask = mask > 0
+  return counts_normalizer((mask > 0).sum(-1), aggregation)
+
+
+def counts_normalizer(counts: jax.Array, aggregation: str) -> jax.Array:
+  """`loss_normalizer` from the rows' counted tokens ([...] int)."""
   if aggregation == "token_mean":
-    return mask.sum(dtype=jnp.float32)
+    return counts.sum(dtype=jnp.float32)
   if aggregation == "sequence_mean":
-    return mask.any(-1).sum(dtype=jnp.float32)
+    return (counts > 0).sum(dtype=jnp.float32)
   raise ValueError(f"{SECTION}.aggregation: unknown {aggregation!r}")
 
 

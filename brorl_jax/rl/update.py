@@ -128,14 +128,20 @@ def make_update_fn(policy: Policy, cfg: UpdateConfig,
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def minibatch_update(state: TrainState, mini: Rows, targets: tuple[int, ...]):
-    normalizer = losses.loss_normalizer(mini.loss_mask, loss_cfg.aggregation)
+  def minibatch_update(state: TrainState, rows: Rows, counts: jax.Array,
+                       order: jax.Array, targets: tuple[int, ...]):
+    """One optimizer step on the rows `order` ([K, mb] indices) names."""
+    normalizer = losses.counts_normalizer(counts[order], loss_cfg.aggregation)
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32),
                          state.params)
 
-    def micro_step(acc, micro: Rows):
+    def micro_step(acc, index: jax.Array):
+      # This micro-batch's rows, gathered from the step's row-sharded rows
+      # now: a reordered copy of all of them would be replicated on every
+      # device (XLA gathers a sharded operand whole).
       micro = jax.tree.map(lambda x: constrain(
-          x, ("batch",) + (None,) * (x.ndim - 1)), micro)
+          jnp.take(x, index, axis=0), ("batch",) + (None,) * (x.ndim - 1)),
+                           rows)
 
       def compute(acc, r):
         (loss, aux), grads = grad_fn(state.params, buckets.cut(micro, r),
@@ -154,7 +160,7 @@ def make_update_fn(policy: Policy, cfg: UpdateConfig,
       return jax.lax.switch(buckets.branch_index(micro.loss_mask, targets),
                             branches, acc)
 
-    grads, (micro_losses, micro_aux) = jax.lax.scan(micro_step, zeros, mini)
+    grads, (micro_losses, micro_aux) = jax.lax.scan(micro_step, zeros, order)
     loss = micro_losses.sum()
     metrics = losses.reduce_aux(micro_aux)
     grad_norm = optax.tree.norm(grads)
@@ -181,9 +187,8 @@ def make_update_fn(policy: Policy, cfg: UpdateConfig,
       rows = make_rows(batch)
       r = rows.targets.shape[0]
       cfg.check_rows(r)
-      if cfg.shuffle:
-        perm = jax.random.permutation(rng, r)
-        rows = jax.tree.map(lambda x: jnp.take(x, perm, axis=0), rows)
+      perm = (jax.random.permutation(rng, r) if cfg.shuffle
+              else jnp.arange(r))
       m = cfg.num_minibatches
       k = r // m // cfg.micro_batch_size
       t = rows.targets.shape[-1]
@@ -195,12 +200,12 @@ def make_update_fn(policy: Policy, cfg: UpdateConfig,
       # longest first when there are buckets: rows of groups dropped by
       # dynamic sampling then fill whole micro-batches at the end, which
       # `micro_step` skips.
-      rows = jax.tree.map(lambda x: x.reshape(m, r // m, *x.shape[1:]), rows)
-      rows = buckets.order_rows(rows, by_length=len(targets) > 1)
-      rows = jax.tree.map(
-          lambda x: x.reshape(m, k, cfg.micro_batch_size, *x.shape[2:]), rows)
+      order = buckets.row_order(rows.loss_mask, perm, m,
+                                by_length=len(targets) > 1)
+      counts = rows.loss_mask.sum(-1)                          # [R]
       state, stacked = jax.lax.scan(
-          lambda s, mini: minibatch_update(s, mini, targets), state, rows)
+          lambda s, o: minibatch_update(s, rows, counts, o, targets), state,
+          order.reshape(m, k, cfg.micro_batch_size))
       metrics = _combine_minibatches(stacked)
       metrics["param_norm"] = optax.tree.norm(state.params)
       return state.replace(step=state.step + 1), metrics
@@ -222,6 +227,22 @@ def compile_update(policy: Policy, cfg: UpdateConfig,
                    batch: Any) -> jax.stages.Compiled:
   """AOT-compiles the update; the train loop and the dry run share it.
 
+  Arguments as `lower_update`; returns the compiled `(state, batch, rng)
+  -> (state, metrics)`.
+  """
+  return lower_update(policy, cfg, loss_cfg, optimizer,
+                      temperature=temperature, mesh_rules=mesh_rules,
+                      state=state, batch=batch).compile()
+
+
+def lower_update(policy: Policy, cfg: UpdateConfig,
+                 loss_cfg: losses.LossConfig,
+                 optimizer: optax.GradientTransformation, *,
+                 temperature: float, mesh_rules: MeshRules, state: Any,
+                 batch: Any) -> jax.stages.Lowered:
+  """The update lowered for abstract arguments (`compile_update` compiles
+  it; the dry run compiles several programs side by side).
+
   Args:
     policy, cfg, loss_cfg, optimizer, temperature: as `make_update_fn`.
     mesh_rules: the training mesh (the rng and the metrics are replicated).
@@ -231,7 +252,7 @@ def compile_update(policy: Policy, cfg: UpdateConfig,
       committed arguments whose sharding differs.
 
   Returns:
-    The compiled `(state, batch, rng) -> (state, metrics)`.
+    The lowered `(state, batch, rng) -> (state, metrics)`.
   """
   fn = make_update_fn(policy, cfg, loss_cfg, optimizer,
                       temperature=temperature, mesh_rules=mesh_rules)
@@ -242,4 +263,4 @@ def compile_update(policy: Policy, cfg: UpdateConfig,
   key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep)
   jitted = jax.jit(fn, in_shardings=(state_sh, batch_sh, rep),
                    out_shardings=(state_sh, rep), donate_argnums=0)
-  return jitted.lower(state, batch, key).compile()
+  return jitted.lower(state, batch, key)

@@ -213,9 +213,14 @@ def test_length_buckets_sort_rows_and_pick_the_smallest_bucket():
       tokens=jnp.broadcast_to(lengths[..., None], (1, 8, 24)),
       logprobs=jnp.zeros((1, 8, 24)), lengths=lengths,
       advantages=jnp.zeros((1, 8)), mask=jnp.ones((1, 8), bool)))
-  rows = jax.tree.map(lambda x: x[None], rows)            # one mini-batch
-  ordered = buckets.order_rows(rows, by_length=True)
+  order = buckets.row_order(rows.loss_mask, jnp.arange(8), 1,
+                            by_length=True)               # one mini-batch
+  ordered = jax.tree.map(lambda x: x[order], rows)
   assert ordered.targets[0, :, 0].tolist() == [24, 12, 11, 5, 3, 1, 0, 0]
+  # The shuffle first, then the sort: ties keep the shuffled order.
+  perm = jnp.asarray([7, 2, 0, 1, 3, 4, 5, 6])
+  assert buckets.row_order(rows.loss_mask, perm, 2, by_length=False
+                           ).tolist() == [[0, 1, 7, 2], [3, 4, 5, 6]]
   micro = jax.tree.map(lambda x: x[0].reshape(4, 2, *x.shape[2:]), ordered)
   index = [int(buckets.branch_index(micro.loss_mask[i], targets))
            for i in range(4)]
