@@ -30,11 +30,12 @@ The update is compiled at its longest length bucket alone (`_Builder.update`
 says what the other `lax.switch` branches would add), on the TPU compiler
 at the model's full depth (its remat temporaries are not linear in depth,
 and its compile time barely grows with it), and every program is lowered
-first and then compiled two at a time (`_compile_all`). The TPU compiler spends nearly all its time in
-per-instruction code generation after buffer assignment: each bucket
-branch costs as much as the first, a deeper model barely more (BroRL,
-v5p-64: the four-bucket update took 602 s at 2 layers and 594 s at 4, the
-longest bucket alone 233 s and 259 s, two at a time).
+first and then compiled two at a time (`_compile_all`). The TPU compiler
+spends nearly all its time in per-instruction code generation after buffer
+assignment: each bucket branch costs as much as the first, a deeper model
+barely more (BroRL, v5p-64: the four-bucket update took 602 s at 2 layers
+and 594 s at 4, the longest bucket alone 233 s and 259 s, two at a time;
+194 s and 220 s once the update gathered its rows per micro-batch).
 
 The report gives the peak of the sampling phase and of the update phase,
 and the largest `max_decode_rows` whose sampling peak fits the device

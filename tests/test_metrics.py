@@ -13,7 +13,6 @@ from tensorboardX import crc32c
 from tensorboardX.proto import event_pb2
 
 from brorl_jax import metrics as metrics_lib
-from brorl_jax import step_log
 from brorl_jax.metrics import MetricsWriter, read_metrics
 
 
@@ -165,17 +164,3 @@ def test_truncate_jsonl_keeps_steps_and_is_atomic(tmp_path):
   assert metrics_lib.read_jsonl(path) == rows[:3]
   assert metrics_lib.truncate_jsonl(tmp_path / "missing.jsonl", 0) == 0
 
-
-def test_task_rewards_count_only_the_rollouts_that_exist():
-  """Adaptive allocation's unused rows (reward 0) stay out of the means."""
-  rec = [type("R", (), {"task": t})() for t in ("math", "gsm", "math")]
-  rewards = jnp.asarray([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.5, 0.0, 0.0]])
-  valid = jnp.asarray([[True, True, False], [True, True, True],
-                       [True, False, False]])
-  assert step_log.task_rewards(rec, rewards, None) == {
-      "reward/math/mean": pytest.approx(1.5 / 6),
-      "reward/gsm/mean": pytest.approx(2 / 3)}
-  assert step_log.task_rewards(rec, rewards, None, valid) == {
-      "reward/math/mean": pytest.approx(1.5 / 3),
-      "reward/gsm/mean": pytest.approx(2 / 3)}
-  assert step_log.task_rewards(rec[:1], rewards[:1], None) == {}

@@ -22,6 +22,6 @@ from brorl_jax.rewards.sandbox import SandboxUnavailable
 
 __all__ = [
     "RewardsConfig", "is_correct", "RewardPool", "STATUS_CODES", "VERIFIERS",
-    "VerifyItem",
-    "VerifyResult", "get_verifier", "register", "score", "SandboxUnavailable",
+    "VerifyItem", "VerifyResult", "get_verifier", "register", "score",
+    "SandboxUnavailable",
 ]
