@@ -733,7 +733,7 @@ def dry_run(cfg, *, device_memory_gb: float | None = None,
     summary.update(aot_sizing.gpu_summary(
         cfg, model_cfg, gpu, mem=mem, texts=texts, depths=depths,
         depth=depth, table=table, resident=state_bytes, budget=budget,
-        out=out))
+        fits=summary["fits"], out=out))
   if json_path:
     pathlib.Path(json_path).write_text(json.dumps(summary, indent=1) + "\n")
     out(f"wrote {json_path}")

@@ -14,8 +14,8 @@ XLA's `HloCostAnalysis` in small:
   * bytes: what each top-level op (a fusion, a custom call, a copy, a
     collective) reads and writes at its boundary, as HBM traffic: operands
     + results, except that a slice read counts the slice and an in-place
-    `dynamic-update-slice` counts the update, not its buffer (XLA's rules
-    for fusion parameters).
+    `dynamic-update-slice` or `scatter` counts the update, not its buffer
+    (XLA's rules for fusion parameters).
   * a while loop counts its body `known_trip_count` times (1 where the trip
     count is dynamic, e.g. the decode loop: its figure is one iteration);
     a conditional counts its largest branch.
@@ -46,6 +46,15 @@ _FREE = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast",
          "all-gather-done", "all-reduce-done", "collective-permute-done",
          "copy-done", "send-done", "recv-done"}
 _SLICES = {"dynamic-slice", "slice", "gather"}
+# Ops XLA runs in place on their first operand: they touch their update,
+# not the buffer.
+_IN_PLACE = {"dynamic-update-slice", "scatter"}
+
+
+def _update(i) -> str:
+  """The update operand of an in-place op (DUS: 1; scatter: the last)."""
+  return i.operands[1] if i.opcode == "dynamic-update-slice" else \
+      i.operands[-1]
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
                "collective-permute")
 
@@ -257,6 +266,8 @@ class _Model:
       return 2.0 * _shape_bytes(i.shape)
     if i.opcode == "dynamic-update-slice":
       return 2.0 * operand[1]
+    if i.opcode == "scatter":                 # in place: indices + updates
+      return sum(operand[1:]) + operand[-1]
     if i.opcode != "fusion":
       return sum(operand) + _shape_bytes(i.shape)
     fused = self.comps[_attr(i.attrs, "calls")]
@@ -271,19 +282,18 @@ class _Model:
       use = users[f.name]
       if use and all(u.opcode in _SLICES and pos == 0 for u, pos in use):
         read += sum(_shape_bytes(u.shape) for u, _ in use)
-      elif not (use and all(u.opcode == "dynamic-update-slice" and pos == 0
+      elif not (use and all(u.opcode in _IN_PLACE and pos == 0
                             for u, pos in use)):
         read += _shape_bytes(f.shape)      # (an in-place buffer: not read)
     root = fused[-1]
     written = _shape_bytes(i.shape)
     roots = ([self._by_name(fused, o) for o in root.operands]
              if root.opcode == "tuple" else [root])
-    if any(r is not None and r.opcode == "dynamic-update-slice"
-           for r in roots):
+    if any(r is not None and r.opcode in _IN_PLACE for r in roots):
       written = sum(
-          _shape_bytes(self._by_name(fused, r.operands[1]).shape
-                       if r.opcode == "dynamic-update-slice"
-                       else r.shape) for r in roots if r is not None)
+          _shape_bytes(self._by_name(fused, _update(r)).shape
+                       if r.opcode in _IN_PLACE else r.shape)
+          for r in roots if r is not None)
     return read + written
 
   @staticmethod
