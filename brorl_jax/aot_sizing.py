@@ -46,7 +46,7 @@ def backends(model_cfg, platform: str) -> dict[str, str]:
   decode = f"prefix: XLA product; suffix: {suffix}"
   return {"prefill": full, "update": full, "diagnostics re-scoring": full,
           "decode": decode, "refill": decode, "evaluation prefill": full,
-          "evaluation decode": decode}
+          "evaluation decode": decode, "evaluation refill": decode}
 
 
 def backend_of(name: str, table: dict[str, str]) -> str:
