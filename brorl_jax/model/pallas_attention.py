@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.gpu import attention as gpu_attention
+from brorl_jax.model.gpu_kernels import flash_attention as gpu_attention
 from jax.experimental.pallas.ops.tpu.splash_attention import (
     splash_attention_kernel as splash)
 from jax.experimental.pallas.ops.tpu.splash_attention import (

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas.ops.gpu import decode_attention
+from brorl_jax.model.gpu_kernels import decode_attention
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from brorl_jax.model.attention import NEG_INF, masked_softmax_lse

@@ -85,12 +85,6 @@ def test_per_row_lengths_read_each_row_to_its_own(backend):
   _per_row_case(backend, interpret=True)
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
-def test_gpu_decode_kernel_on_hardware():
-  """The GPU decode kernel compiled for the device (not interpreted)."""
-  _per_row_case("pallas_gpu", interpret=False)
-
-
 def _generate(backend, mesh_shape=None, **sampler_kw):
   """Tiny model, f32, 80 new tokens at temperature 0.7, rows stopping."""
   rng = np.random.default_rng(1)
