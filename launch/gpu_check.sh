@@ -49,7 +49,8 @@ print("versions:", ", ".join(f"{n} {md.version(n)}" for n in names))
 print("devices:", jax.devices())
 EOF
 if [ "${1:-}" = "--pytest" ]; then
-  shift
-  exec "$PYTHON" -m pytest -q -p no:cacheprovider tests/hardware "$@"
+  shift   # tests/conftest.py defaults JAX_PLATFORMS to cpu
+  JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} exec "$PYTHON" -m pytest -q \
+    -p no:cacheprovider tests/hardware "$@"
 fi
 exec "$PYTHON" -m brorl_jax.bench gpu "$@"
