@@ -15,7 +15,7 @@ def test_bench_gpu_tiny_runs_every_part_and_writes_every_key(tmp_path):
   path = tmp_path / "gpu.json"
   out = subprocess.run(
       [sys.executable, "-m", "brorl_jax.bench", "gpu", "--tiny", "--json",
-       str(path)], cwd=ROOT, capture_output=True, text=True, timeout=900,
+       str(path)], cwd=ROOT, capture_output=True, text=True, timeout=1800,
       env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
   res = json.loads(path.read_text())

@@ -47,6 +47,7 @@ def test_likely_cause(row, cause):
   assert cause in nonfinite.likely_cause(_row(1, **row), **DESCRIBE)
 
 
+@pytest.mark.slow  # a tiny run's compiles, end to end
 def test_train_stops_with_one_error_line(tmp_path):
   # An infinite entropy coefficient makes every mini-batch's loss -inf.
   out = subprocess.run(
@@ -55,7 +56,7 @@ def test_train_stops_with_one_error_line(tmp_path):
        "--workdir", str(tmp_path / "w"), "--config.total_steps=4",
        "--config.algo.loss.entropy_coef=inf",
        "--config.data.synthetic.eval=0", "--config.logging.progress=off"],
-      cwd=ROOT, capture_output=True, text=True, timeout=600)
+      cwd=ROOT, capture_output=True, text=True, timeout=1200)
   assert out.returncode == 1, out.stderr[-2000:]
   last = out.stderr.strip().splitlines()[-1]
   assert last.startswith("error: the first 2 RL steps of this run skipped "
