@@ -13,9 +13,9 @@
 # limitations under the License.
 #
 # Vendored into brorl_jax from JAX 0.11.2's
-# jax/experimental/pallas/ops/gpu/decode_attention.py (JAX 0.12 removed the Triton
-# example kernels; 0.10 and 0.11 ship this code unchanged). Changes: the deprecation warning and the
-# reference implementations dropped.
+# jax/experimental/pallas/ops/gpu/decode_attention.py (JAX 0.12 removed the
+# Triton example kernels; 0.10 and 0.11 ship this code unchanged). Changes: the
+# deprecation warning and the reference implementations dropped.
 
 
 """Decode attention (Triton): `mqa`, `gqa` with per-row `kv_seq_len`."""

@@ -14,9 +14,10 @@
 #
 # Vendored into brorl_jax from JAX 0.11.2's
 # jax/experimental/pallas/ops/gpu/attention.py (JAX 0.12 removed the Triton
-# example kernels; 0.10 and 0.11 ship this code unchanged). Changes: split in two modules at
-# `mha` (this one: `mha` and its backward kernels), the deprecation warning
-# and `mha_reference` dropped (so `backward_pass_impl='xla'` raises).
+# example kernels; 0.10 and 0.11 ship this code unchanged). Changes: split
+# in two modules at `mha` (this one: `mha` and its backward kernels), the
+# deprecation warning and `mha_reference` dropped (so
+# `backward_pass_impl='xla'` raises).
 
 
 """Fused attention forward and backward pass (Triton): `mha`."""

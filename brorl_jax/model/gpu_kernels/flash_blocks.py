@@ -14,9 +14,9 @@
 #
 # Vendored into brorl_jax from JAX 0.11.2's
 # jax/experimental/pallas/ops/gpu/attention.py (JAX 0.12 removed the Triton
-# example kernels; 0.10 and 0.11 ship this code unchanged). Changes: split in two modules at
-# `mha` (this one: the block sizes, the forward kernel, the segment mask),
-# the deprecation warning and `mha_reference` dropped.
+# example kernels; 0.10 and 0.11 ship this code unchanged). Changes: split
+# in two modules at `mha` (this one: the block sizes, the forward kernel, the
+# segment mask), the deprecation warning and `mha_reference` dropped.
 
 
 """The Triton flash-attention forward kernel, its block sizes and the
