@@ -31,8 +31,9 @@ on CPU (the `tiny` model; two of the reduced kernel cases in Pallas
 interpret mode, tests/hardware runs them all; decode and update with the
 CPU's backend, `auto`, in float32); its figures mean nothing. A part that
 fails is recorded (`errors`) and the others still run; parts past
-`--budget_s` are skipped (`skipped`). Every key of `KEYS` is written either way. Exit
-status 1 if any kernel check failed or any part failed or was skipped.
+`--budget_s` are skipped (`skipped`). Every key of `KEYS` is written
+either way. Exit status 1 if any kernel check failed or any part failed or
+was skipped.
 """
 
 from __future__ import annotations
