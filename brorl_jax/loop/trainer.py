@@ -37,6 +37,7 @@ from brorl_jax.model.sharding import reshard
 from brorl_jax.progress import Progress, print_summary
 from brorl_jax.rl import batch as batch_lib
 from brorl_jax.rl import diagnostics as diag_lib
+from brorl_jax.rl import nonfinite
 from brorl_jax.rl import reference as reference_lib
 from brorl_jax.rl import train_state as ts_lib
 from brorl_jax.rl import update as update_lib
@@ -367,6 +368,10 @@ class Trainer:
           meta["best_eval"] = last.get("eval/pass@1")
         self.writer.write(start, last)
     t_start = time.perf_counter()
+    # Stops a run whose first steps skip every mini-batch (non-finite).
+    watch = nonfinite.SkipWatch(
+        cfg.update.num_minibatches, backend=self.sampler.decode_backend,
+        platform=jax.default_backend(), dtype=self.exp.model_cfg.dtype)
     bar = self._progress("RL step", cfg.total_steps, initial=start)
     step = start
     budget = cfg.max_generated_tokens
@@ -413,6 +418,7 @@ class Trainer:
           state = self._reset_ref(state)
         # ---- Log ---------------------------------------------------------
         self.writer.write(step, metrics)
+        watch.check(metrics)
         last = metrics
         bar.update(step, {
             "reward": metrics["reward/mean"],

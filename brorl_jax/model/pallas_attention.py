@@ -14,7 +14,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.gpu import attention as gpu_attention
+try:
+  # JAX 0.12 removed its Triton kernels: there `pallas_gpu` is refused by
+  # attention_kernels.resolve_attention_backend before this is reached.
+  from jax.experimental.pallas.ops.gpu import attention as gpu_attention
+except ImportError:
+  gpu_attention = None
 from jax.experimental.pallas.ops.tpu.splash_attention import (
     splash_attention_kernel as splash)
 from jax.experimental.pallas.ops.tpu.splash_attention import (

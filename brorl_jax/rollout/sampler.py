@@ -405,10 +405,12 @@ class Sampler:
     compiles it to read its memory without running it."""
     return self._prefill.lower(params, tokens, lengths)
 
-  def lower_decode(self, params, prefill: Prefill, keys, *, group: int
-                   ) -> jax.stages.Lowered:
-    """The decode program of one chunk, lowered for (abstract) arguments."""
-    return self._decode.lower(params, prefill, keys, group=group)
+  def lower_decode(self, params, prefill: Prefill, keys, *, group: int,
+                   limits=None) -> jax.stages.Lowered:
+    """The decode program of one chunk, lowered for (abstract) arguments
+    (`limits`: the chunk's [Pc, Gc] length limits, as `chunks` passes)."""
+    return self._decode.lower(params, prefill, keys, group=group,
+                              limits=limits)
 
   def lower_refill_init(self, prefill: Prefill, prompt_keys, *, n: int,
                         slots: int, width: int) -> jax.stages.Lowered:
