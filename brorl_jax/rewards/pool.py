@@ -383,6 +383,7 @@ class RewardPool:
                          f"worker died (exit code {code})")
     self._give_back(worker)
     worker.close_pipes()
+    sandbox.remove_scratch(worker.proc.pid)
     self._workers.remove(worker)
 
   def _step(self) -> None:
@@ -409,6 +410,7 @@ class RewardPool:
       if worker.state == "dying":
         if worker.proc.poll() is not None:
           worker.close_pipes()
+          sandbox.remove_scratch(worker.proc.pid)
           self._workers.remove(worker)
         elif now >= worker.kill_at:
           worker.proc.kill()
@@ -468,6 +470,7 @@ class RewardPool:
         worker.proc.kill()
         worker.proc.wait()
       worker.close_pipes()
+      sandbox.remove_scratch(worker.proc.pid)
     self._workers.clear()
     os.close(self._wake_w)
     self._wake_w = None

@@ -265,9 +265,27 @@ def _launch(config: CodeConfig, backend: str, request: dict[str, Any],
   data = json.dumps(request).encode()
   limit = (len(request["inputs"]) + 1) * (2 * config.max_output_bytes + 4096)
   prefix, preexec = _launcher(config, timeout_s)
-  with tempfile.TemporaryDirectory(prefix="brorl_code_") as workdir:
-    return _run_harness(prefix + _command(config, backend), data, env,
-                        workdir, preexec, timeout_s, limit)
+  cmd = prefix + _command(config, backend)
+  if backend != "none":
+    # The sandbox works in its own /tmp; nothing of the host is needed (and
+    # nothing is left behind when the worker is killed mid-item).
+    return _run_harness(cmd, data, env, "/", preexec, timeout_s, limit)
+  with tempfile.TemporaryDirectory(prefix=scratch_prefix(os.getpid())) as cwd:
+    return _run_harness(cmd, data, env, cwd, preexec, timeout_s, limit)
+
+
+def scratch_prefix(pid: int) -> str:
+  """The name prefix of the scratch directories an unsandboxed run of
+  process `pid` makes in the temporary directory."""
+  return f"brorl_code_{pid}_"
+
+
+def remove_scratch(pid: int) -> None:
+  """Removes the scratch directories process `pid` left (it was killed
+  before it could: the reward pool calls this for each dead worker)."""
+  root = pathlib.Path(tempfile.gettempdir())
+  for path in root.glob(scratch_prefix(pid) + "*"):
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _run_harness(cmd, data, env, cwd, preexec, timeout_s, limit):

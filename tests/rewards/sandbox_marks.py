@@ -16,6 +16,8 @@ from brorl_jax.rewards.config import CodeConfig
 FAILURES = {b: sandbox._probe(b, CodeConfig(sandbox=b))
             for b in ("bwrap", "unshare")}
 BACKENDS = [b for b, failure in FAILURES.items() if failure is None]
+for _backend in BACKENDS:  # decided now, so that `fresh_choices` restores it
+  sandbox.backend_for(CodeConfig(sandbox=_backend))
 REQUIRED = os.environ.get("BRORL_REQUIRE_SANDBOX") == "1"
 
 needs_sandbox = pytest.mark.skipif(
