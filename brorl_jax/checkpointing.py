@@ -16,11 +16,11 @@ falls back from a checkpoint that cannot be read to the newest intact one
 (`TrainCheckpointer.restore_latest`), setting the damaged ones aside.
 
 Integrity: each step also holds `integrity` (JSON), two 32-bit sums per
-saved array computed on device at save (`checksums.py`) and a SHA-256 of each
-JSON item; a restore recomputes them and treats a mismatch as damage. A read
-that fails is retried (`READ_TRIES`) before its step is called damaged; an
-error that does not prove damage (I/O, permissions, timeouts) stops the start
-with nothing moved. With several processes, every outcome is gathered and
+saved array computed on device at save (`integrity/checksums.py`) and a
+SHA-256 of each JSON item; a restore recomputes them and treats a mismatch
+as damage. A read that fails is retried (`READ_TRIES`) before its step is
+called damaged; an error that does not prove damage (I/O, permissions,
+timeouts) stops the start with nothing moved. With several processes, every outcome is gathered and
 process 0 decides which step to restore, for all.
 """
 
@@ -39,10 +39,9 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from brorl_jax import checkpoint_integrity as integrity
-from brorl_jax.checkpoint_integrity import (ChecksumMismatch, array_checksums,
-                                            check_arrays, error_text,
-                                            json_digest)
+from brorl_jax.integrity import checks as integrity
+from brorl_jax.integrity.checks import (ChecksumMismatch, array_checksums,
+                                        check_arrays, error_text, json_digest)
 from brorl_jax.model.config import ModelConfig
 from brorl_jax.model.transformer import Policy
 

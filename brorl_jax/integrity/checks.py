@@ -1,8 +1,9 @@
 """What makes a resume trustworthy (issue 36.2, 36.3), host side.
 
 * Integrity records: two 32-bit sums per saved array, computed on device
-  (`checksums.py`, shard by shard; 8 bytes per array reach the host), and a
-  SHA-256 per JSON item; `check_arrays` compares restored arrays with them.
+  (`integrity/checksums.py`, shard by shard; 8 bytes per array reach the
+  host), and a SHA-256 per JSON item; `check_arrays` compares restored
+  arrays with them.
 * Read errors told apart: `proves_damage` is true for a missing, truncated
   or undecodable file or a checksum mismatch, false for errors that say
   nothing about the files (I/O, permissions, timeouts, unavailable storage).
@@ -27,7 +28,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from brorl_jax import checksums
+from brorl_jax.integrity import checksums
 
 
 def error_text(error: BaseException) -> str:
