@@ -20,8 +20,9 @@ saved array computed on device at save (`integrity/checksums.py`) and a
 SHA-256 of each JSON item; a restore recomputes them and treats a mismatch
 as damage. A read that fails is retried (`READ_TRIES`) before its step is
 called damaged; an error that does not prove damage (I/O, permissions,
-timeouts) stops the start with nothing moved. With several processes, every outcome is gathered and
-process 0 decides which step to restore, for all.
+timeouts) stops the start with nothing moved. With several processes,
+every outcome is gathered and process 0 decides which step to restore, for
+all.
 """
 
 from __future__ import annotations

@@ -104,7 +104,8 @@ def main(read_fd: int, write_fd: int, parent_pid: int) -> None:
       return
     if isinstance(message, tuple) and message[0] == "sandbox":
       # Imported here, once `setup` has been applied (as the verifiers).
-      from brorl_jax.rewards import sandbox  # pylint: disable=g-import-not-at-top
+      # pylint: disable-next=g-import-not-at-top
+      from brorl_jax.rewards import sandbox
       sandbox.use_tested_backend(message[1], message[2])
       continue
     for key, item in message:

@@ -72,8 +72,8 @@ def test_the_scoring_cli_gives_them_zero(tmp_path):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_code_runs_unprivileged(backend):
   program = ("import os\nstatus = open('/proc/self/status').read()\n"
-             "print(os.geteuid() != 0, 'NoNewPrivs:\\t1' in status, 'CapBnd:\\t0000000000000000'"
-             " in status)\n"
+             "print(os.geteuid() != 0, 'NoNewPrivs:\\t1' in status,\n"
+             "      'CapBnd:\\t0000000000000000' in status)\n"
              "print(' ro,' in [l for l in open('/proc/self/mounts')"
              " if ' /proc/sys ' in l][0])\n")
   runs = sandbox.run_program(program, [""], mode="stdin", fn_name=None,
