@@ -168,7 +168,8 @@ def run(argv: Sequence[str] | None = None) -> None:
   """Console entry point (`brorl-evaluate`)."""
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   try:
-    with cli.input_errors(CheckpointFormatError, FileNotFoundError):
+    with cli.input_errors(CheckpointFormatError, FileNotFoundError,
+                          checkpointing.CheckpointError):
       main(sys.argv if argv is None else argv)
   except app.UsageError as e:
     print(f"usage error: {e}\nusage:\n" + "\n".join(

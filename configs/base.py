@@ -125,6 +125,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.rewards.numeric.rel_tol = 1e-6
   c.rewards.numeric.abs_tol = 1e-9
   c.rewards.numeric.last_number_fallback = True
+  c.rewards.numeric.max_answer_chars = 1000
   c.rewards.choice = ml_collections.ConfigDict()
   c.rewards.choice.answer_pattern = ml_collections.FieldReference(None, str)
   c.rewards.choice.letters = "ABCDEFGHIJ"

@@ -8,8 +8,10 @@ One row is one prompt with its reference (DESIGN.md §5):
 
 * `prompt` (raw user text) or `messages` (a conversation): exactly one.
 * `answer`: the reference the verifier compares against; numbers are read as
-  their decimal string (`27` -> "27"). It may be omitted when `tests` is
-  given (code tasks), and is then "".
+  their shortest decimal string (`27` -> "27", `0.5` -> "0.5", and an
+  integral float `69.0` -> "69", the form `\\boxed{69}` and the `exact`
+  verifier use); NaN and infinities are refused. It may be omitted when
+  `tests` is given (code tasks), and is then "".
 * `verifier`: a verifier name (`math`, `numeric`, `exact`, `choice`, `code`,
   `reasoning_gym`, `countdown`, ...); a file spec may give a default.
 * `task`: the task family for per-task metrics; default: the file spec's
@@ -19,6 +21,10 @@ One row is one prompt with its reference (DESIGN.md §5):
 * `meta`: free-form; verifiers receive it as keyword arguments. Other
   top-level keys are moved into `meta` under their own name (an error if
   `meta` already has that key), so nothing is dropped.
+
+Every string of a row (keys and values, nested ones included) must be valid
+UTF-8 text: a lone surrogate (`"\\ud800"` in JSON) cannot be tokenized or
+written back out, so it makes the row malformed.
 
 A malformed row raises `DataError` naming the file, the line (JSONL, 1-based)
 or row (Parquet, 1-based) and the field, or with `skip_bad_rows` is skipped
@@ -30,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import pathlib
 from collections.abc import Collection, Iterator, Mapping
@@ -166,6 +173,43 @@ def _string(row, field: str, required: bool, default=None) -> str | None:
   return value
 
 
+def answer_text(value: str | int | float) -> str:
+  """A reference answer as text: strings as they are, numbers in their
+  shortest form (`69.0` -> "69").
+
+  Raises:
+    ValueError: a NaN or infinite number.
+  """
+  if isinstance(value, float):
+    if not math.isfinite(value):
+      raise ValueError(f"must be a finite number, got {value}")
+    if value.is_integer() and abs(value) < 2 ** 53:
+      return str(int(value))
+  return str(value)
+
+
+def text_problem(value: Any) -> str | None:
+  """Why `value` (a string, or the strings nested in its lists and objects,
+  keys included) is not valid UTF-8 text, or None when it is."""
+  if isinstance(value, str):
+    try:
+      value.encode("utf-8")
+    except UnicodeEncodeError as e:
+      return (f"is not valid UTF-8 text: {value[e.start]!a} at character "
+              f"{e.start} (a lone surrogate)")
+  elif isinstance(value, Mapping):
+    for key, item in value.items():
+      problem = text_problem(key) or text_problem(item)
+      if problem:
+        return problem
+  elif isinstance(value, (list, tuple)):
+    for item in value:
+      problem = text_problem(item)
+      if problem:
+        return problem
+  return None
+
+
 def _messages(value) -> tuple[dict[str, str], ...]:
   if not isinstance(value, list) or not value:
     raise _FieldError("messages", "must be a non-empty list of "
@@ -217,6 +261,11 @@ def parse_record(row: Any, *, task: str, verifier: str | None = None,
   if not isinstance(row, Mapping):
     raise _FieldError(None, f"a row must be a JSON object, got "
                       f"{type(row).__name__}")
+  for key, value in row.items():
+    if text_problem(key):
+      raise _FieldError(None, f"a field name {text_problem(key)}")
+    if text_problem(value):
+      raise _FieldError(key, text_problem(value))
   prompt, messages = row.get("prompt"), row.get("messages")
   if (prompt is None) == (messages is None):
     raise _FieldError("prompt", "give exactly one of 'prompt' and 'messages'")
@@ -236,7 +285,11 @@ def parse_record(row: Any, *, task: str, verifier: str | None = None,
   elif isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
     raise _FieldError("answer", "must be a string or a number, got "
                       f"{type(answer).__name__}")
-  answer = str(answer)
+  else:
+    try:
+      answer = answer_text(answer)
+    except ValueError as e:
+      raise _FieldError("answer", str(e)) from None
   meta = row.get("meta")
   if meta is None:
     meta = {}

@@ -5,9 +5,11 @@ meta?}`; each output line is the same object plus `reward`, `status` (`ok` |
 `timeout` | `error`), `seconds`, and `error` when not ok. A summary (count,
 mean reward, timeouts and errors per verifier) is printed at the end.
 
-A malformed line (invalid UTF-8 or JSON, a missing or mistyped field, an
-unknown verifier) stops the run before anything is scored, naming the file
-and line; with `--skip_bad_lines` such lines are left out and counted.
+A malformed line (invalid UTF-8 or JSON, a lone surrogate in a string, a
+missing or mistyped field, a NaN or infinite answer, an unknown verifier)
+stops the run before anything is scored, naming the file and line; with
+`--skip_bad_lines` such lines are left out and counted. Numeric answers are
+read as their shortest text (`69.0` -> "69").
 Verifier options: `--set math.answer_pattern='####\\s*(.+)' --set
 format.after_think=true` (values are JSON, else strings).
 
@@ -25,6 +27,7 @@ import sys
 from typing import Any, Sequence
 
 from brorl_jax.config import ConfigError
+from brorl_jax.data import records
 from brorl_jax.rewards import registry
 from brorl_jax.rewards.config import RewardsConfig
 from brorl_jax.rewards.pool import RewardPool
@@ -115,6 +118,10 @@ def _check(raw: bytes, verifiers: Sequence[str]) -> dict[str, Any]:
     raise ValueError(f"invalid JSON ({e})") from None
   if not isinstance(record, dict):
     raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+  for key, value in record.items():
+    problem = records.text_problem(key) or records.text_problem(value)
+    if problem:
+      raise ValueError(f"field {key!a} {problem}")
   record = dict(record)
   if not isinstance(record.get("completion"), str):
     raise ValueError("field 'completion' must be a string")
@@ -126,7 +133,10 @@ def _check(raw: bytes, verifiers: Sequence[str]) -> dict[str, Any]:
   answer = record.get("answer", "" if record["verifier"] == "code" else None)
   if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
     raise ValueError("field 'answer' must be a string (or a number)")
-  record["answer"] = str(answer)
+  try:
+    record["answer"] = records.answer_text(answer)
+  except ValueError as e:
+    raise ValueError(f"field 'answer' {e}") from None
   if record.get("meta") is not None and not isinstance(record["meta"], dict):
     raise ValueError("field 'meta' must be an object")
   return record

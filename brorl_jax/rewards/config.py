@@ -101,11 +101,14 @@ class NumericConfig:
     abs_tol: absolute tolerance of `math.isclose`.
     last_number_fallback: with no pattern match, box or tag, take the last
       number in the text (GSM8K style); False scores such completions 0.
+    max_answer_chars: extracted answers longer than this score 0 without
+      being parsed (a number, not an essay).
   """
   answer_pattern: str | None = None
   rel_tol: float = 1e-6
   abs_tol: float = 1e-9
   last_number_fallback: bool = True
+  max_answer_chars: int = 1000
 
   def __post_init__(self):
     _check_pattern(self.answer_pattern, "rewards.numeric.answer_pattern")
@@ -113,6 +116,8 @@ class NumericConfig:
           f"must be >= 0, got {self.rel_tol}")
     check(self.abs_tol >= 0, "rewards.numeric.abs_tol",
           f"must be >= 0, got {self.abs_tol}")
+    check(self.max_answer_chars > 0, "rewards.numeric.max_answer_chars",
+          f"must be > 0, got {self.max_answer_chars}")
 
 
 @dataclasses.dataclass(frozen=True)

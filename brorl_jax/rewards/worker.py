@@ -5,7 +5,8 @@ write_fd, parent_pid)`; it talks over two pipes with pickled messages:
 
   parent -> worker: setup dict (sys.path, memory limit, cpus), then
     (config, verifiers); then chunks [(key, VerifyItem), ...], or None
-    (exit).
+    (exit); before its first code item, ("sandbox", code config, backend):
+    the sandbox the parent's self-test chose.
   worker -> parent: ("ready", info); ("result", key, reward, status,
     seconds, error) per item, in order; ("exiting",) when it quits
     mid-chunk (after a MemoryError): the parent requeues the rest.
@@ -101,6 +102,12 @@ def main(read_fd: int, write_fd: int, parent_pid: int) -> None:
       return
     if message is None:
       return
+    if isinstance(message, tuple) and message[0] == "sandbox":
+      # Imported here, once `setup` has been applied (as the verifiers).
+      # pylint: disable-next=g-import-not-at-top
+      from brorl_jax.rewards import sandbox
+      sandbox.use_tested_backend(message[1], message[2])
+      continue
     for key, item in message:
       try:
         result = _score_one(item, config, verifiers)
