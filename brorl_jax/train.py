@@ -113,7 +113,8 @@ class Trainer:
     self.batch_cfg = batch_lib.BatchConfig(
         num_groups=self.num_groups, max_new_tokens=cfg.rollout.max_new_tokens,
         correct_threshold=cfg.rewards.correct_threshold,
-        advantage=cfg.advantage, shaping=cfg.shaping)
+        advantage=cfg.advantage, shaping=cfg.shaping,
+        mask_truncated=cfg.loss.mask_truncated)
     self._prepare = jax.jit(batch_lib.prepare, static_argnums=0)
     self.state_sh = ts_lib.state_shardings(
         self.policy.abstract_params(), exp.param_shardings(), self.optimizer,

@@ -173,6 +173,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.algo.loss.ratio_cap_mode = "truncate"
   c.algo.loss.ratio_cap_low = 0.0
   c.algo.loss.entropy_coef = 0.0
+  c.algo.loss.ratio = "token"       # "sequence": GSPO's sequence ratio
+  c.algo.loss.mask_truncated = False  # DAPO overlong filtering: no loss
   c.algo.shaping = ml_collections.ConfigDict()  # all off
   c.algo.shaping.truncation_reward = ml_collections.FieldReference(None, float)
   c.algo.shaping.truncation_penalty = 0.0
