@@ -19,6 +19,8 @@ from brorl_jax.config import (check, check_choice, config_fields,
 from brorl_jax.data.prompts import DataConfig
 from brorl_jax.distributed import MeshConfig
 from brorl_jax.model.config import DTYPES, ModelConfig, model_config
+from brorl_jax.rewards import plugins as plugins_lib
+from brorl_jax.rewards import registry
 from brorl_jax.rewards.config import RewardsConfig
 from brorl_jax.rl.advantages import AdvantageConfig
 from brorl_jax.rl.allocation import AllocationConfig
@@ -342,12 +344,27 @@ def load(config: Any) -> RunConfig:
       init=from_mapping(InitConfig, raw.get("init"), "init"),
       logging=from_mapping(LoggingConfig, raw.get("logging"), "logging"),
       raw=raw)
+  # Reward plugins register their verifiers before any verifier name is
+  # checked: below, in the data files' rows and in the pool's workers.
+  plugins_lib.load(cfg.rewards.plugins)
+  _check_verifiers(cfg.data)
   if cfg.allocation() is not None:       # validates the adaptive sizes
     check(cfg.rollout.refill, "rollout.refill",
           "must be True with rollout.allocation='adaptive': unequal groups "
           "are decoded from per-prompt queues (fixed chunks cannot hold "
           "them)")
   return cfg
+
+
+def _check_verifiers(data: DataConfig) -> None:
+  """The verifier names the config gives are registered ones."""
+  known = sorted(registry.VERIFIERS)
+  for split in ("train_files", "eval_files"):
+    for spec in getattr(data, split):
+      check(spec.verifier is None or spec.verifier in registry.VERIFIERS,
+            f"data.{split}", f"{spec.path}: unknown verifier "
+            f"{spec.verifier!r}; registered: {', '.join(known)} (a plugin "
+            "in rewards.plugins may register more)")
 
 
 def _keys(section: Any) -> dict[str, Any]:

@@ -110,6 +110,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.rewards.worker_memory_mb = 4096
   c.rewards.chunk_size = 8
   c.rewards.kill_grace_s = 1.0
+  # Modules (or .py paths) that register verifiers, imported in the trainer
+  # and in every verifier worker: ("my_rewards",) (rewards/plugins.py).
+  c.rewards.plugins = ()
   c.rewards.format = ml_collections.ConfigDict()
   c.rewards.format.require = ()     # e.g. ("boxed",) or ("answer_tag",)
   c.rewards.format.after_think = False

@@ -263,6 +263,8 @@ class RewardsConfig:
     kill_grace_s: time between SIGTERM and SIGKILL of a worker.
     format: format requirements applied by every verifier.
     math, numeric, choice, exact, code, reasoning_gym: per-verifier options.
+    plugins: modules (or `.py` paths) that register more verifiers, imported
+      before any verifier name is checked and in every worker (`plugins.py`).
   """
   correct_threshold: float = 0.5
   num_workers: int = 0
@@ -280,6 +282,7 @@ class RewardsConfig:
   exact: ExactConfig = ExactConfig()
   code: CodeConfig = CodeConfig()
   reasoning_gym: ReasoningGymConfig = ReasoningGymConfig()
+  plugins: tuple[str, ...] = ()
 
   def __post_init__(self):
     check(self.num_workers >= 0, "rewards.num_workers",
@@ -299,6 +302,12 @@ class RewardsConfig:
           f"must be >= 1, got {self.chunk_size}")
     check(self.kill_grace_s > 0, "rewards.kill_grace_s",
           f"must be > 0, got {self.kill_grace_s}")
+    plugins = self.plugins
+    if isinstance(plugins, str):  # --config.rewards.plugins=a,b
+      plugins = [p.strip() for p in plugins.split(",") if p.strip()]
+    check(all(isinstance(p, str) and p for p in plugins), "rewards.plugins",
+          f"must be module names or .py paths, got {self.plugins!r}")
+    object.__setattr__(self, "plugins", tuple(plugins))
     for name, cls in _SECTIONS.items():
       check(isinstance(getattr(self, name), cls), f"rewards.{name}",
             f"must be a {cls.__name__} (use RewardsConfig.from_mapping)")
