@@ -359,6 +359,11 @@ def load(config: Any) -> RunConfig:
 def _check_verifiers(data: DataConfig) -> None:
   """The verifier names the config gives are registered ones."""
   known = sorted(registry.VERIFIERS)
+  check(data.default_verifier is None
+        or data.default_verifier in registry.VERIFIERS,
+        "data.default_verifier", f"unknown verifier "
+        f"{data.default_verifier!r}; registered: {', '.join(known)} (a "
+        "plugin in rewards.plugins may register more)")
   for split in ("train_files", "eval_files"):
     for spec in getattr(data, split):
       check(spec.verifier is None or spec.verifier in registry.VERIFIERS,

@@ -60,6 +60,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.train_files = ()
   c.data.eval_files = ()
+  # Column names of the prompt, the reference answer and the verifier in
+  # every file (e.g. "question" / "solution"); dotted for nested columns.
+  c.data.prompt_key = "prompt"
+  c.data.answer_key = "answer"
+  c.data.verifier_key = "verifier"
+  c.data.default_verifier = ml_collections.FieldReference(None, str)
   c.data.skip_bad_rows = False
   c.data.shuffle = True
   c.data.seed = 0
