@@ -302,12 +302,14 @@ class RewardsConfig:
           f"must be >= 1, got {self.chunk_size}")
     check(self.kill_grace_s > 0, "rewards.kill_grace_s",
           f"must be > 0, got {self.kill_grace_s}")
-    plugins = self.plugins
-    if isinstance(plugins, str):  # --config.rewards.plugins=a,b
-      plugins = [p.strip() for p in plugins.split(",") if p.strip()]
-    check(all(isinstance(p, str) and p for p in plugins), "rewards.plugins",
+    # `--config.rewards.plugins=a,b` arrives as ("a,b",): split on commas.
+    entries = ((self.plugins,) if isinstance(self.plugins, str)
+               else tuple(self.plugins))
+    check(all(isinstance(p, str) for p in entries), "rewards.plugins",
           f"must be module names or .py paths, got {self.plugins!r}")
-    object.__setattr__(self, "plugins", tuple(plugins))
+    object.__setattr__(self, "plugins", tuple(
+        p.strip() for entry in entries for p in entry.split(",")
+        if p.strip()))
     for name, cls in _SECTIONS.items():
       check(isinstance(getattr(self, name), cls), f"rewards.{name}",
             f"must be a {cls.__name__} (use RewardsConfig.from_mapping)")

@@ -101,6 +101,8 @@ def test_file_plugin_is_imported_by_path_in_parent_and_workers(tmp_path):
 
 def test_plugins_string_is_split():
   assert RewardsConfig(plugins="a, b").plugins == ("a", "b")
+  # `--config.rewards.plugins=a,b` arrives as ("a,b",).
+  assert RewardsConfig(plugins=("a,b", "c.py")).plugins == ("a", "b", "c.py")
   with pytest.raises(ConfigError, match="rewards.plugins"):
     RewardsConfig(plugins=(3,))
 
