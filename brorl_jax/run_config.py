@@ -38,6 +38,7 @@ from brorl_jax.warmstart import WarmstartConfig
 # that uses them and assembled by `load`.
 
 ALLOCATIONS = ("fixed", "adaptive")
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +153,13 @@ class LoggingConfig:
     archive_every: archive every k-th step (a full BroRL step at 16k tokens
       is GBs).
     text_samples: decoded rollouts per step written to the JSONL sample.
+    wandb: also log every metrics row (and the config) to Weights & Biases
+      (`wandb_writer.py`; the `[wandb]` extra). Process 0 only.
+    wandb_project / wandb_entity / wandb_group / wandb_tags: the W&B run's
+      project, team or user, group and tags (None / (): W&B's defaults).
+    wandb_name: the run's display name; None = the workdir's name.
+    wandb_mode: "online", "offline" (files under `W/wandb/`, `wandb sync`
+      uploads them) or "disabled".
   """
 
   tensorboard: bool = True
@@ -160,6 +168,13 @@ class LoggingConfig:
   archive_rollouts: bool = True
   archive_every: int = 1
   text_samples: int = 4
+  wandb: bool = False
+  wandb_project: str | None = None
+  wandb_entity: str | None = None
+  wandb_name: str | None = None
+  wandb_group: str | None = None
+  wandb_tags: tuple[str, ...] = ()
+  wandb_mode: str = "online"
 
   def __post_init__(self):
     check(self.archive_every >= 1, "logging.archive_every", "must be >= 1")
@@ -176,6 +191,14 @@ class LoggingConfig:
           "set only logging.progress")
     if self.progress is None:
       object.__setattr__(self, "progress", alias)
+    # `--config.logging.wandb_tags=a,b` arrives as ("a,b",): split on commas.
+    tags = ((self.wandb_tags,) if isinstance(self.wandb_tags, str)
+            else tuple(self.wandb_tags))
+    check(all(isinstance(t, str) for t in tags), "logging.wandb_tags",
+          f"must be strings, got {self.wandb_tags!r}")
+    object.__setattr__(self, "wandb_tags", tuple(
+        t.strip() for tag in tags for t in tag.split(",") if t.strip()))
+    check_choice(self.wandb_mode, "logging.wandb_mode", WANDB_MODES)
 
   def progress_mode(self) -> str:
     """"bar", "lines" or "off" (None resolved on stdout's terminal-ness)."""

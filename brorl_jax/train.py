@@ -40,6 +40,7 @@ from brorl_jax import run_config
 from brorl_jax import scoring
 from brorl_jax import sizing
 from brorl_jax import step_log
+from brorl_jax import wandb_writer
 from brorl_jax import workdir as workdir_lib
 from brorl_jax.evaluate import Evaluator
 from brorl_jax.metrics import MetricsWriter
@@ -136,9 +137,13 @@ class Trainer:
         rescore_rollouts=cfg.diagnostics.rescore_rollouts,
         correct_threshold=cfg.rewards.correct_threshold,
         mesh_rules=exp.mesh_train)
+    # W&B, like the metrics files, from process 0 only.
+    wandb = (wandb_writer.from_logging(cfg.logging, self.workdir,
+                                       run_config.resolved(cfg))
+             if exp.is_main else None)
     self.writer = MetricsWriter(self.workdir,
                                 tensorboard=cfg.logging.tensorboard,
-                                enabled=exp.is_main)
+                                enabled=exp.is_main, wandb=wandb)
     self.archive = RolloutArchive(self.workdir / "rollouts", enabled=(
         exp.is_main and cfg.logging.archive_rollouts))
     self.checkpointer = checkpointing.TrainCheckpointer(

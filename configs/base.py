@@ -263,4 +263,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.logging.archive_rollouts = True
   c.logging.archive_every = 1
   c.logging.text_samples = 4
+  # Weights & Biases (the [wandb] extra): every metrics row and the config.
+  c.logging.wandb = False
+  c.logging.wandb_project = ml_collections.FieldReference(None, str)
+  c.logging.wandb_entity = ml_collections.FieldReference(None, str)
+  c.logging.wandb_name = ml_collections.FieldReference(None, str)  # workdir's
+  c.logging.wandb_group = ml_collections.FieldReference(None, str)
+  c.logging.wandb_tags = ()
+  c.logging.wandb_mode = "online"   # "offline": W/wandb/, `wandb sync` later
   return c
