@@ -66,6 +66,9 @@ def _file_specs(value, key: str) -> tuple[FileSpec, ...]:
       config_lib.check(False, key, str(e))
     config_lib.check(specs[-1].weight is None or specs[-1].weight > 0, key,
                      f"weight of {specs[-1].path} must be > 0")
+    config_lib.check(specs[-1].max_prompts is None
+                     or specs[-1].max_prompts >= 1, key,
+                     f"max_prompts of {specs[-1].path} must be >= 1")
   return tuple(specs)
 
 
@@ -137,9 +140,10 @@ class DataConfig:
     columns = None if columns.identity else columns
     for split in ("train_files", "eval_files"):
       specs = _file_specs(getattr(self, split), f"data.{split}")
+      # An entry that brings its own mapping (the benchmark suite's) keeps it.
       object.__setattr__(self, split, tuple(dataclasses.replace(
-          s, columns=columns, verifier=s.verifier or self.default_verifier)
-                                            for s in specs))
+          s, columns=s.columns or columns,
+          verifier=s.verifier or self.default_verifier) for s in specs))
     config_lib.check(0 <= self.seed < 2**32, "data.seed",
                      f"must be in [0, 2**32), got {self.seed}")
     config_lib.check(self.num_epochs is None or self.num_epochs >= 1,
@@ -345,7 +349,7 @@ class PromptPipeline:
       ids = self.tokenizer.encode_batch(texts, add_bos=self.config.add_bos)
       lengths = [len(x) for x in ids]
       kept = [i for i, n in enumerate(lengths)
-              if 1 <= n <= self.max_prompt_len]
+              if 1 <= n <= self.max_prompt_len][:spec.max_prompts]
       stat = FileStats(
           path=result.path, task=result.task, rows=result.rows,
           bad_rows=result.bad_rows, too_long=len(result.records) - len(kept),

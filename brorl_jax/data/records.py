@@ -115,6 +115,8 @@ class FileSpec:
       size (after filtering), i.e. sampling proportional to size.
     task: default `task` of its rows; None means the file name's stem.
     verifier: default `verifier` for rows without one; None requires it.
+    max_prompts: use only the file's first this many prompts (those that
+      fit `rollout.max_prompt_len`); None = all.
     columns: the column mapping (set from the `data` section, not by the
       entry); None = the record field names.
   """
@@ -123,6 +125,7 @@ class FileSpec:
   weight: float | None = None
   task: str | None = None
   verifier: str | None = None
+  max_prompts: int | None = None
   columns: Columns | None = None
 
   @classmethod
@@ -134,15 +137,17 @@ class FileSpec:
       spec = spec.to_dict()
     if isinstance(spec, (str, os.PathLike)):
       return cls(path=os.fspath(spec))
-    unknown = sorted(set(spec) - {"path", "weight", "task", "verifier"})
+    unknown = sorted(set(spec) - {"path", "weight", "task", "verifier",
+                                  "max_prompts"})
     if unknown or "path" not in spec:
       raise ValueError(
           f"a data file entry needs 'path' and may have 'weight', 'task', "
-          f"'verifier'; got keys {sorted(spec)}")
-    weight = spec.get("weight")
+          f"'verifier', 'max_prompts'; got keys {sorted(spec)}")
+    weight, limit = spec.get("weight"), spec.get("max_prompts")
     return cls(path=os.fspath(spec["path"]),
                weight=None if weight is None else float(weight),
-               task=spec.get("task"), verifier=spec.get("verifier"))
+               task=spec.get("task"), verifier=spec.get("verifier"),
+               max_prompts=None if limit is None else int(limit))
 
 
 @dataclasses.dataclass
