@@ -188,7 +188,6 @@ def main(argv: Sequence[str]) -> int:
   env = dict(os.environ)
   arms = [a for a in fv.arms if a]
   workdir = pathlib.Path(fv.workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
   try:
     configs = {arm: apply_overrides(load_config(fv.config, arm), overrides)
                for arm in arms}
@@ -198,6 +197,7 @@ def main(argv: Sequence[str]) -> int:
     raise app.UsageError(f"--arms: {e}") from None
   for config in configs.values():    # a bad arm fails before anything runs
     run_config.load(config)
+  workdir.mkdir(parents=True, exist_ok=True)
 
   t0 = time.perf_counter()
   ws = warm_start(configs[arms[0]], workdir / WARMSTART)

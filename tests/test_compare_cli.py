@@ -46,4 +46,4 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args,
   assert e.value.code == 2
   err = capsys.readouterr().err
   assert err.splitlines()[0].startswith(message), err
-  assert not (tmp_path / "W" / "warmstart").exists()   # nothing ran
+  assert not (tmp_path / "W").exists()                 # nothing ran

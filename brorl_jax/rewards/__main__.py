@@ -132,7 +132,8 @@ def _check(raw: bytes, verifiers: Sequence[str]) -> dict[str, Any]:
     raise ValueError("field 'verifier' must be a string")
   if record["verifier"] not in verifiers:
     raise ValueError(f"unknown verifier {record['verifier']!r}; registered: "
-                     f"{', '.join(sorted(verifiers))}")
+                     f"{', '.join(sorted(verifiers))}; --plugins MODULE "
+                     "imports a module that registers more")
   answer = record.get("answer", "" if record["verifier"] == "code" else None)
   if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
     raise ValueError("field 'answer' must be a string (or a number)")
