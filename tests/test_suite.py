@@ -147,10 +147,12 @@ def test_pipeline_takes_the_first_prompts_that_fit():
   benches = suite.resolve("aime24,amc23")
   cfg = prompts.DataConfig(eval_files=suite.file_specs(benches,
                                                        max_prompts=3))
-  pipe = prompts.PromptPipeline(cfg, qwen2, max_prompt_len=200,
+  pipe = prompts.PromptPipeline(cfg, qwen2, max_prompt_len=1024,
                                 prompts_per_step=4)
   stats = {s.task: s for s in pipe.file_stats("eval")}
   assert stats["aime24"].kept == 3 and stats["amc23"].kept == 3
+  # Prompts left out by the cap are not "too long".
+  assert stats["aime24"].too_long == 0 and stats["amc23"].too_long == 0
   ids = [r.meta["id"] for b in pipe.eval_batches() for r, ok in
          zip(b.records, b.valid) if ok]
   amc = [json.loads(line)["meta"]["id"] for line in

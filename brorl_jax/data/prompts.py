@@ -348,11 +348,12 @@ class PromptPipeline:
         raise records_lib.DataError(result.path, None, None, str(e)) from e
       ids = self.tokenizer.encode_batch(texts, add_bos=self.config.add_bos)
       lengths = [len(x) for x in ids]
-      kept = [i for i, n in enumerate(lengths)
-              if 1 <= n <= self.max_prompt_len][:spec.max_prompts]
+      fits = [i for i, n in enumerate(lengths)
+              if 1 <= n <= self.max_prompt_len]
+      kept = fits[:spec.max_prompts]
       stat = FileStats(
           path=result.path, task=result.task, rows=result.rows,
-          bad_rows=result.bad_rows, too_long=len(result.records) - len(kept),
+          bad_rows=result.bad_rows, too_long=len(result.records) - len(fits),
           kept=len(kept), longest=max(lengths))
       stats.append(stat)
       if stat.too_long:
