@@ -15,8 +15,10 @@ from brorl_jax.data import prompts, records, tokenizer_loader
 from brorl_jax.rewards.config import RewardsConfig
 
 SHA256 = {  # from the files' provenance README
-    "math500": "69643c3a24d2b2b352e3ac5a750280a507982eb85288509ea095c464729da77e",
-    "gsm8k": "9aabe2e1d82dcdac3ef1696c3389c399f714d228304cadbda6f2102b1478b626",
+    "math500":
+        "69643c3a24d2b2b352e3ac5a750280a507982eb85288509ea095c464729da77e",
+    "gsm8k":
+        "9aabe2e1d82dcdac3ef1696c3389c399f714d228304cadbda6f2102b1478b626",
     "aime24": "2dddea7f1b96aa3e7ae4d0d284d466ccd06e5d4ff1311eb5c72172f0174565be",
     "amc23": "5502ad5445bd15b7c843ed955ea7e1a0085a3bc3c0c6748bc75131104736df6c",
 }
