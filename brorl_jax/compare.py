@@ -37,11 +37,11 @@ from absl import app, flags
 
 from brorl_jax import checkpointing
 from brorl_jax import cli
-from brorl_jax import experiment as exp_lib
+from brorl_jax.loop import experiment as exp_lib
 from brorl_jax import plot
 from brorl_jax import run_config
 from brorl_jax.config import ConfigError
-from brorl_jax.metrics import read_metrics
+from brorl_jax.loop.metrics import read_metrics
 from brorl_jax.warmstart import run_warmstart
 
 WARMSTART = "warmstart"

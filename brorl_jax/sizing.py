@@ -529,11 +529,11 @@ def dry_run(cfg, *, device_memory_gb: float | None = None,
                     + big.peak - slope * rows[-1])
   sampling_peak = fixed_sampling + slope * rows[-1]
   prefill_peak = state_bytes + m.prefill.peak
-  # What train.py holds when: the sampling copy is deleted before the
-  # update (the step's rollouts and first-token probabilities stay for the
-  # diagnostics); the diagnostics re-score before the update under the old
-  # state, and after it next to a new sampling copy and the kept prompts'
-  # prefill (`Trainer._diag_after`).
+  # What the loop (loop/trainer.py) holds when: the sampling copy is
+  # deleted before the update (the step's rollouts and first-token
+  # probabilities stay for the diagnostics); the diagnostics re-score before
+  # the update under the old state, and after it next to a new sampling copy
+  # and the kept prompts' prefill (`StepDiagnostics.after_update`).
   held = rollouts + first_probs
   update_peak = m.update.peak + held
   diag_peak, rescore = 0.0, m.rescore
