@@ -154,7 +154,7 @@ class LoggingConfig:
       is GBs).
     text_samples: decoded rollouts per step written to the JSONL sample.
     wandb: also log every metrics row (and the config) to Weights & Biases
-      (`wandb_writer.py`; the `[wandb]` extra). Process 0 only.
+      (`loop/wandb_writer.py`; the `[wandb]` extra). Process 0 only.
     wandb_project / wandb_entity / wandb_group / wandb_tags: the W&B run's
       project, team or user, group and tags (None / (): W&B's defaults).
     wandb_name: the run's display name; None = the workdir's name.

@@ -25,11 +25,11 @@ from jax.experimental import multihost_utils
 
 from brorl_jax import checkpointing
 from brorl_jax import run_config
-from brorl_jax import wandb_writer
 from brorl_jax.loop import allocated_sampling
 from brorl_jax.loop import experiment as exp_lib
 from brorl_jax.loop import scoring
 from brorl_jax.loop import step_log
+from brorl_jax.loop import wandb_writer
 from brorl_jax.loop import workdir as workdir_lib
 from brorl_jax.loop.evaluator import Evaluator
 from brorl_jax.loop.metrics import MetricsWriter

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from brorl_jax import run_config, wandb_writer
-from brorl_jax.loop import metrics
+from brorl_jax import run_config
+from brorl_jax.loop import metrics, wandb_writer
 from brorl_jax.config import ConfigError
 from configs import base
 from tests import wandb_records

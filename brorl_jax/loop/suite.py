@@ -44,7 +44,8 @@ from brorl_jax.data.records import FileSpec
 from brorl_jax.rewards import formatting, math_verifier
 from brorl_jax.rewards.config import RewardsConfig
 
-FILES = pathlib.Path(__file__).resolve().parent / "data" / "benchmark_sets"
+FILES = (pathlib.Path(__file__).resolve().parents[1] / "data" /
+         "benchmark_sets")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from brorl_jax import config as config_lib
-from brorl_jax import suite
 from brorl_jax.config import ConfigError
 from brorl_jax.data import prompts, records, tokenizer_loader
+from brorl_jax.loop import suite
 from brorl_jax.rewards.config import RewardsConfig
 
 SHA256 = {  # from the files' provenance README
@@ -145,7 +145,7 @@ def test_max_prompts_per_file():
 
 def test_pipeline_takes_the_first_prompts_that_fit():
   qwen2 = tokenizer_loader.load_tokenizer(
-      pathlib.Path(__file__).parent / "fixtures" / "qwen2_tokenizer")
+      pathlib.Path(__file__).parents[1] / "fixtures" / "qwen2_tokenizer")
   benches = suite.resolve("aime24,amc23")
   cfg = prompts.DataConfig(eval_files=suite.file_specs(benches,
                                                        max_prompts=3))
