@@ -78,6 +78,9 @@ class EvalConfig:
     max_prompts: evaluate at most this many held-out prompts (None = all).
     temperature / top_p / top_k / greedy / max_new_tokens / max_decode_rows:
       the evaluation's own sampling settings (the paper: T 0.6, top-p 0.95).
+    suite: also evaluate the benchmark suite at every evaluation: "math",
+      or a comma list of math500, aime24, amc23, gsm8k (`loop/suite.py`;
+      `max_prompts` then applies per benchmark); None = off.
   """
 
   every: int = 0
@@ -90,9 +93,13 @@ class EvalConfig:
   greedy: bool = False
   max_new_tokens: int | None = None
   max_decode_rows: int | None = None
+  suite: str | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "k", tuple(self.k))
+    check(self.suite is None or isinstance(self.suite, str), "eval.suite",
+          f"must be benchmark names (e.g. 'math') or None, got "
+          f"{self.suite!r}")
     check(self.every >= 0, "eval.every", "must be >= 0")
     check(self.n >= 1, "eval.n", "must be >= 1")
     check(all(1 <= k <= self.n for k in self.k), "eval.k",

@@ -232,6 +232,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.greedy = False
   c.eval.max_new_tokens = ml_collections.FieldReference(None, int)
   c.eval.max_decode_rows = ml_collections.FieldReference(None, int)
+  # "math": MATH-500, AIME 2024, AMC 2023, GSM8K at every evaluation too.
+  c.eval.suite = ml_collections.FieldReference(None, str)
 
   c.diagnostics = ml_collections.ConfigDict()
   c.diagnostics.every = 1

@@ -26,24 +26,35 @@ M problems. Per benchmark, with n samples of each of its problems:
             answer do not vote, and a block without any votes scores 0.
 
 A sample is correct when its reward reaches `rewards.correct_threshold`.
+`SuiteEvaluator` runs it: the CLI's `--suite` and the train loop's
+`eval.suite` (its `suite/<benchmark>/{accuracy,pass@k,maj@k}` metrics, at
+every evaluation, with the evaluation's sampling settings and key).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import pathlib
-from typing import Any, Iterable, Mapping, Sequence
+import time
+from typing import Any, Callable, Iterable, Sequence
 
+import jax
 import numpy as np
 
+from brorl_jax import distributed, rewards
 from brorl_jax.config import ConfigError
 from brorl_jax.data.columns import Columns
+from brorl_jax.data.prompts import PromptPipeline
 from brorl_jax.data.records import FileSpec
+from brorl_jax.loop.evaluator import Evaluator, eval_key, pass_at_k_array
 from brorl_jax.rewards import formatting, math_verifier
 from brorl_jax.rewards.config import RewardsConfig
 
+# The suite's own draws: not the held-out evaluation's samples.
+_SUITE_PURPOSE = 0x5017E
 FILES = (pathlib.Path(__file__).resolve().parents[1] / "data" /
          "benchmark_sets")
 
@@ -145,6 +156,16 @@ def answer_key(completion: str, config: RewardsConfig) -> str | None:
   return math_verifier.normalize_answer(answer) or None
 
 
+def completion_answer_id(completion: str, config: RewardsConfig) -> int:
+  """`answer_id(answer_key(completion, config))`."""
+  return answer_id(answer_key(completion, config))
+
+
+def answer_fn(config: RewardsConfig) -> Callable[[str], int]:
+  """The `Evaluator`'s `answer_fn` for the suite's votes."""
+  return functools.partial(completion_answer_id, config=config)
+
+
 def answer_id(key: str | None) -> int:
   """A vote as a positive int64 that is the same on every host (0: none)."""
   if key is None:
@@ -192,14 +213,6 @@ def maj_at_k(ids: np.ndarray, correct: np.ndarray, k: int) -> np.ndarray:
 # ---- results ---------------------------------------------------------------
 
 
-def _pass_at_k(n: int, c: np.ndarray, k: int) -> np.ndarray:
-  """Unbiased pass@k per problem: 1 - prod_{j=n-c+1}^{n} (1 - k/j)."""
-  c = np.asarray(c, np.int64)
-  j = np.arange(1, n + 1)
-  factors = np.where(j[None] > (n - c)[:, None], 1.0 - k / j[None], 1.0)
-  return np.where(n - c < k, 1.0, 1.0 - factors.prod(-1))
-
-
 @dataclasses.dataclass
 class SuiteResult:
   """Per-sample outcomes of a suite evaluation.
@@ -233,7 +246,7 @@ class SuiteResult:
       out[name] = {
           "problems": count, "n": self.n,
           "accuracy": float(correct.mean()) if count else empty,
-          "pass@k": {k: float(_pass_at_k(self.n, c, k).mean()) if count
+          "pass@k": {k: float(pass_at_k_array(self.n, c, k).mean()) if count
                      else empty for k in self.ks},
           "maj@k": {k: float(maj_at_k(answers, correct, k).mean()) if count
                     else empty for k in self.ks}}
@@ -273,11 +286,86 @@ class SuiteResult:
                      + [fmt(r) for r in rows])
 
 
-def answer_ids(texts: Mapping[Any, str], shape: tuple[int, int],
-               config: RewardsConfig) -> np.ndarray:
-  """[P, n] answer ids of the texts this host decoded ({(p, g): text});
-  -1 where another host holds the text (the caller combines by max)."""
-  out = np.full(shape, -1, np.int64)
-  for (p, g), text in texts.items():
-    out[p, g] = answer_id(answer_key(text, config))
-  return out
+  @classmethod
+  def from_eval(cls, result: Any, benchmarks: Sequence[Benchmark]
+                ) -> SuiteResult:
+    """From an `EvalResult` of the benchmarks' files (with answers)."""
+    return cls(benchmarks=tuple(b.name for b in benchmarks), ks=result.ks,
+               n=result.n, tasks=result.tasks, correct=result.samples,
+               answers=result.answers)
+
+
+class SuiteEvaluator:
+  """Samples and scores the suite's benchmarks (the evaluate CLI's
+  `--suite`, the train loop's `eval.suite`)."""
+
+  def __init__(self, exp: Any, pool: Any, spec: str | Sequence[str], *,
+               key: str = "eval.suite", greedy: bool = False):
+    """Builds the evaluation of the benchmarks `spec` names.
+
+    Args:
+      exp: the run's `experiment.Experiment` (its `data` section renders
+        the prompts: instruction, system prompt, chat template).
+      pool: the run's reward pool.
+      spec: "math" or a comma list of benchmarks (`resolve`).
+      key: the flag or config key that named them (errors).
+      greedy: argmax decoding (n = 1).
+
+    Raises:
+      ConfigError: an unknown benchmark name.
+    """
+    self.benchmarks = resolve(spec, key)
+    cfg = exp.cfg
+    data = dataclasses.replace(
+        cfg.data, synthetic=None, train_files=(), eval_files=file_specs(
+            self.benchmarks, cfg.eval.max_prompts))
+    pipeline = PromptPipeline(
+        data, exp.tokenizer, max_prompt_len=cfg.rollout.max_prompt_len,
+        prompts_per_step=exp.prompts_to_sample(),
+        known_verifiers=set(rewards.VERIFIERS))
+    # `eval.max_prompts` caps each benchmark (its file entry), so the whole
+    # set holds at most that many per benchmark: no cut beyond it.
+    cap = cfg.eval.max_prompts
+    self.evaluator = Evaluator(
+        exp, pool, pipeline=pipeline, greedy=greedy,
+        max_prompts=None if cap is None else cap * len(self.benchmarks),
+        answer_fn=answer_fn(cfg.rewards))
+
+  def too_long(self) -> dict[str, int]:
+    """Problems dropped per benchmark as longer than the prompt length."""
+    return {s.task: s.too_long for s in self.evaluator.file_stats()}
+
+  @staticmethod
+  def key(seed: int) -> jax.Array:
+    """The suite's sampling key for a run seed (loop and CLI share it)."""
+    return jax.random.fold_in(eval_key(seed), _SUITE_PURPOSE)
+
+  def run(self, params: Any, step: int | None, rng: jax.Array, *,
+          should_stop: Callable[[], bool] | None = None
+          ) -> tuple[SuiteResult, Any] | None:
+    """(the suite's results, the underlying `EvalResult`); None when
+    `should_stop` cut it short."""
+    result = self.evaluator.run(params, step, rng, should_stop=should_stop)
+    if result is None:
+      return None
+    return SuiteResult.from_eval(result, self.benchmarks), result
+
+  def loop_metrics(self, params: Any, step: int, seed: int, *,
+                   should_stop: Callable[[], bool] | None = None
+                   ) -> dict[str, float] | None:
+    """`suite/<benchmark>/...` and `time/suite_s`, with the same key at
+    every evaluation (as the held-out evaluation); None when cut short."""
+    t0 = time.perf_counter()
+    out = self.run(params, step, self.key(seed), should_stop=should_stop)
+    pool = self.evaluator.pool
+    if out is None:
+      pool.pop_stats()
+      return None
+    metrics = out[0].flat()
+    metrics["time/suite_s"] = time.perf_counter() - t0
+    # The pool's counters belong to the suite, not the next RL step.
+    verify = distributed.sum_over_processes(pool.pop_stats(),
+                                            ("timeouts", "errors"))
+    metrics.update({f"suite/verify/{k}": verify[k]
+                    for k in ("timeouts", "errors") if k in verify})
+    return metrics

@@ -128,12 +128,6 @@ def test_result_table_report_and_metrics():
   assert lines[3].split()[:3] == ["gsm8k", "2", "0.7500"]
 
 
-def test_pass_at_k_matches_binomials():
-  for n, c, k in [(5, 0, 1), (5, 2, 2), (8, 3, 4), (8, 8, 8), (16, 1, 16)]:
-    want = 1 - math.comb(n - c, k) / math.comb(n, k)
-    assert suite._pass_at_k(n, np.array([c]), k)[0] == pytest.approx(want)
-
-
 def test_max_prompts_per_file():
   spec = suite.file_specs([suite.BENCHMARKS["aime24"]], max_prompts=3)[0]
   assert spec.max_prompts == 3 and spec.columns is not None
