@@ -63,8 +63,8 @@ def _inputs(seed, b=6, t=7, spread=0.3):
   return logp, old, adv, mask
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("eps", [(0.2, 0.28), (3e-4, 4e-4)])
+@pytest.mark.parametrize("seed, eps", [(0, (0.2, 0.28)), (1, (3e-4, 4e-4)),
+                                       (2, (3e-4, 4e-4))])
 def test_sequence_ratio_matches_gspo_value_and_gradient(seed, eps):
   logp, old, adv, mask = _inputs(seed)
   cfg = losses.LossConfig(eps_low=eps[0], eps_high=eps[1], ratio="sequence",
@@ -82,10 +82,11 @@ def test_sequence_ratio_matches_gspo_value_and_gradient(seed, eps):
   # Some sequences are clipped at the tight clip and some are not, so the
   # comparison covers both branches.
   if eps[0] < 1e-3:
-    assert np.any(np.abs(ref_grad[:-1]).sum(-1) == 0)
+    per_row = np.abs(ref_grad[:-1]).sum(-1)
+    assert np.any(per_row == 0) and np.any(per_row > 0)
 
 
-@pytest.mark.parametrize("seed", [3, 4])
+@pytest.mark.parametrize("seed", [3])
 def test_sequence_ratio_with_token_mean_weights_sequences_by_length(seed):
   logp, old, adv, mask = _inputs(seed)
   cfg = losses.LossConfig(ratio="sequence", aggregation="token_mean")
@@ -152,9 +153,10 @@ def _prepare(ro, rewards, mask_truncated):
           dynamic_sampling=False),
       shaping=ShapingConfig(), mask_truncated=mask_truncated)
   p = rewards.shape[0]
-  return batch_lib.prepare(cfg, jnp.ones((p, 3), jnp.int32),
-                           jnp.full((p,), 3, jnp.int32), ro, rewards,
-                           jnp.int32(0))
+  # Jitted, as the loop runs it: one compile instead of op-by-op dispatch.
+  return jax.jit(batch_lib.prepare, static_argnums=0)(
+      cfg, jnp.ones((p, 3), jnp.int32), jnp.full((p,), 3, jnp.int32), ro,
+      rewards, jnp.int32(0))
 
 
 def _ppo_reference(logp, old, adv, lengths, keep, eps_low=0.2,
@@ -171,7 +173,7 @@ def _ppo_reference(logp, old, adv, lengths, keep, eps_low=0.2,
   return total / count
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0])
 def test_mask_truncated_drops_truncated_rollouts_from_the_loss(seed):
   ro = _rollouts(seed)
   rng = np.random.default_rng(seed + 10)
