@@ -29,6 +29,11 @@ written back out, so it makes the row malformed.
 A malformed row raises `DataError` naming the file, the line (JSONL, 1-based)
 or row (Parquet, 1-based) and the field, or with `skip_bad_rows` is skipped
 and counted in `ReadResult.bad_rows`.
+
+A file spec may also name a Hugging Face `datasets` source (a `save_to_disk`
+directory, `DIR:SPLIT`, or `hf:NAME[:CONFIG]@SPLIT`: `hf_datasets.py`), and
+carries the `data` section's column mapping (`columns.py`), applied to every
+kind of file before a row is parsed.
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ import os
 import pathlib
 from collections.abc import Collection, Iterator, Mapping
 from typing import Any
+
+from brorl_jax.data import hf_datasets
+from brorl_jax.data.columns import ColumnError, Columns
 
 _log = logging.getLogger(__name__)
 
@@ -114,12 +122,18 @@ class FileSpec:
       size (after filtering), i.e. sampling proportional to size.
     task: default `task` of its rows; None means the file name's stem.
     verifier: default `verifier` for rows without one; None requires it.
+    max_prompts: use only the file's first this many prompts (those that
+      fit `rollout.max_prompt_len`); None = all.
+    columns: the column mapping (set from the `data` section, not by the
+      entry); None = the record field names.
   """
 
   path: str
   weight: float | None = None
   task: str | None = None
   verifier: str | None = None
+  max_prompts: int | None = None
+  columns: Columns | None = None
 
   @classmethod
   def parse(cls, spec: str | os.PathLike | Mapping[str, Any]) -> FileSpec:
@@ -130,15 +144,17 @@ class FileSpec:
       spec = spec.to_dict()
     if isinstance(spec, (str, os.PathLike)):
       return cls(path=os.fspath(spec))
-    unknown = sorted(set(spec) - {f.name for f in dataclasses.fields(cls)})
+    unknown = sorted(set(spec) - {"path", "weight", "task", "verifier",
+                                  "max_prompts"})
     if unknown or "path" not in spec:
       raise ValueError(
           f"a data file entry needs 'path' and may have 'weight', 'task', "
-          f"'verifier'; got keys {sorted(spec)}")
-    weight = spec.get("weight")
+          f"'verifier', 'max_prompts'; got keys {sorted(spec)}")
+    weight, limit = spec.get("weight"), spec.get("max_prompts")
     return cls(path=os.fspath(spec["path"]),
                weight=None if weight is None else float(weight),
-               task=spec.get("task"), verifier=spec.get("verifier"))
+               task=spec.get("task"), verifier=spec.get("verifier"),
+               max_prompts=None if limit is None else int(limit))
 
 
 @dataclasses.dataclass
@@ -357,10 +373,11 @@ def read_records(spec: FileSpec | str | os.PathLike, *,
                  skip_bad_rows: bool = False,
                  known_verifiers: Collection[str] | None = None,
                  max_errors_kept: int = 5) -> ReadResult:
-  """Reads and validates all records of one JSONL or Parquet file.
+  """Reads and validates all records of one file or `datasets` source.
 
   Args:
-    spec: the file (a FileSpec gives default task and verifier).
+    spec: the file (a FileSpec gives default task and verifier, and the
+      column mapping).
     skip_bad_rows: skip and count malformed rows instead of raising.
     known_verifiers: allowed verifier names; None allows any.
     max_errors_kept: how many skip messages `ReadResult.errors` keeps.
@@ -374,28 +391,35 @@ def read_records(spec: FileSpec | str | os.PathLike, *,
   """
   spec = FileSpec.parse(spec)
   path = pathlib.Path(spec.path)
-  if not path.is_file():
+  task = spec.task or path.name.split(".")[0]
+  if not path.is_file() and hf_datasets.is_source(spec.path):
+    path, task = spec.path, spec.task or hf_datasets.default_task(spec.path)
+    try:
+      rows = hf_datasets.iter_rows(hf_datasets.open_dataset(spec.path))
+    except hf_datasets.SourceError as e:
+      raise DataError(path, None, None, str(e)) from None
+  elif not path.is_file():
     raise DataError(path, None, None, "file not found")
-  suffix = path.suffix.lower()
-  if suffix == ".parquet":
+  elif path.suffix.lower() == ".parquet":
     rows = _parquet_rows(path)
-  elif suffix in (".jsonl", ".json", ".ndjson"):
+  elif path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
     rows = _jsonl_rows(path)
   else:
     raise DataError(path, None, None,
-                    "unknown format: use .jsonl (one JSON object per line) "
-                    "or .parquet")
-  task = spec.task or path.name.split(".")[0]
+                    "unknown format: use .jsonl (one JSON object per line), "
+                    ".parquet, or a Hugging Face datasets directory or "
+                    "hf:NAME@SPLIT")
   result = ReadResult(path=str(path), task=task, records=[])
+  columns = spec.columns or Columns()
   for line, row in rows:
     result.rows += 1
     try:
       if isinstance(row, _FieldError):
         raise row
       result.records.append(
-          parse_record(row, task=task, verifier=spec.verifier,
+          parse_record(columns.remap(row), task=task, verifier=spec.verifier,
                        known_verifiers=known_verifiers))
-    except _FieldError as e:
+    except (_FieldError, ColumnError) as e:
       error = DataError(path, line, e.field, str(e))
       if not skip_bad_rows:
         raise DataError(path, line, e.field, f"{e}; {_FIX}") from None

@@ -268,6 +268,8 @@ class RewardsConfig:
     kill_grace_s: time between SIGTERM and SIGKILL of a worker.
     format: format requirements applied by every verifier.
     math, numeric, choice, exact, code, reasoning_gym: per-verifier options.
+    plugins: modules (or `.py` paths) that register more verifiers, imported
+      before any verifier name is checked and in every worker (`plugins.py`).
   """
   correct_threshold: float = 0.5
   num_workers: int = 0
@@ -285,6 +287,7 @@ class RewardsConfig:
   exact: ExactConfig = ExactConfig()
   code: CodeConfig = CodeConfig()
   reasoning_gym: ReasoningGymConfig = ReasoningGymConfig()
+  plugins: tuple[str, ...] = ()
 
   def __post_init__(self):
     check(self.num_workers >= 0, "rewards.num_workers",
@@ -304,6 +307,14 @@ class RewardsConfig:
           f"must be >= 1, got {self.chunk_size}")
     check(self.kill_grace_s > 0, "rewards.kill_grace_s",
           f"must be > 0, got {self.kill_grace_s}")
+    # `--config.rewards.plugins=a,b` arrives as ("a,b",): split on commas.
+    entries = ((self.plugins,) if isinstance(self.plugins, str)
+               else tuple(self.plugins))
+    check(all(isinstance(p, str) for p in entries), "rewards.plugins",
+          f"must be module names or .py paths, got {self.plugins!r}")
+    object.__setattr__(self, "plugins", tuple(
+        p.strip() for entry in entries for p in entry.split(",")
+        if p.strip()))
     for name, cls in _SECTIONS.items():
       check(isinstance(getattr(self, name), cls), f"rewards.{name}",
             f"must be a {cls.__name__} (use RewardsConfig.from_mapping)")

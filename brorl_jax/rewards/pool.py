@@ -84,7 +84,8 @@ class _Worker:
     self.told_sandbox = False      # sent the parent's sandbox decision
     self.info: dict[str, Any] = {}
     self.send.send({"sys_path": list(sys.path), "cpus": pool.cpus,
-                    "memory_mb": pool.config.worker_memory_mb})
+                    "memory_mb": pool.config.worker_memory_mb,
+                    "plugins": pool.config.plugins})
     self.send.send((pool.config, pool.verifiers))
 
   def stop(self, now: float, grace: float, terminate: bool) -> None:
