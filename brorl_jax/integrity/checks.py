@@ -111,11 +111,12 @@ def array_checksums(tree: Any) -> dict[str, list]:
   Computed on device, shard by shard (no gather); only 8 bytes per array
   come to the host. Every process calls it for global arrays (a collective).
   """
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  sums = [_checksum_fn(_replicated(getattr(v, "sharding", None)))(v)
-          for _, v in leaves]  # dispatched together, read below
   out = {}
-  for (path, value), total in zip(leaves, sums):
+  for path, value in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    total = _checksum_fn(_replicated(getattr(value, "sharding", None)))(value)
+    # Read before the next is dispatched: many small collective programs in
+    # flight at once starve XLA:CPU's thread pool on a 2-core host (devices
+    # miss the all-gather's 40 s rendezvous and the process aborts).
     plain, weighted = np.asarray(total.addressable_data(0)).tolist()
     out[jax.tree_util.keystr(path)] = [plain, weighted, list(value.shape),
                                        str(value.dtype)]
