@@ -49,7 +49,7 @@ from brorl_jax.model.transformer import Policy
 from brorl_jax.rollout import Sampler, SamplerConfig
 from brorl_jax.model.attention_kernels import resolve_attention_backend
 from brorl_jax.rollout.sampler import refill_plan
-from brorl_jax.rollout.slots import simulate_pools
+from brorl_jax.bench.slots import simulate_pools
 
 NO_STOP = (2**30,)  # a stop id no model emits: every row runs to T tokens
 

@@ -21,12 +21,8 @@ from jax.experimental.pallas.ops.tpu.splash_attention import (
     splash_attention_mask as splash_mask)
 from jax.sharding import PartitionSpec
 
+from brorl_jax.model.config import GPU_BLOCK, SPLASH_BLOCK
 from brorl_jax.model.sharding import active_mesh_rules, active_platform
-
-# Splash blocks: 512 (ENV.md §12's measured AOT compile); multiples of 128.
-SPLASH_BLOCK = 512
-# The GPU kernel's default forward block (its backward blocks are 32).
-GPU_BLOCK = 128
 
 
 def _round_up(x: int, m: int) -> int:

@@ -1,8 +1,10 @@
 """Slot accounting on the host: what the refill decode can reach.
 
-An event simulation of the refill decode's pools (`refill.py`): each prompt's
-G slots serve its rollouts in queue order, a slot taking the next rollout the
-step its current one ends. A rollout of L tokens occupies L - 1 decode steps
+An event simulation of the refill decode's pools (`rollout/refill.py`), the
+bench's yardstick for the refill and the tests' oracle of its slot counts
+(the sampler itself never uses it): each prompt's G slots serve its rollouts
+in queue order, a slot taking the next rollout the step its current one
+ends. A rollout of L tokens occupies L - 1 decode steps
 (its first token comes from the prefill); rollouts that end at their first
 token are never queued. The decode runs until the slowest pool is empty.
 """
