@@ -51,7 +51,6 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-import re
 import sys
 import time
 from typing import Any, Callable
@@ -59,13 +58,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from brorl_jax import aot_sizing
+from brorl_jax.aot import devices as devices_lib
 from brorl_jax.loop import programs
 from brorl_jax.loop.programs import GiB, CompiledStep
 from brorl_jax.rollout.config import plan_chunks, refill_plan
-
-# HBM per chip (GB) of TPU generations, by topology-name prefix.
-TPU_HBM_GB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32}
-DEFAULT_GB = 80.0  # H100
 
 
 def per_device_bytes(tree: Any) -> float:
@@ -75,17 +72,6 @@ def per_device_bytes(tree: Any) -> float:
     shape = x.sharding.shard_shape(x.shape) if x.sharding else x.shape
     total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
   return float(total)
-
-
-def _default_memory_gib(devices, topology: str | None) -> tuple[float, str]:
-  if topology:
-    gen = re.split(r"[:-]", topology)[0].lower()
-    if gen in TPU_HBM_GB:
-      return TPU_HBM_GB[gen], f"{gen} HBM per chip"
-  stats = getattr(devices[0], "memory_stats", lambda: None)()
-  if stats and stats.get("bytes_limit"):
-    return stats["bytes_limit"] / GiB, "this device's JAX memory limit"
-  return DEFAULT_GB, "an H100's 80 GiB (set --device_memory_gb)"
 
 
 def dry_run(cfg, *, device_memory_gb: float | None = None,
@@ -99,7 +85,8 @@ def dry_run(cfg, *, device_memory_gb: float | None = None,
     device_memory_gb: memory per device, GiB (default: see module doc).
       On GPUs give what JAX may use: total x XLA_PYTHON_CLIENT_MEM_FRACTION.
     topology: a TPU topology for ahead-of-time compilation (libtpu needed),
-      e.g. "v5p:4x4x2"; None uses `jax.devices()`.
+      e.g. "v5p:4x4x2", or a GPU one (the CUDA plugin, `aot/topology.py`),
+      e.g. "h100:8x1x8"; None uses `jax.devices()`.
     layers: model depth to compile: 0 = the full depth for shallow models,
       else compiles at 1 and 2 layers (2 and 4 with remat) extrapolated to
       the full depth; k >= the depth compiles the full model; a smaller k
@@ -124,13 +111,24 @@ def dry_run(cfg, *, device_memory_gb: float | None = None,
 
   step = programs.compile_step(cfg, topology=topology, layers=layers,
                                log=log)
+  if step.failures:     # the GPU compiler's: every one, a line each
+    for line in step.failures:
+      out(line)
+    raise SystemExit(1)
   memory_gib, memory_src = ((device_memory_gb, "--device_memory_gb")
                             if device_memory_gb else
-                            _default_memory_gib(step.devices, topology))
+                            devices_lib.default_memory_gib(step.devices,
+                                                           topology))
   report = memory_report(cfg, step, memory_gib * GiB)
   _print_report(cfg, step, report, memory_gib, memory_src, out)
   summary = _summary(cfg, step, report, memory_gib,
                      time.perf_counter() - start)
+  if step.gpu:
+    summary.update(aot_sizing.gpu_summary(
+        cfg, step.model_cfg, step.gpu, mem=step.raw, texts=step.texts,
+        depths=step.depths, depth=step.model_cfg.num_layers,
+        table=step.table, resident=report["state_bytes"],
+        budget=report["budget"], fits=summary["fits"], out=out))
   if json_path:
     pathlib.Path(json_path).write_text(json.dumps(summary, indent=1) + "\n")
     out(f"wrote {json_path}")
@@ -261,6 +259,7 @@ def memory_report(cfg, step: CompiledStep, budget: float) -> dict[str, Any]:
       "chunk_rows": rows[-1], "fit_rows": fit_rows, "plan": plan,
       "max_rows": plan[0] * plan[1] if plan else 0, "slots": slots,
       "budget": budget, "num_prompts": num_prompts,
+      "state_bytes": state_bytes,
       "peaks": {"peak_prefill_gib": prefill_peak,
                 "peak_decode_gib": sampling_peak,
                 "peak_update_gib": update_peak,

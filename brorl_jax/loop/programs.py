@@ -10,6 +10,8 @@ uses) and compiles them two at a time:
   * one decode chunk at two row counts (the memory per decoded row),
   * the update at its longest length bucket,
   * the diagnostics' re-scoring,
+  * on the GPU compiler, every other program the loop runs
+    (`aot_sizing.more_programs`: the refill decode, the evaluation's),
 
 at two small depths extrapolated linearly in the layer count when the model
 is deep (`sizing.py`'s docstring says why each choice). It returns their
@@ -28,6 +30,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from brorl_jax import aot_sizing
+from brorl_jax.aot import devices as devices_lib
 from brorl_jax.loop import build as build_lib
 from brorl_jax.loop.build import PolicySource, RunBuild
 from brorl_jax.model.sharding import make_mesh
@@ -36,7 +40,7 @@ from brorl_jax.rl.batch import RolloutBatch
 from brorl_jax.rl.update import lower_update
 from brorl_jax.rollout import sampling
 from brorl_jax.rollout.config import plan_chunks
-from brorl_jax.rollout.sampler import Prefill
+from brorl_jax.rollout.sampler import Prefill, Sampler
 from brorl_jax.rollout.shared_prefix import SharedPrefixAttention
 
 GiB = 2**30
@@ -82,21 +86,6 @@ class Mem:
       return max(a, b) + slope * (x - x1)
     return Mem(*(one(a, b) for a, b in zip(
         dataclasses.astuple(self), dataclasses.astuple(other))))
-
-
-def tpu_devices(topology: str):
-  try:
-    # Imported here: inside the try, so a JAX without it reports below.
-    from jax.experimental import topologies
-    return topologies.get_topology_desc(platform="tpu",
-                                        topology_name=topology).devices
-  except Exception as e:  # ImportError, or libtpu missing / bad name
-    raise SystemExit(
-        f"error: --dry_run_topology={topology}: JAX cannot describe this TPU "
-        f"topology here ({type(e).__name__}: {str(e).splitlines()[0]}). "
-        "Install libtpu (pip install -e '.[tpu]') and name it as "
-        "'<generation>:<chips x y z>', e.g. v5p:4x4x2 for a v5p-64 slice "
-        "(32 chips, 64 TensorCores)") from None
 
 
 def model_config(cfg) -> tuple[Any, str]:
@@ -150,17 +139,29 @@ class StepPrograms:
   def num_prompts(self) -> int:
     return self.build.prompts_to_sample()
 
-  def prefill(self) -> jax.stages.Lowered:
-    p, lp = self.num_prompts, self.cfg.rollout.max_prompt_len
+  def prefill(self, sampler: Sampler | None = None) -> jax.stages.Lowered:
+    sampler = sampler or self.sampler
+    p, lp = self.num_prompts, sampler.cfg.max_prompt_len
     r = self.sample_rules
     tokens = self._sds(r, (p, lp), jnp.int32, ("batch", None))
     lengths = self._sds(r, (p,), jnp.int32, ("batch",))
     # The sampler's own program, lowered from abstract arguments.
-    return self.sampler.lower_prefill(self.sample_params, tokens, lengths)
+    return sampler.lower_prefill(self.sample_params, tokens, lengths)
 
-  def decode(self, pc: int, gc: int) -> jax.stages.Lowered:
+  def decode(self, pc: int, gc: int, sampler: Sampler | None = None
+             ) -> jax.stages.Lowered:
+    sampler = sampler or self.sampler
+    part = self.prefill_part(pc, sampler)
+    keys = jax.eval_shape(lambda: sampling.row_keys(
+        jax.random.key(0), jnp.arange(pc), jnp.arange(gc)))
+    keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=self.rep)
+    return sampler.lower_decode(self.sample_params, part, keys, group=gc)
+
+  def prefill_part(self, pc: int, sampler: Sampler | None = None) -> Prefill:
+    """The prefill's outputs for `pc` prompts, abstract."""
+    sampler = sampler or self.sampler
     mc, r = self.policy.cfg, self.sample_rules
-    lp, dt = self.cfg.rollout.max_prompt_len, jnp.dtype(mc.dtype)
+    lp, dt = sampler.cfg.max_prompt_len, jnp.dtype(mc.dtype)
     # The prompt KV in the layouts the prefill stores it in.
     fresh = jax.ShapeDtypeStruct((pc, lp, mc.num_kv_heads, mc.head_dim), dt)
     k_shape, v_shape = (x.shape for x in jax.eval_shape(
@@ -174,11 +175,7 @@ class StepPrograms:
         lengths=self._sds(r, (pc,), jnp.int32, ("batch",)),
         logits=self._sds(r, (pc, mc.vocab_size), jnp.float32,
                          ("batch", "act_vocab")))
-    keys = jax.eval_shape(lambda: sampling.row_keys(
-        jax.random.key(0), jnp.arange(pc), jnp.arange(gc)))
-    keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=self.rep)
-    return self.sampler.lower_decode(self.sample_params, part, keys,
-                                     group=gc)
+    return part
 
   def batch(self) -> RolloutBatch:
     """The update's (and the diagnostics') batch: P groups, rows split
@@ -246,13 +243,26 @@ class StepPrograms:
 COMPILE_WORKERS = min(2, os.cpu_count() or 1)
 
 
-def compile_all(lowered: dict, log: Callable[[str], None]) -> dict:
+def compile_all(lowered: dict, log: Callable[[str], None],
+                texts: dict | None = None,
+                failed: Callable | None = None) -> dict:
   """Compiles `{(depth, name): Lowered | None}`, `COMPILE_WORKERS` at a
   time in the given order (longest first packs best), logging each one's
-  wall time; returns `{key: Mem | None}`."""
+  wall time; returns `{key: Mem | None}`. With `texts`, keeps each
+  compiled program's HLO text there; with `failed(key, error)`, a program
+  that does not compile is reported to it (its Mem is None)."""
   def compile_one(key):
     t = time.perf_counter()
-    result = Mem.of(lowered[key].compile())
+    try:
+      compiled = lowered[key].compile()
+    except Exception as e:  # noqa: BLE001 (any compiler error is reported)
+      if failed is None:
+        raise
+      failed(key, e)
+      return None
+    result = Mem.of(compiled)
+    if texts is not None:
+      texts[key] = compiled.as_text()
     log(f"{key[0]} layer(s): {key[1]} compiled in "
         f"{time.perf_counter() - t:.0f} s (arguments {result.args / GiB:.3f}"
         f" GiB, temporaries {result.temp / GiB:.3f} GiB)")
@@ -290,6 +300,12 @@ class CompiledStep:
     update_label / update_temp_label: where the update's figures (and its
       temporaries, on CPU with remat an estimate) come from.
     cpu_upper: the CPU-compiled remat temporaries the estimate replaced.
+    depths: the depths compiled; raw: `{(depth, program): Mem | None}` as
+      compiled.
+    gpu: the GPU topology (None: not the GPU compiler); texts: the
+      compiled HLO per program, and table: each program kind's attention
+      backend (GPU only); failures: one line per program that did not
+      lower or compile (GPU only: elsewhere a failure raises).
   """
 
   devices: Any
@@ -303,13 +319,19 @@ class CompiledStep:
   update_label: str
   update_temp_label: str
   cpu_upper: float | None
+  depths: tuple[int, ...]
+  raw: dict
+  gpu: Any = None
+  texts: dict | None = None
+  table: dict | None = None
+  failures: list[str] = dataclasses.field(default_factory=list)
 
 
 def compile_step(cfg, *, topology: str | None = None, layers: int = 0,
                  log: Callable[[str], None] = print) -> CompiledStep:
   """Lowers and compiles the step's programs for `cfg` (see `dry_run`'s
   `topology` and `layers`)."""
-  devices = tpu_devices(topology) if topology else jax.devices()
+  devices, gpu = devices_lib.target_devices(topology)
   mesh = make_mesh(cfg.mesh.shape, devices)
   model_cfg, model_source = model_config(cfg)
   depth = model_cfg.num_layers
@@ -323,8 +345,11 @@ def compile_step(cfg, *, topology: str | None = None, layers: int = 0,
     depths = (depth,)
   else:
     depths = (first, max(layers, second))
-  platform = "TPU" if topology else devices[0].platform.upper()
-  backend = (f"TPU compiler, topology {topology} (ahead of time)" if topology
+  platform = ("GPU" if gpu else "TPU" if topology
+              else devices[0].platform.upper())
+  backend = (f"XLA:GPU compiler, {gpu.target.name}, topology {gpu} (ahead "
+             "of time)" if gpu else
+             f"TPU compiler, topology {topology} (ahead of time)" if topology
              else f"{platform} backend")
   if depths == (depth,):
     label = f"compiled ({backend})"
@@ -335,7 +360,22 @@ def compile_step(cfg, *, topology: str | None = None, layers: int = 0,
   # Every program of every depth is lowered first (tracing holds the GIL),
   # then compiled side by side (`compile_all`).
   t0 = time.perf_counter()
-  lowered, plans = {}, None
+  lowered, plans, failures = {}, None, []
+  table = aot_sizing.backends(model_cfg, platform.lower())
+  where = str(gpu or topology or platform)
+
+  def failed(key, error):
+    failures.append(aot_sizing.failure_line(
+        f"{key[1]} ({key[0]} layers)", aot_sizing.backend_of(key[1], table),
+        error, where))
+
+  def lower(key, build):
+    try:
+      lowered[key] = build()
+    except Exception as e:  # noqa: BLE001 (lowering runs kernel checks)
+      if not gpu:
+        raise
+      failed(key, e)
   full = StepPrograms(cfg, model_cfg, mesh, depth)
   # The TPU compiler's update temporaries are not linear in depth (BroRL,
   # v5p-64, longest bucket: 6.24 / 5.97 / 6.75 / 9.70 GiB at 2 / 4 / 8 /
@@ -343,17 +383,24 @@ def compile_step(cfg, *, topology: str | None = None, layers: int = 0,
   # 8 layers, 140 s at 16, alone): there the update compiles whole.
   update_depths = (depth,) if platform == "TPU" else depths
   if update_depths != depths:
-    lowered[depth, "update"] = full.update()
+    lower((depth, "update"), full.update)
   for d in depths:
     b = full if d == depth else StepPrograms(cfg, model_cfg, mesh, d)
     plans = [p for p in row_plans(b.num_prompts, cfg.rollout.n,
                                   cfg.rollout.max_decode_rows) if p]
     if update_depths == depths:
-      lowered[d, "update"] = b.update()
-    lowered[d, "diagnostics re-scoring"] = b.rescore()
-    lowered[d, "prefill"] = b.prefill()
+      lower((d, "update"), b.update)
+    lower((d, "diagnostics re-scoring"), b.rescore)
+    lower((d, "prefill"), b.prefill)
     for pc, gc in plans:
-      lowered[d, f"decode chunk of {pc * gc} rows"] = b.decode(pc, gc)
+      lower((d, f"decode chunk of {pc * gc} rows"),
+            lambda pc=pc, gc=gc: b.decode(pc, gc))
+    if gpu:   # every program the loop runs, on the GPU compiler
+      for name, build in aot_sizing.more_programs(b, cfg).items():
+        try:
+          lowered.update({(d, n): x for n, x in build().items()})
+        except Exception as e:  # noqa: BLE001 (reported with the others)
+          failed((d, name), e)
   log(f"lowered {sum(x is not None for x in lowered.values())} programs "
       f"({'+'.join(map(str, depths))} layers; the update at "
       f"{'+'.join(map(str, update_depths))}) in "
@@ -361,10 +408,19 @@ def compile_step(cfg, *, topology: str | None = None, layers: int = 0,
       f"{COMPILE_WORKERS} at a time")
   # The slowest programs first (the updates, then the re-scorings).
   kinds = ("update", "diagnostics re-scoring", "prefill", "decode")
-  rank = lambda k: next(i for i, n in enumerate(kinds)  # noqa: E731
-                        if k[1].startswith(n))
+  rank = lambda k: next((i for i, n in enumerate(kinds)  # noqa: E731
+                         if k[1].startswith(n)), len(kinds))
+  texts = {} if gpu else None
   mem = compile_all(dict(sorted(lowered.items(),
-                                key=lambda kv: rank(kv[0]))), log)
+                                key=lambda kv: rank(kv[0]))), log, texts,
+                    failed if gpu else None)
+  if failures:
+    return CompiledStep(
+        devices=devices, platform=platform, mesh=mesh, model_cfg=model_cfg,
+        model_source=model_source, full=full, mem=None, label=label,
+        update_label="", update_temp_label="", cpu_upper=None,
+        depths=depths, raw=mem, gpu=gpu, texts=texts, table=table,
+        failures=failures)
   progs = {d: Programs(
       mem[d, "prefill"],
       {pc * gc: mem[d, f"decode chunk of {pc * gc} rows"] for pc, gc in plans},
@@ -409,4 +465,5 @@ def compile_step(cfg, *, topology: str | None = None, layers: int = 0,
       devices=devices, platform=platform, mesh=mesh, model_cfg=model_cfg,
       model_source=model_source, full=full, mem=m, label=label,
       update_label=update_label, update_temp_label=update_temp_label,
-      cpu_upper=cpu_upper)
+      cpu_upper=cpu_upper, depths=depths, raw=mem, gpu=gpu, texts=texts,
+      table=table)

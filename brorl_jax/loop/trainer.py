@@ -29,6 +29,8 @@ from brorl_jax.loop import allocated_sampling
 from brorl_jax.loop import experiment as exp_lib
 from brorl_jax.loop import scoring
 from brorl_jax.loop import step_log
+from brorl_jax.loop import suite as suite_lib
+from brorl_jax.loop import wandb_writer
 from brorl_jax.loop import workdir as workdir_lib
 from brorl_jax.loop.evaluator import Evaluator
 from brorl_jax.loop.metrics import MetricsWriter
@@ -37,6 +39,7 @@ from brorl_jax.model.sharding import reshard
 from brorl_jax.progress import Progress, print_summary
 from brorl_jax.rl import batch as batch_lib
 from brorl_jax.rl import diagnostics as diag_lib
+from brorl_jax.rl import nonfinite
 from brorl_jax.rl import reference as reference_lib
 from brorl_jax.rl import train_state as ts_lib
 from brorl_jax.rl import update as update_lib
@@ -99,7 +102,8 @@ class Trainer:
     self.batch_cfg = batch_lib.BatchConfig(
         num_groups=self.num_groups, max_new_tokens=cfg.rollout.max_new_tokens,
         correct_threshold=cfg.rewards.correct_threshold,
-        advantage=cfg.advantage, shaping=cfg.shaping)
+        advantage=cfg.advantage, shaping=cfg.shaping,
+        mask_truncated=cfg.loss.mask_truncated)
     self._prepare = jax.jit(batch_lib.prepare, static_argnums=0)
     self._reset_ref = jax.jit(
         lambda s: ts_lib.reset_reference(
@@ -114,9 +118,13 @@ class Trainer:
         rescore_rollouts=cfg.diagnostics.rescore_rollouts,
         correct_threshold=cfg.rewards.correct_threshold,
         mesh_rules=exp.mesh_train)
+    # W&B, like the metrics files, from process 0 only.
+    wandb = (wandb_writer.from_logging(cfg.logging, self.workdir,
+                                       run_config.resolved(cfg))
+             if exp.is_main else None)
     self.writer = MetricsWriter(self.workdir,
                                 tensorboard=cfg.logging.tensorboard,
-                                enabled=exp.is_main)
+                                enabled=exp.is_main, wandb=wandb)
     self.archive = RolloutArchive(self.workdir / "rollouts", enabled=(
         exp.is_main and cfg.logging.archive_rollouts))
     self.checkpointer = checkpointing.TrainCheckpointer(
@@ -125,6 +133,8 @@ class Trainer:
     self.evaluator = None
     if self.pipeline.config.eval_files:
       self.evaluator = Evaluator(exp, self.pool)
+    self.suite = (suite_lib.SuiteEvaluator(exp, self.pool, cfg.eval.suite)
+                  if cfg.eval.suite else None)
 
   # ---- state ---------------------------------------------------------------
 
@@ -309,12 +319,17 @@ class Trainer:
   # ---- evaluation ----------------------------------------------------------
 
   def evaluate(self, state, step: int, preempt) -> dict[str, float] | None:
-    """The `eval/*` metrics; None when SIGTERM cut the evaluation short."""
-    if self.evaluator is None:
-      return {}
-    return self.evaluator.loop_metrics(
-        self._sampling_copy(state.params), step, self.cfg.seed,
-        should_stop=preempt.requested)
+    """The `eval/*` (and `suite/*`) metrics; None when SIGTERM cut the
+    evaluation short."""
+    params, out = self._sampling_copy(state.params), {}
+    for evaluator in (self.evaluator, self.suite):
+      if evaluator is not None:
+        got = evaluator.loop_metrics(params, step, self.cfg.seed,
+                                     should_stop=preempt.requested)
+        if got is None:
+          return None
+        out.update(got)
+    return out
 
   # ---- the loop ------------------------------------------------------------
 
@@ -336,7 +351,7 @@ class Trainer:
     last: dict[str, float] = {}
     # Older checkpoints lack `eval_due`: their step-0 evaluation is redone.
     due = meta.get("eval_due", 0 if start == 0 else None)
-    if due == start and self.evaluator is not None:
+    if due == start and (self.evaluator or self.suite) is not None:
       # Held-out pass@1 before any RL update (or the one SIGTERM cut short).
       out = self.evaluate(state, start, preempt)
       if out is not None:
@@ -346,6 +361,10 @@ class Trainer:
           meta["best_eval"] = last.get("eval/pass@1")
         self.writer.write(start, last)
     t_start = time.perf_counter()
+    # Stops a run whose first steps skip every mini-batch (non-finite).
+    watch = nonfinite.SkipWatch(
+        cfg.update.num_minibatches, backend=self.sampler.decode_backend,
+        platform=jax.default_backend(), dtype=self.exp.model_cfg.dtype)
     bar = self._progress("RL step", cfg.total_steps, initial=start)
     step = start
     budget = cfg.max_generated_tokens
@@ -371,7 +390,7 @@ class Trainer:
         step += 1
         last_step = finished(step)
         # ---- Evaluation (held-out pass@k) --------------------------------
-        if self.evaluator is not None and (
+        if (self.evaluator or self.suite) is not None and (
             last_step or (cfg.eval.every and step % cfg.eval.every == 0)):
           out = self.evaluate(state, step, preempt)
           if out is None:               # preempted: evaluated on resume
@@ -392,6 +411,7 @@ class Trainer:
           state = self._reset_ref(state)
         # ---- Log ---------------------------------------------------------
         self.writer.write(step, metrics)
+        watch.check(metrics)
         last = metrics
         bar.update(step, {
             "reward": metrics["reward/mean"],

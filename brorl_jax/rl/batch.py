@@ -103,6 +103,9 @@ class BatchConfig:
     correct_threshold: `rewards.correct_threshold`.
     advantage: the advantage settings.
     shaping: the reward-shaping settings.
+    mask_truncated: `algo.loss.mask_truncated`: rollouts that did not stop
+      (cut at `max_new_tokens`) leave the loss mask; they still count in
+      the advantages' baselines.
   """
 
   num_groups: int
@@ -110,6 +113,7 @@ class BatchConfig:
   correct_threshold: float
   advantage: adv_lib.AdvantageConfig
   shaping: ShapingConfig
+  mask_truncated: bool = False
 
 
 @struct.dataclass
@@ -184,6 +188,11 @@ def prepare(cfg: BatchConfig, prompt_tokens, prompt_lengths,
       sel_rewards, sel_valid, prompt_ok, cfg.advantage, correct_threshold=thr,
       shaped_rewards=shaped)
   mask = group_mask[:, None] & sel_valid
+  if cfg.mask_truncated:
+    # DAPO's overlong filtering: a truncated rollout keeps its reward in the
+    # baseline above but trains no token (nor counts in the normalizer).
+    truncated_masked = mask & ~sel_stopped                  # [P, G]
+    mask = mask & sel_stopped
   batch = RolloutBatch(
       prompt_tokens=take(prompt_tokens), prompt_lengths=take(prompt_lengths),
       tokens=take(tokens), logprobs=take(logprobs), lengths=sel_lengths,
@@ -232,6 +241,8 @@ def prepare(cfg: BatchConfig, prompt_tokens, prompt_lengths,
       "advantage/abs_mean": jnp.where(mask, jnp.abs(adv), 0).sum() /
           jnp.maximum(mask.sum(), 1),
   }
+  if cfg.mask_truncated:
+    stats["rollout/truncated_masked"] = truncated_masked.sum()
   if shaped is not None:
     stats["reward/shaped_mean"] = jnp.where(mask, shaped, 0).sum() / \
         jnp.maximum(mask.sum(), 1)

@@ -307,10 +307,26 @@ class Sampler:
     compiles it to read its memory without running it."""
     return self._prefill.lower(params, tokens, lengths)
 
-  def lower_decode(self, params, prefill: Prefill, keys, *, group: int
-                   ) -> jax.stages.Lowered:
-    """The decode program of one chunk, lowered for (abstract) arguments."""
-    return self._decode.lower(params, prefill, keys, group=group)
+  def lower_decode(self, params, prefill: Prefill, keys, *, group: int,
+                   limits=None) -> jax.stages.Lowered:
+    """The decode program of one chunk, lowered for (abstract) arguments
+    (`limits`: the chunk's [Pc, Gc] length limits, as `chunks` passes)."""
+    return self._decode.lower(params, prefill, keys, group=group,
+                              limits=limits)
+
+  def lower_refill_init(self, prefill: Prefill, prompt_keys, *, n: int,
+                        slots: int, width: int) -> jax.stages.Lowered:
+    """The refill decode's first program (first tokens, slots filled),
+    lowered for (abstract) arguments; `segments` runs it once per part."""
+    return self._refill_init.lower(prefill, prompt_keys, None, n=n,
+                                   slots=slots, width=width)
+
+  def lower_refill_segment(self, params, prefill: Prefill, prompt_keys,
+                           state: refill.RefillState) -> jax.stages.Lowered:
+    """One refill segment program (a state of one suffix width), lowered
+    for (abstract) arguments; `segments` runs it until every slot idles."""
+    return self._refill_segment.lower(params, prefill, prompt_keys, None,
+                                      state, jnp.int32(self.cfg.segment_steps))
 
   def chunks(self, params, prefill: Prefill, rng: jax.Array, *,
              n: int | None = None, prompt_offset: int = 0,

@@ -1,10 +1,8 @@
 """Slot accounting on the host: what the refill decode can reach.
 
-An event simulation of the refill decode's pools (`rollout/refill.py`), the
-bench's yardstick for the refill and the tests' oracle of its slot counts
-(the sampler itself never uses it): each prompt's G slots serve its rollouts
-in queue order, a slot taking the next rollout the step its current one
-ends. A rollout of L tokens occupies L - 1 decode steps
+An event simulation of the refill decode's pools (`refill.py`): each prompt's
+G slots serve its rollouts in queue order, a slot taking the next rollout the
+step its current one ends. A rollout of L tokens occupies L - 1 decode steps
 (its first token comes from the prefill); rollouts that end at their first
 token are never queued. The decode runs until the slowest pool is empty.
 """
@@ -54,3 +52,14 @@ def fixed_chunk_steps(lengths: np.ndarray, group: int) -> int:
   p, n = lengths.shape
   chunks = lengths.reshape(p, n // group, group).max(axis=2)
   return int(np.sum(chunks.max(axis=0) - 1))
+
+
+def skewed_lengths(rng: np.random.Generator, shape: tuple[int, int],
+                   t_max: int, sigma: float = 0.8, mean_frac: float = 0.2,
+                   capped: float = 0.02) -> np.ndarray:
+  """Rollout lengths: lognormal(sigma) with mean mean_frac * T, a share
+  `capped` set to T (the long tail that runs to the limit), all in [1, T]."""
+  mu = np.log(mean_frac * t_max) - sigma**2 / 2
+  lengths = np.ceil(rng.lognormal(mu, sigma, shape))
+  lengths[rng.random(shape) < capped] = t_max
+  return np.clip(lengths, 1, t_max).astype(np.int32)
