@@ -36,10 +36,11 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from brorl_jax import checkpointing, cli, hf, run_config
+from brorl_jax import checkpointing, cli, run_config
 from brorl_jax.hf import CheckpointFormatError
 from brorl_jax.loop import experiment
 from brorl_jax.loop import suite
+from brorl_jax.loop.build import PolicySource
 from brorl_jax.loop.evaluator import Evaluator, eval_key
 
 log = logging.getLogger(__name__)
@@ -100,22 +101,6 @@ def _apply_overrides(config: Any, fv: Any) -> None:
       section.max_prompts = fv.max_prompts
 
 
-def _load_policy(exp: Any, source: pathlib.Path, step: int | None,
-                 from_hf: bool) -> tuple[Any, int | None]:
-  """(params in the sampling layout, checkpoint step or None)."""
-  shardings = exp.param_shardings(sampling=True)
-  if from_hf and not (source / checkpointing.MODEL_CONFIG_FILE).exists():
-    return hf.load_hf_params(source, exp.model_cfg, shardings,
-                             progress=exp.cfg.logging.progress), None
-  if (source / "checkpoints").exists() and step is None:
-    ckpt = checkpointing.TrainCheckpointer(source / "checkpoints", keep=1,
-                                           async_save=False)
-    step = ckpt.latest_step()
-    ckpt.close()
-  _, params, _ = checkpointing.load_policy_params(source, step, shardings)
-  return params, step
-
-
 def main(argv: Sequence[str]) -> dict[str, Any]:
   """Parses `argv` (program name first), evaluates, prints, writes JSON."""
   cli.add_config_root(argv)
@@ -156,7 +141,13 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
             "workdir of a training run (or an `hf import` directory), or "
             "--hf_dir")
     exp = experiment.build(cfg, workdir)
-    params, step = _load_policy(exp, source, fv.step, hf_dir is not None)
+    # The HF directory is the run's `init.path` (resolved by the builder);
+    # a workdir's checkpoints (or `hf import` params) are read from it.
+    policy = exp.source if hf_dir is not None else PolicySource(
+        source, "brorl_jax")
+    params, step = policy.load_params(
+        exp.model_cfg, exp.param_shardings(sampling=True), step=fv.step,
+        progress=cfg.logging.progress)
     with exp.reward_pool() as pool:
       if fv.suite is not None:
         return _run_suite(exp, pool, params, step, fv)

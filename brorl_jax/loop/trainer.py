@@ -48,7 +48,7 @@ from brorl_jax.warmstart import run_warmstart
 log = logging.getLogger(__name__)
 
 # Purposes folded into the step's key (STYLE.md §13).
-ROLLOUT, UPDATE, EVAL, DIAG = 1, 2, 3, 4
+ROLLOUT, UPDATE, DIAG = 1, 2, 4
 
 
 class Preemption:
@@ -94,32 +94,22 @@ class Trainer:
     self.pool = exp.reward_pool()
     self.sampler = exp.sampler()
     self.num_groups = cfg.loop.prompts_per_step
-    self.group = cfg.rollout.n
     self.allocation = cfg.allocation()       # None: fixed N
-    samples = (self.num_groups * self.group if self.allocation is None
-               else self.allocation.budget)
-    self.optimizer = ts_lib.make_optimizer(cfg.optim, samples)
-    self.lr_schedule = cfg.optim.schedule_fn(samples)
+    # The optimizer, its lr schedule and the state's layout: the builder's
+    # (the dry run sizes the same ones).
+    self.optimizer = exp.optimizer
     self.sample_shardings = exp.param_shardings(sampling=True)
-    self.sample_dtype = cfg.loop.sample_dtype(exp.policy.cfg)
     self.batch_cfg = batch_lib.BatchConfig(
         num_groups=self.num_groups, max_new_tokens=cfg.rollout.max_new_tokens,
         correct_threshold=cfg.rewards.correct_threshold,
         advantage=cfg.advantage, shaping=cfg.shaping,
         mask_truncated=cfg.loss.mask_truncated)
     self._prepare = jax.jit(batch_lib.prepare, static_argnums=0)
-    self.state_sh = ts_lib.state_shardings(
-        self.policy.abstract_params(), exp.param_shardings(), self.optimizer,
-        with_reference=cfg.loss.kl_coef > 0,
-        replicated=exp.mesh_train.replicated())
-    self._make_state = jax.jit(lambda p: ts_lib.TrainState.create(
-        p, self.optimizer, with_reference=cfg.loss.kl_coef > 0),
-                               out_shardings=self.state_sh)
     self._reset_ref = jax.jit(
         lambda s: ts_lib.reset_reference(
             s, self.optimizer,
             reset_optimizer=cfg.reference.reset_optimizer), donate_argnums=0,
-        out_shardings=self.state_sh)
+        out_shardings=exp.state_shardings)
     self._update = None
     u = cfg.update
     self.diagnostics = diag_lib.StepDiagnostics(
@@ -156,13 +146,8 @@ class Trainer:
       (state, data iterator, loop meta), or None when SIGTERM abandoned the
       warm start (nothing saved: the next start redoes it).
     """
-    shardings = self.exp.param_shardings()
-    abstract_params = checkpointing.abstract_with_shardings(
-        self.policy.abstract_params(), shardings)
     train_iter = self.pipeline.train_iterator()
-    abstract = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        jax.eval_shape(self._make_state, abstract_params), self.state_sh)
+    abstract = self.exp.abstract_state
     restored = self.checkpointer.restore_latest(abstract, train_iter)
     workdir_lib.cut_back(restored and restored[0], self.writer, self.archive)
     if restored is not None:
@@ -188,7 +173,7 @@ class Trainer:
         return None
       params, ws_metrics = out
       self.writer.write(0, ws_metrics)
-    return self._make_state(params), train_iter, meta
+    return self.exp.make_state(params), train_iter, meta
 
   def compile_update(self, state, rollout_batch_abstract):
     """AOT-compiles the update for the configured shapes; logs its memory."""
@@ -289,25 +274,19 @@ class Trainer:
     if do_diag:
       mass_after = jax.block_until_ready(self.diagnostics.after_update(
           self.sampler, new_state.params,
-          self._sampling_copy(new_state.params), before, prep,
-          tokens, lengths, ro.first_probs, scored.rewards))
+          self._sampling_copy(new_state.params), before, prep))
     times["diag_s"] = time.perf_counter() - t2
 
     # ---- 6. Metrics (one explicit device -> host transfer) -----------------
-    host = step_log.to_host({
-        **prep.stats, **alloc_metrics, **{f"loss/{k}": v for k, v in upd.items()},
-        **mass_after,
-        "rollout/finished_slot_frac": ro.finished_slots /
-        jnp.maximum(ro.total_slots, 1),
-        # Share of decode slot-steps that produced a token.
-        "rollout/slot_utilization": 1 - ro.finished_slots /
-        jnp.maximum(ro.total_slots, 1),
+    # Every device metric already carries its logged name (`prepare`'s
+    # stats, the update's `loss/` / `optim/` / `rollout/` metrics, `mass/`).
+    metrics = step_log.to_host({
+        **prep.stats, **alloc_metrics, **upd, **mass_after,
         "optim/skipped_total": new_state.skipped,
         "optim/updates_total": new_state.updates})
-    meta["generated_tokens_total"] += int(host["rollout/generated_tokens"])
-    metrics = step_log.rename(host)
+    meta["generated_tokens_total"] += int(metrics["rollout/generated_tokens"])
     metrics["rollout/generated_tokens_total"] = meta["generated_tokens_total"]
-    metrics["optim/lr"] = float(self.lr_schedule(int(new_state.updates)))
+    metrics["optim/lr"] = float(exp.lr_schedule(int(new_state.updates)))
     metrics.update(step_log.task_rewards(prompts.records, scored.rewards,
                                          self.exp.mesh_sample.replicated(),
                                          valid))
@@ -335,7 +314,7 @@ class Trainer:
   def _sampling_copy(self, params):
     """The sampler's parameters: the sampling layout, cast once to
     `rollout.param_dtype` (default: the compute dtype)."""
-    return reshard(params, self.sample_shardings, dtype=self.sample_dtype)
+    return reshard(params, self.sample_shardings, dtype=self.exp.sample_dtype)
 
   # ---- evaluation ----------------------------------------------------------
 

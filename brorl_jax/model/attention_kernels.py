@@ -33,17 +33,14 @@ import importlib.util
 import jax
 import jax.numpy as jnp
 
-from brorl_jax.model.config import ATTENTION_BACKENDS
+from brorl_jax.model.config import ATTENTION_BACKENDS, GPU_BLOCK, SPLASH_BLOCK
 from brorl_jax.model.sharding import active_platform
 
-# Finite, so a fully masked row gives exp(0) instead of nan (as attention.py).
+# Finite, so a fully masked row gives exp(0) instead of nan; masked
+# probabilities are zeroed explicitly (attention.py and the decode use it).
 NEG_INF = -1e30
 # Key block of `blockwise`: scores of [B, K, Q, T, 512] f32 at a time.
 BLOCK = 512
-# The Pallas kernels' blocks (`pallas_attention`, whose Mosaic/Triton imports
-# this module defers; tests/model/test_attention_kernels.py checks they agree).
-SPLASH_BLOCK = 512
-GPU_BLOCK = 128
 _AUTO = {"cpu": "blockwise", "gpu": "cudnn", "tpu": "splash"}
 
 
