@@ -19,15 +19,17 @@ value the paper leaves unstated and what we chose.
     `optim.reference_samples_per_step` = the ProRL arm's 8,192 samples;
   * decode slots: 65,536 rows x 16k tokens of KV do not fit at once (470
     MiB of bf16 KV per row for this model): the refilled decode runs
-    `max_decode_rows` slots (the ProRL arm's 8,192, from `--dry_run
-    --dry_run_topology=h100:8x1x8`; see the README's sizing table).
+    `max_decode_rows` slots (the ProRL arm's: 8,192 on 64 H100s, 4,096 on
+    a v5p-64 with `configs/brorl_qwen2_1p5b.py:v5p64`; see the README's
+    sizing table).
 """
 
 from configs import prorl_qwen2_1p5b
 
 
-def get_config():
-  c = prorl_qwen2_1p5b.get_config()
+def get_config(pod: str | None = None):
+  """`pod`: the config path's `:ARG` (prorl_qwen2_1p5b.POD_SHAPES)."""
+  c = prorl_qwen2_1p5b.get_config(pod)
   c.total_steps = 191                 # the paper's longest BroRL arm
   c.rollout.prompts_per_step = 128
   c.rollout.n = 512

@@ -6,7 +6,10 @@
       --config.data.train_files="('math.jsonl', 'code.jsonl', ...)"
 
 On 64 GPUs or a TPU pod see launch/ (slurm_gpu.sbatch, tpu_pod.sh); size it
-first with `--dry_run` (per-device memory, largest max_decode_rows).
+first with `--dry_run` (per-device memory, largest max_decode_rows). The
+config's argument names the pod it is sized for (`POD_SHAPES` below):
+`configs/prorl_qwen2_1p5b.py` (or `...py:h100x64`) for 64 H100s,
+`configs/prorl_qwen2_1p5b.py:v5p64` for a v5p-64 slice (32 chips).
 
 The paper's ProRL row (PAPER.md §4.3 and Table 1: "ProRL, N 16, 512
 prompts/step, +225 / +535 steps") continues the ProRLv2-3K checkpoint
@@ -48,7 +51,28 @@ INIT_PLACEHOLDER = ("SET-ME:--config.init.path=/path/to/hf/"
                     "Nemotron-Research-Reasoning-Qwen-1.5B")
 
 
-def get_config():
+# Per pod: the mesh and the decode slots its dry run fits (README, sizing).
+# 64 H100s (8 nodes x 8): FSDP inside a node (NVLink), data parallel across
+# nodes; 8,192 refilled slots put the GPU compiler's decode peak at ~63 GiB
+# of an H100's 79 (10.5k rows fit; 8,192 keeps 15 % headroom). A v5p-64
+# slice has 32 chips of 95 GiB: twice the rows per chip, so 4,096 slots.
+POD_SHAPES = {
+    "h100x64": {"mesh": (8, 8, 1), "max_decode_rows": 8192},
+    "v5p64": {"mesh": (4, 8, 1), "max_decode_rows": 4096},
+}
+
+
+def pod_shape(pod: str | None) -> dict:
+  """The mesh and decode slots of `pod` (None: the 64-H100 default)."""
+  pod = pod or "h100x64"
+  if pod not in POD_SHAPES:
+    raise ValueError(f"unknown pod {pod!r} after the config path's ':'; "
+                     f"one of {sorted(POD_SHAPES)}")
+  return POD_SHAPES[pod]
+
+
+def get_config(pod: str | None = None):
+  shape = pod_shape(pod)
   c = base.get_config()
   c.seed = 0
   c.total_steps = 535                 # the paper's longest ProRL arm
@@ -57,9 +81,7 @@ def get_config():
   c.model.param_dtype = "float32"
   c.model.dtype = "bfloat16"
   c.model.remat = True
-  # 64 H100s (8 nodes x 8): FSDP inside a node (NVLink), data parallel
-  # across nodes. A v5p-64 slice (32 chips): (4, 8, 1).
-  c.mesh.shape = (8, 8, 1)
+  c.mesh.shape = shape["mesh"]
   c.init.path = INIT_PLACEHOLDER
 
   c.rollout.prompts_per_step = 512
@@ -67,11 +89,9 @@ def get_config():
   c.rollout.max_prompt_len = 1024
   c.rollout.max_new_tokens = 16_384
   # The refilled decode (slots follow the work: a finished rollout's slot
-  # takes the prompt's next one) and 8,192 slots: the GPU dry run
-  # (--dry_run_topology=h100:8x1x8) puts the decode peak at ~63 GiB of an
-  # H100's 79 (10.5k rows fit; 8,192 keeps the 15 % headroom), and its
-  # estimate puts the refill ahead of fixed chunks (README, sizing).
-  c.rollout.max_decode_rows = 8192
+  # takes the prompt's next one): the GPU dry run's estimate puts it ahead
+  # of fixed chunks (README, sizing).
+  c.rollout.max_decode_rows = shape["max_decode_rows"]
   c.rollout.refill = True
   c.rollout.temperature = 1.0
   c.rollout.top_p = 1.0

@@ -25,12 +25,11 @@
 #                        output also streams here.
 #
 # Worked example: the BroRL arm on a v5p-64 slice (32 chips = 32 JAX
-# devices; mesh (4, 8, 1)):
-#   python -m brorl_jax.train --config configs/brorl_qwen2_1p5b.py --dry_run \
-#       --dry_run_topology=v5p:4x4x2 --config.mesh.shape='(4,8,1)'
+# devices; the config's `:v5p64` sets mesh (4, 8, 1) and 4,096 decode slots):
+#   python -m brorl_jax.train --config configs/brorl_qwen2_1p5b.py:v5p64 \
+#       --dry_run --dry_run_topology=v5p:4x4x2
 #   TPU=brorl-v5p-64 ZONE=us-east5-a launch/tpu_pod.sh \
-#       --config configs/brorl_qwen2_1p5b.py --workdir /mnt/shared/runs/brorl \
-#       --config.mesh.shape='(4,8,1)' \
+#       --config configs/brorl_qwen2_1p5b.py:v5p64 --workdir /mnt/shared/runs/brorl \
 #       --config.init.path=/mnt/shared/models/Nemotron-Research-Reasoning-Qwen-1.5B \
 #       --config.data.train_files="('/mnt/shared/data/math.jsonl',)"
 #   # Resume: run it again (BRORL_SETUP=0 skips the copy and install).

@@ -12,7 +12,7 @@ from brorl_jax import run_config
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from configs import base, demo_cpu  # noqa: E402
+from configs import base, brorl_qwen2_1p5b, demo_cpu, prorl_qwen2_1p5b  # noqa: E402,E501
 
 
 def test_shipped_configs_validate():
@@ -26,6 +26,21 @@ def test_shipped_configs_validate():
   # The sampling copy defaults to the compute dtype (bf16 over f32 masters).
   assert full.loop.sample_dtype(full.model) == "bfloat16"
   assert cfg.loop.sample_dtype(cfg.model) == cfg.model.dtype
+
+
+def test_pod_recipes_take_the_pod_after_the_colon():
+  # `configs/brorl_qwen2_1p5b.py:v5p64` (config_flags hands `v5p64` to
+  # get_config): the v5p-64's mesh and decode slots; no argument: 64 H100s.
+  h100 = run_config.load(brorl_qwen2_1p5b.get_config())
+  v5p = run_config.load(brorl_qwen2_1p5b.get_config("v5p64"))
+  assert tuple(h100.mesh.shape) == (8, 8, 1)
+  assert tuple(v5p.mesh.shape) == (4, 8, 1)
+  assert (h100.rollout.max_decode_rows, v5p.rollout.max_decode_rows) == (
+      8192, 4096)
+  assert v5p.rollout.n == 512 and v5p.rollout.refill
+  assert prorl_qwen2_1p5b.get_config("h100x64").rollout.max_decode_rows == 8192
+  with pytest.raises(ValueError, match="unknown pod 'v4'.*v5p64"):
+    prorl_qwen2_1p5b.get_config("v4")
 
 
 @pytest.mark.parametrize("key,value,named", [
