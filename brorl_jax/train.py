@@ -36,6 +36,7 @@ from brorl_jax import checkpointing
 from brorl_jax import cli
 from brorl_jax import distributed
 from brorl_jax import experiment as exp_lib
+from brorl_jax import intervals
 from brorl_jax import run_config
 from brorl_jax import scoring
 from brorl_jax import sizing
@@ -376,6 +377,7 @@ class Trainer:
         meta["eval_due"] = None
         if start == 0:
           meta["best_eval"] = last.get("eval/pass@1")
+        self._plateau(meta, start, last)
         self.writer.write(start, last)
     t_start = time.perf_counter()
     bar = self._progress("RL step", cfg.total_steps, initial=start)
@@ -384,9 +386,11 @@ class Trainer:
 
     def finished(step):
       # total_steps, or the budget of generated tokens (counting groups that
-      # dynamic sampling dropped): equal-compute comparisons of N.
+      # dynamic sampling dropped): equal-compute comparisons of N, or
+      # held-out pass@1 stopped rising (eval.plateau_window).
       return step >= cfg.total_steps or (
-          budget is not None and meta["generated_tokens_total"] >= budget)
+          budget is not None and meta["generated_tokens_total"] >= budget
+      ) or meta.get("plateau_step") is not None
 
     try:
       while not finished(step) and not preempt.requested():
@@ -413,6 +417,8 @@ class Trainer:
             best = meta["best_eval"]
             meta["best_eval"] = max(best if best is not None else -1.0,
                                     metrics["eval/pass@1"])
+          if self._plateau(meta, step, metrics):
+            last_step = True                  # checkpointed below
         # ---- Reference reset (host decides, device copies) ---------------
         reason = None if state.ref_params is None else (
             reference_lib.reset_reason(cfg.reference, step, metrics,
@@ -459,6 +465,25 @@ class Trainer:
       print_summary(start, step, last, time.perf_counter() - t_start,
                     preempted=preempt.requested_at is not None)
     return last
+
+  def _plateau(self, meta: dict, step: int, metrics: dict) -> bool:
+    """Records an evaluation; True when held-out pass@1 just plateaued
+    (`eval.plateau_window`), which ends the run after this step."""
+    window = self.cfg.eval.plateau_window
+    if not window or metrics.get("eval/pass@1") is None:
+      return False
+    history = meta.setdefault("eval_history", [])
+    history.append([meta["generated_tokens_total"], metrics["eval/pass@1"]])
+    tokens, pass1 = zip(*history)
+    if not intervals.plateaued(tokens, pass1, window,
+                               self.cfg.eval.plateau_confidence):
+      return False
+    meta["plateau_step"] = step
+    metrics["eval/plateau"] = 1
+    log.info("step %d: held-out pass@1 stopped rising over the last %d "
+             "evaluations (%s): stopping", step, window,
+             ", ".join(f"{p:.4f}" for p in pass1[-window:]))
+    return True
 
   def close(self, preempt) -> None:
     """Waits for the last save, then closes writers, pool and handler."""

@@ -221,6 +221,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.greedy = False
   c.eval.max_new_tokens = ml_collections.FieldReference(None, int)
   c.eval.max_decode_rows = ml_collections.FieldReference(None, int)
+  # Off: a run stops at total_steps / max_generated_tokens. configs/
+  # plateau_cpu.py trains until held-out pass@1 stops rising.
+  c.eval.plateau_window = 0
+  c.eval.plateau_confidence = 0.95
 
   c.diagnostics = ml_collections.ConfigDict()
   c.diagnostics.every = 1

@@ -40,6 +40,8 @@ def test_shipped_configs_validate():
     ("logging.archive_every", 0, "logging.archive_every"),
     ("logging.progress", "bars", "logging.progress"),
     ("rollout.param_dtype", "bf16", "rollout.param_dtype"),
+    ("eval.plateau_window", 2, "eval.plateau_window"),
+    ("eval.plateau_confidence", 1.0, "eval.plateau_confidence"),
 ])
 def test_bad_values_name_the_key(key, value, named):
   c = demo_cpu.get_config()
