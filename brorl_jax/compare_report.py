@@ -200,4 +200,12 @@ def table(runs: Mapping[str, Mapping[str, Mapping[str, Any]]],
         f"{_iv_text(a['gain_at_seconds'])} | {diff('gain_at_seconds')} | "
         f"{mean('mixed_group_share'):.3f} | {mean('mass_u2'):.5f} | "
         f"{mean('frac_margin_positive'):.3f} |")
+  for arm, d in summary["differences"].items():
+    need = d["seeds_for_0.01"]
+    if need:
+      lines.append(
+          f"\n{arm} − {d['vs']}: seeds for a {pct} % interval of ±0.01 "
+          "at this spread: " + ", ".join(
+              f"{name} {n if n is not None else '>1000'}"
+              for name, n in need.items()))
   return "\n".join(lines)

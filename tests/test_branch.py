@@ -132,8 +132,10 @@ def test_compare_from_a_checkpoint_writes_intervals(plateau_run, tmp_path,
   assert result["from"]["step"] == step
   assert set(result["runs"]) == {"prorl", "brorl"}
   assert result["budget"]["tokens"] == 600.0     # brorl's 6 x 100
-  prorl = result["arms"]["prorl"]["gain"]
-  assert prorl["n"] == 2 and prorl["low"] < prorl["mean"] < prorl["high"]
+  # At 600 tokens prorl (step 5) read 0.40 and 0.402: gains 0.10, 0.102.
+  prorl = result["arms"]["prorl"]["gain_at_tokens"]
+  assert prorl["n"] == 2 and prorl["mean"] == pytest.approx(0.101)
+  assert prorl["low"] < prorl["mean"] < prorl["high"]
   diff = result["differences"]["brorl"]
   assert diff["vs"] == "prorl"
   # At 600 tokens prorl read 0.30 + 5 * 0.02 (+0.002 on seed 1), brorl
