@@ -26,8 +26,8 @@ from typing import Sequence
 
 import numpy as np
 
-from brorl_jax import intervals
-from brorl_jax.metrics import read_metrics
+from brorl_jax.analysis import intervals
+from brorl_jax.loop.metrics import read_metrics
 
 TOKENS = "rollout/generated_tokens_total"
 
@@ -232,7 +232,7 @@ def plot_compare(arms: Sequence[Sequence[str | pathlib.Path]],
     out: PNG path.
     labels: one label per arm (default: the workdir name, or the common
       prefix of the seeds' names).
-    summary: `compare_report.summarize_arms` output: adds a panel of each
+    summary: `analysis.report.summarize_arms` output: adds a panel of each
       arm's gain and one of the paired differences to the first arm, with
       their 95 % intervals (at the end, at equal tokens, at equal time).
     branch: `branch.BranchPoint.to_dict()` when the arms continue one
@@ -310,7 +310,7 @@ def plot_compare(arms: Sequence[Sequence[str | pathlib.Path]],
   return pathlib.Path(out)
 
 
-# compare_report's gains, as the interval panels label them.
+# analysis.report's gains, as the interval panels label them.
 _VIEWS = (("gain", "at the end"), ("gain_at_tokens", "equal tokens"),
           ("gain_at_seconds", "equal time"))
 

@@ -15,8 +15,10 @@ import jax
 import numpy as np
 import pytest
 
-from brorl_jax import branch, checkpointing, cli, compare, intervals
-from brorl_jax.metrics import MetricsWriter, read_metrics
+from brorl_jax import checkpointing, cli, compare
+from brorl_jax.analysis import intervals
+from brorl_jax.loop import branch
+from brorl_jax.loop.metrics import MetricsWriter, read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -125,7 +127,8 @@ def test_compare_from_a_checkpoint_writes_intervals(plateau_run, tmp_path,
   step = read_metrics(plateau_run)[-1]["step"]
   out = tmp_path / "cmp"
   assert compare.main([
-      "--config", str(ROOT / "configs" / "compare_cpu.py"), "--workdir",
+      "brorl-compare", "--config", str(ROOT / "configs" / "compare_cpu.py"),
+      "--workdir",
       str(out), "--arms", "prorl,brorl", "--seeds", "0,1",
       "--from", str(plateau_run / "checkpoints" / str(step))]) == 0
   result = json.loads((out / "compare.json").read_text())

@@ -1,10 +1,10 @@
-"""compare_report.py against figures computed by hand."""
+"""analysis/report.py against figures computed by hand."""
 
 import math
 
 import pytest
 
-from brorl_jax import compare_report
+from brorl_jax.analysis import report as compare_report
 
 
 def test_eval_curve_reads_tokens_and_step_seconds():

@@ -1,10 +1,11 @@
-"""intervals.py against values computed by hand (t quantiles from tables)."""
+"""analysis/intervals.py against values computed by hand (t quantiles from
+tables)."""
 
 import math
 
 import pytest
 
-from brorl_jax import intervals
+from brorl_jax.analysis import intervals
 
 
 def test_t_quantiles_match_the_table():
