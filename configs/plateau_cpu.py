@@ -21,6 +21,18 @@ ProRL and BroRL continued from that checkpoint at an equal token budget.
    `W/branches/compare.png` draws the base curve, the branch point and
    both arms against cumulative generated tokens, with the mass-balance
    diagnostics of both branches; `compare.json` holds the intervals.
+
+Status: this experiment has not been run yet (issue 32). The config is for
+running it; its values are a starting point, not measured choices: the
+step at which the base run plateaus, the experiment's wall time (the aim is
+60 minutes on 2 cores) and which branch gains more are unknown. What they
+rest on: the arms are configs/compare_cpu.py's (whose 600k-token runs took
+2:37-3:09 each on 2 cores), the branch budget is twice theirs, and a
+window of 4 evaluations gives the slope test 2 degrees of freedom (3, the
+least, gives 1: a one-sided t quantile of 6.31, which calls almost any
+noisy curve flat; 4 gives 2.92). Expect to retune `total_steps`,
+`eval.every`, `eval.plateau_window` and `max_generated_tokens` after a
+first run, and quote only what that run measures.
 """
 
 from configs import compare_cpu
@@ -40,8 +52,9 @@ def get_config(arm: str = "base"):
   c.diagnostics.every = 4              # the branches' mass diagnostics
   if arm == "base":
     c.max_generated_tokens = None
-    # A cap, not the stop: the plateau test ends the run (measured: it
-    # fires long before; see the README's plateau section).
+    # A cap, not the stop: the plateau test is meant to end the run first
+    # (not yet measured: if the cap ends it, `eval/plateau` is never logged
+    # and the branch point is not a plateau).
     c.total_steps = 400
     c.eval.every = 20
     c.eval.plateau_window = 4
@@ -50,6 +63,8 @@ def get_config(arm: str = "base"):
   else:
     # Both branches: the same budget of generated tokens from the branch
     # point (ProRL evaluates every 20 steps, BroRL every 10: equal token
-    # intervals), ~4 minutes per ProRL run on 2 cores.
+    # intervals); twice compare_cpu's 600k, so by its timings an estimated
+    # 5-7 minutes per run on 2 cores with the larger evaluation (not
+    # measured for this config).
     c.max_generated_tokens = 1_200_000
   return c
