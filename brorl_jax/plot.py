@@ -27,6 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from brorl_jax.analysis import intervals
+from brorl_jax.analysis import report as compare_report
 from brorl_jax.loop.metrics import read_metrics
 
 TOKENS = "rollout/generated_tokens_total"
@@ -342,7 +343,8 @@ def _interval_panels(axes, summary: dict, labels: Sequence[str]) -> None:
                     label=label if j == 0 else None)
     ax.axhline(0.0, color="0.3", linewidth=0.8)
     ax.set_xticks(range(len(_VIEWS)), [
-        "at the end", f"at {budget['tokens'] / 1e3:.0f}k tokens",
+        "at the end",
+        f"at {compare_report.tokens_text(budget['tokens'])} tokens",
         f"at {budget['seconds']:.0f} s"])
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, axis="y")

@@ -72,7 +72,10 @@ def test_gains_at_equal_tokens_and_time_by_hand():
        for arm, seeds in RUNS.items()}, out)
   assert "| A | 2 | 2.0 | 0.1100 | 0.2800 | +0.1700 ± 0.3812 | — |" in table
   assert "| B | 2 |" in table and "-0.1100 ± 0.3812" in table
-  assert "at 0k tokens" in table        # the budget: 200 tokens
+  assert "| at 200 tokens |" in table        # the budget
+  assert [compare_report.tokens_text(t) for t in (200, 9_999, 600_400,
+                                                  1_234_567)] == [
+      "200", "9999", "600k", "1.23M"]
   assert "B − A: seeds for a 95 % interval of ±0.01 at this spread: gain 72" \
       in table
 

@@ -164,6 +164,15 @@ def summarize_arms(runs: Mapping[str, Mapping[str, Mapping[str, Any]]],
           "differences": differences}
 
 
+def tokens_text(tokens: float) -> str:
+  """A token budget for a label: `600k`, `1.2M`, or `200` below 10k."""
+  if tokens >= 1e6:
+    return f"{tokens / 1e6:.3g}M"
+  if tokens >= 1e4:
+    return f"{tokens / 1e3:.0f}k"
+  return f"{tokens:.0f}"
+
+
 def _iv_text(iv: Mapping[str, Any] | None, digits: int = 4) -> str:
   if iv is None:
     return "n/a"
@@ -180,7 +189,7 @@ def table(runs: Mapping[str, Mapping[str, Mapping[str, Any]]],
   pct = round(100 * summary["confidence"])
   lines = [
       f"| arm | seeds | steps | pass@1 start | end | gain ({pct} % CI) | "
-      f"gain − first arm | at {budget['tokens'] / 1e3:.0f}k tokens | "
+      f"gain − first arm | at {tokens_text(budget['tokens'])} tokens | "
       f"− first arm | at {budget['seconds']:.0f} s | − first arm | "
       "mixed_group_share | mass_u2 | frac_margin_positive |",
       "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
