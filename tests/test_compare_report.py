@@ -10,14 +10,22 @@ from brorl_jax.analysis import report as compare_report
 def test_eval_curve_reads_tokens_and_step_seconds():
   records = [
       {"step": 0, "eval/pass@1": 0.1},
-      {"step": 1, "rollout/generated_tokens_total": 100, "time/step_s": 1.5},
-      {"step": 2, "rollout/generated_tokens_total": 220, "time/step_s": 2.5,
-       "eval/pass@1": 0.2, "time/eval_s": 30.0},
-      {"step": 3, "rollout/generated_tokens_total": 300, "time/step_s": 1.0},
+      # The first step compiles: it counts as the median of the others.
+      {"step": 1, "rollout/generated_tokens_total": 100, "time/step_s": 60.0},
+      # Evaluations and diagnostics are measurement, not the run's clock.
+      {"step": 2, "rollout/generated_tokens_total": 220, "time/step_s": 3.0,
+       "time/diag_s": 0.5, "eval/pass@1": 0.2, "time/eval_s": 30.0},
+      {"step": 3, "rollout/generated_tokens_total": 300, "time/step_s": 1.5},
+      {"step": 4, "rollout/generated_tokens_total": 390, "time/step_s": 1.0,
+       "eval/pass@1": 0.25},
   ]
+  # Clock: step 1 = median(2.5, 1.5, 1.0) = 1.5, then 2.5, 1.5, 1.0.
   assert compare_report.eval_curve(records) == {
-      "step": [0, 2], "tokens": [0, 220], "seconds": [0.0, 4.0],
-      "pass1": [0.1, 0.2]}
+      "step": [0, 2, 4], "tokens": [0, 220, 390],
+      "seconds": [0.0, 4.0, 6.5], "pass1": [0.1, 0.2, 0.25]}
+  # A run of one step keeps that step's time.
+  assert compare_report.eval_curve(records[:2] + [
+      {"step": 1, "eval/pass@1": 0.3}])["seconds"] == [0.0, 60.0]
   with pytest.raises(ValueError, match="no held-out pass@1"):
     compare_report.eval_curve(records[1:2])
 

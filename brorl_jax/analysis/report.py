@@ -10,10 +10,14 @@ wall-clock seconds (`eval_curve`). Per arm, over its seeds, the t interval
     any run of the comparison reached) minus the start, read off each curve
     by linear interpolation between evaluations: the paper's axis;
   * `gain_at_seconds`: the same at the common wall-clock budget, where a
-    run's clock is the sum of its RL steps' `time/step_s` (sampling,
-    scoring, update, diagnostics; not the evaluations, which are
-    measurement, nor start-up). Comparable only between runs timed alike
-    (alone on one machine, or under the same load);
+    run's clock is the sum of its RL steps' `time/step_s` less their
+    `time/diag_s` (sampling, scoring, update; not the evaluations or the
+    post-update diagnostics, which are measurement, nor start-up). The
+    first step carries the one-off compiles (the update's and the
+    sampler's: a minute against seconds per step on 2 cores, and unequal
+    between arms of different shapes), so it counts as the run's median
+    step. Comparable only between runs timed alike (alone on one machine,
+    or under the same load);
 
 and, for every arm after the first, the paired difference to the first arm
 (`intervals.paired_interval`: per seed, this arm's gain minus the first
@@ -34,6 +38,7 @@ from brorl_jax.analysis import intervals
 PASS1 = "eval/pass@1"
 TOKENS = "rollout/generated_tokens_total"
 STEP_TIME = "time/step_s"
+DIAG_TIME = "time/diag_s"
 # compare.json name of a gain -> the curve axis it is read on (None: at the
 # run's end).
 GAINS = {"gain": None, "gain_at_tokens": "tokens",
@@ -48,18 +53,26 @@ def eval_curve(records: Sequence[Mapping[str, Any]]) -> dict[str, list]:
     {"step", "tokens", "seconds", "pass1"}: one entry per evaluation, in
     step order. `tokens` is the cumulative generated-token count logged at
     the evaluation's step (0 before the first RL step); `seconds` the sum of
-    `time/step_s` over the steps up to it.
+    `time/step_s - time/diag_s` over the steps up to it, the first step
+    (its compiles) counted as the median of the others.
 
   Raises:
     ValueError: the run logged no held-out pass@1.
   """
+  rows = sorted(records, key=lambda r: r["step"])
+  step_time = {r["step"]: r[STEP_TIME] - (r.get(DIAG_TIME) or 0.0)
+               for r in rows if r.get(STEP_TIME) is not None}
+  if len(step_time) > 1:       # the compiling first step: a typical one
+    first = min(step_time)
+    step_time[first] = float(np.median(
+        [t for s, t in step_time.items() if s != first]))
   steps, tokens, seconds, pass1 = [], [], [], []
   total_tokens, clock = 0, 0.0
-  for r in sorted(records, key=lambda r: r["step"]):
+  for r in rows:
     if r.get(TOKENS) is not None:
       total_tokens = r[TOKENS]
     if r.get(STEP_TIME) is not None:
-      clock += r[STEP_TIME]
+      clock += step_time[r["step"]]
     if r.get(PASS1) is not None:
       if steps and steps[-1] == r["step"]:     # one evaluation per step
         steps.pop(), tokens.pop(), seconds.pop(), pass1.pop()
