@@ -98,3 +98,6 @@ def test_a_run_short_of_the_budget_has_no_value_there():
   assert out["arms"]["A"]["gain"]["half_width"] is None
   assert out["differences"]["B"]["gain"]["mean"] == pytest.approx(-0.1)
   assert out["differences"]["B"]["seeds_for_0.01"]["gain"] is None
+  # ... and the table claims no seed count it cannot know.
+  table = compare_report.table(runs, out)
+  assert "+0.1000 (n=1)" in table and "seeds for" not in table

@@ -131,7 +131,8 @@ def summarize_arms(runs: Mapping[str, Mapping[str, Mapping[str, Any]]],
     {"confidence", "interval", "budget", "gains" ({arm: {seed: {gain...}}}),
     "arms" ({arm: {gain / gain_at_tokens / gain_at_seconds / pass1_start /
     pass1_end: interval dict}}), "differences" ({arm: {"vs": first arm,
-    name: interval dict, "seeds_for_0.01": {name: n or None}}})}.
+    name: interval dict, "seeds_for_0.01": {name: n, or None when the
+    difference has no spread yet (one seed) or needs more than 1000}}})}.
   """
   budget = budgets(runs)
   gains = {arm: {seed: run_gains(run["curve"], budget)
@@ -223,7 +224,9 @@ def table(runs: Mapping[str, Mapping[str, Mapping[str, Any]]],
         f"{mean('mixed_group_share'):.3f} | {mean('mass_u2'):.5f} | "
         f"{mean('frac_margin_positive'):.3f} |")
   for arm, d in summary["differences"].items():
-    need = d["seeds_for_0.01"]
+    # Only differences with a spread (2+ seeds): None there is > 1000.
+    need = {name: n for name, n in d["seeds_for_0.01"].items()
+            if d[name] is not None and d[name]["sd"] is not None}
     if need:
       lines.append(
           f"\n{arm} − {d['vs']}: seeds for a {pct} % interval of ±0.01 "
