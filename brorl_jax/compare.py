@@ -12,10 +12,11 @@
    resumes where it stopped.
 3. `W/compare.json`: "runs" {arm: {seed: {pass1_start, pass1_end, steps,
    tokens, curve, mixed_group_share, mass_u2, frac_margin_positive, ...}}}
-   and, from `analysis/report.py`'s `summarize_arms`, per arm the mean gain over
-   seeds with its 95 % t interval, each later arm's paired difference to
-   the first arm, both at the end, at equal generated tokens and at equal
-   wall-clock time ("arms", "differences", "budget"); `W/compare.png`
+   and, from `analysis/report.py`'s `summarize_arms`, per arm the mean
+   gain over seeds with its 95 % t interval, each later arm's paired
+   difference to the first arm, both at the end, at equal generated tokens
+   and at equal wall-clock time ("arms", "differences", "budget");
+   "from": the branch point with `--from`, else null; `W/compare.png`
    (`plot.plot_compare`: held-out pass@1 and the mass diagnostics against
    cumulative generated tokens, the intervals' panels).
 
