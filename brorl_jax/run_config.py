@@ -113,6 +113,9 @@ class EvalConfig:
     check(self.plateau_window == 0 or self.plateau_window >= 3,
           "eval.plateau_window", f"must be 0 (off) or >= 3 (a slope and its "
           f"error need 3 evaluations), got {self.plateau_window}")
+    check(self.plateau_window == 0 or self.every > 0, "eval.plateau_window",
+          "needs eval.every > 0: with evaluations only at step 0 and the "
+          "end the plateau test never sees a window")
     check(0 < self.plateau_confidence < 1, "eval.plateau_confidence",
           f"must be in (0, 1), got {self.plateau_confidence}")
     check(self.n >= 1, "eval.n", "must be >= 1")

@@ -55,6 +55,15 @@ def test_bad_values_name_the_key(key, value, named):
     run_config.load(c)
 
 
+def test_the_plateau_stop_needs_periodic_evaluations():
+  c = demo_cpu.get_config()
+  c.eval.plateau_window = 3
+  assert run_config.load(c).eval.plateau_window == 3
+  c.eval.every = 0
+  with pytest.raises(config_lib.ConfigError, match="needs eval.every > 0"):
+    run_config.load(c)
+
+
 def test_unknown_keys_are_named():
   c = ml_collections.ConfigDict(demo_cpu.get_config().to_dict())
   c.rollout.temprature = 0.5

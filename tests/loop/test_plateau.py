@@ -12,13 +12,13 @@ def test_off_or_without_an_evaluation_it_records_nothing():
   meta = _meta()
   assert not PlateauStop(run_config.EvalConfig()).record(
       meta, 0, {"eval/pass@1": 0.1})
-  assert PlateauStop(run_config.EvalConfig(plateau_window=3)).record(
+  assert PlateauStop(run_config.EvalConfig(every=1, plateau_window=3)).record(
       meta, 1, {"reward/mean": 0.2}) is False
   assert meta == _meta() and not PlateauStop.reached(meta)
 
 
 def test_it_stops_at_the_first_flat_window_and_keeps_its_history():
-  stop = PlateauStop(run_config.EvalConfig(plateau_window=3))
+  stop = PlateauStop(run_config.EvalConfig(every=1, plateau_window=3))
   meta = _meta()
   # Rising exactly linearly, then bending over: (tokens, pass@1).
   curve = [(0, 0.10), (100, 0.20), (200, 0.30), (300, 0.40), (400, 0.40)]
