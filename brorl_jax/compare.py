@@ -10,10 +10,21 @@
    warm start; further `--config.*` flags go to every run. A finished run
    (marked `compare_done`) is not run again, so an interrupted comparison
    resumes where it stopped.
-3. `W/compare.json`: {arm: {seed: {pass1_start, pass1_end, steps, tokens,
-   mixed_group_share, mass_u2, frac_margin_positive, ...}}}, and
-   `W/compare.png` (`plot.plot_compare`: held-out pass@1 and the mass
-   diagnostics against cumulative generated tokens, min-max over seeds).
+3. `W/compare.json`: "runs" {arm: {seed: {pass1_start, pass1_end, steps,
+   tokens, curve, mixed_group_share, mass_u2, frac_margin_positive, ...}}}
+   and, from `analysis/report.py`'s `summarize_arms`, per arm the mean
+   gain over seeds with its 95 % t interval, each later arm's paired
+   difference to the first arm, both at the end, at equal generated tokens
+   and at equal wall-clock time ("arms", "differences", "budget");
+   "from": the branch point with `--from`, else null; `W/compare.png`
+   (`plot.plot_compare`: held-out pass@1 and the mass diagnostics against
+   cumulative generated tokens, the intervals' panels).
+
+`--from W0/checkpoints/S` (or `--from W0`: its latest checkpoint) starts
+every arm from that checkpoint of another run instead of the warm start
+(`loop/branch.py`: the paper's Figure 1, ProRL to a plateau, then each arm
+continued from there); the plot then draws W0's curve up to S and marks
+the branch point.
 
 Also a console script, `brorl-compare`. Flags are absl's, as in the other
 entry points (`--flag=value` or `--flag value`, `--flagfile`); a bad flag
@@ -37,14 +48,17 @@ from absl import app, flags
 
 from brorl_jax import checkpointing
 from brorl_jax import cli
-from brorl_jax.loop import experiment as exp_lib
 from brorl_jax import plot
 from brorl_jax import run_config
+from brorl_jax.analysis import report as compare_report
 from brorl_jax.config import ConfigError
+from brorl_jax.loop import branch
+from brorl_jax.loop import experiment as exp_lib
 from brorl_jax.loop.metrics import read_metrics
 from brorl_jax.warmstart import run_warmstart
 
 WARMSTART = "warmstart"
+BRANCH = "branch"
 DONE = "compare_done"
 
 # Per-step metrics averaged over a run's steps: compare.json name -> metric
@@ -130,24 +144,6 @@ def summarize(records: Sequence[dict]) -> dict:
   return out
 
 
-def table(results: dict) -> str:
-  """Markdown table: per arm, means over seeds and the gain's spread."""
-  lines = ["| arm | seeds | steps | pass@1 start | end | gain (spread) | "
-           "mixed_group_share | mass_u2 | frac_margin_positive |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-  for arm, seeds in results.items():
-    runs = list(seeds.values())
-    mean = lambda k: np.mean([r[k] for r in runs if k in r])  # noqa: E731
-    gains = [r["gain"] for r in runs]
-    lines.append(
-        f"| {arm} | {len(runs)} | {mean('steps'):.1f} | "
-        f"{mean('pass1_start'):.4f} | {mean('pass1_end'):.4f} | "
-        f"{np.mean(gains):+.4f} ({max(gains) - min(gains):.4f}) | "
-        f"{mean('mixed_group_share'):.3f} | {mean('mass_u2'):.5f} | "
-        f"{mean('frac_margin_positive'):.3f} |")
-  return "\n".join(lines)
-
-
 def _flags() -> flags.FlagValues:
   fv = flags.FlagValues()
   flags.DEFINE_string("config", None, "Config file whose get_config(arm) "
@@ -158,6 +154,10 @@ def _flags() -> flags.FlagValues:
   flags.DEFINE_list("arms", None, "Arms, comma-separated (e.g. "
                     "prorl,brorl,adaptive).", flag_values=fv)
   flags.DEFINE_list("seeds", ["0"], "Seeds, comma-separated.", flag_values=fv)
+  flags.DEFINE_string("from", None, "W/checkpoints/S (or W: its latest "
+                      "checkpoint): start every arm from this checkpoint of "
+                      "another run instead of the warm start.",
+                      flag_values=fv)
   return fv
 
 
@@ -197,11 +197,28 @@ def main(argv: Sequence[str]) -> int:
     raise app.UsageError(f"--arms: {e}") from None
   for config in configs.values():    # a bad arm fails before anything runs
     run_config.load(config)
+  source = fv["from"].value
+  if source:                         # so does a --from without a checkpoint
+    try:
+      branch.resolve(source)
+    except branch.BranchError as e:
+      raise app.UsageError(str(e)) from None
   workdir.mkdir(parents=True, exist_ok=True)
 
   t0 = time.perf_counter()
-  ws = warm_start(configs[arms[0]], workdir / WARMSTART)
-  print(f"warm start: {ws} ({time.perf_counter() - t0:.0f} s)", flush=True)
+  point = None
+  if source:
+    try:
+      point = branch.export(source, workdir / BRANCH)
+    except branch.BranchError as e:
+      raise app.UsageError(str(e)) from None
+    ws = workdir / BRANCH
+    print(f"from {point.workdir} step {point.step} ({point.tokens} tokens, "
+          f"pass@1 {point.pass1}): {ws}", flush=True)
+  else:
+    ws = warm_start(configs[arms[0]], workdir / WARMSTART)
+    print(f"warm start: {ws} ({time.perf_counter() - t0:.0f} s)",
+          flush=True)
   results: dict = {}
   for arm in arms:
     for seed in seeds:
@@ -217,13 +234,19 @@ def main(argv: Sequence[str]) -> int:
         seconds = time.perf_counter() - t1
         (run / DONE).write_text(json.dumps({"seconds": seconds}))
         print(f"{arm} seed {seed}: {seconds:.0f} s", flush=True)
+      records = read_metrics(run)
       results.setdefault(arm, {})[str(seed)] = {
-          **summarize(read_metrics(run)),
+          **summarize(records), "curve": compare_report.eval_curve(records),
           "seconds": json.loads((run / DONE).read_text())["seconds"]}
-  (workdir / "compare.json").write_text(json.dumps(results, indent=1))
+  summary = compare_report.summarize_arms(results)
+  (workdir / "compare.json").write_text(json.dumps(
+      {"runs": results, **summary,
+       "from": point.to_dict() if point else None}, indent=1))
   plot.plot_compare([[workdir / arm / f"s{s}" for s in seeds]
-                     for arm in arms], workdir / "compare.png", labels=arms)
-  print(table(results))
+                     for arm in arms], workdir / "compare.png", labels=arms,
+                    summary=summary,
+                    branch=point.to_dict() if point else None)
+  print(compare_report.table(results, summary))
   print(f"wrote {workdir / 'compare.json'} and {workdir / 'compare.png'}")
   return 0
 

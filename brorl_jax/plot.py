@@ -26,6 +26,8 @@ from typing import Sequence
 
 import numpy as np
 
+from brorl_jax.analysis import intervals
+from brorl_jax.analysis import report as compare_report
 from brorl_jax.loop.metrics import read_metrics
 
 TOKENS = "rollout/generated_tokens_total"
@@ -172,19 +174,22 @@ def tokens_axis(data: Series, steps: np.ndarray) -> np.ndarray:
   return np.where(index >= 0, tokens[np.maximum(index, 0)], 0.0)
 
 
-def _arm_curve(runs: list[Series], metric: str):
-  """(x, mean, min, max) of `metric` against tokens over an arm's seeds.
+def _arm_curve(runs: list[Series], metric: str, offset: float = 0.0):
+  """(x, mean, low, high) of `metric` against tokens over an arm's seeds.
 
   Seeds generate different numbers of tokens per step, so each is
   interpolated onto the union of their x values inside the range all of
-  them cover. Returns None when no seed logs the metric; with one seed, or
-  ranges that do not overlap, the band is that of the seeds that have it.
+  them cover. low / high: the 95 % Student-t interval of the mean over the
+  seeds (`intervals.t_interval`), or the value itself with one seed.
+  Returns None when no seed logs the metric; with ranges that do not
+  overlap, the first seed's curve alone. `offset` is added to x (tokens the
+  arms' common parent generated before they branched).
   """
   curves = []
   for data in runs:
     if metric in data:
       steps, values = data[metric]
-      x = tokens_axis(data, steps)
+      x = tokens_axis(data, steps) + offset
       ok = np.isfinite(values)
       if ok.any():
         curves.append((x[ok], values[ok]))
@@ -201,7 +206,11 @@ def _arm_curve(runs: list[Series], metric: str):
     x, y = curves[0]
     return x, y, y, y
   ys = np.stack([np.interp(grid, x, y) for x, y in curves])  # [seeds, X]
-  return grid, ys.mean(0), ys.min(0), ys.max(0)
+  n = len(ys)
+  half = (intervals.t_quantile(intervals.CONFIDENCE, n - 1)
+          * ys.std(0, ddof=1) / np.sqrt(n))
+  mean = ys.mean(0)
+  return grid, mean, mean - half, mean + half
 
 
 def _default_label(workdirs: Sequence[pathlib.Path]) -> str:
@@ -214,7 +223,9 @@ def _default_label(workdirs: Sequence[pathlib.Path]) -> str:
 
 def plot_compare(arms: Sequence[Sequence[str | pathlib.Path]],
                  out: str | pathlib.Path,
-                 labels: Sequence[str] | None = None) -> pathlib.Path:
+                 labels: Sequence[str] | None = None, *,
+                 summary: dict | None = None,
+                 branch: dict | None = None) -> pathlib.Path:
   """Writes the comparison PNG: metrics against cumulative generated tokens.
 
   Args:
@@ -222,6 +233,13 @@ def plot_compare(arms: Sequence[Sequence[str | pathlib.Path]],
     out: PNG path.
     labels: one label per arm (default: the workdir name, or the common
       prefix of the seeds' names).
+    summary: `analysis.report.summarize_arms` output: adds a panel of each
+      arm's gain and one of the paired differences to the first arm, with
+      their 95 % intervals (at the end, at equal tokens, at equal time).
+    branch: `branch.BranchPoint.to_dict()` when the arms continue one
+      checkpoint of a parent run: the arms' x starts at the parent's tokens
+      there, the parent's own curve is drawn up to that step (grey) and the
+      branch point is marked (the paper's Figure 1).
 
   Returns:
     The PNG path.
@@ -246,6 +264,11 @@ def plot_compare(arms: Sequence[Sequence[str | pathlib.Path]],
         raise ValueError(f"{workdir / 'metrics.jsonl'} has no {TOKENS}: "
                          "cannot place it on the generated-tokens axis")
       data[-1].append(run)
+  parent, offset = None, 0.0
+  if branch is not None:
+    parent = series([r for r in read_metrics(branch["workdir"])
+                     if r["step"] <= branch["step"]])
+    offset = float(branch["tokens"])
   names = set().union(*(run for arm in data for run in arm))
   metrics = [m for m in ("eval/pass@1", "reward/mean", "rollout/mixed_share")
              if m in names]
@@ -255,10 +278,20 @@ def plot_compare(arms: Sequence[Sequence[str | pathlib.Path]],
   if not metrics:
     raise ValueError("none of the runs logs eval/pass@1, reward/mean or "
                      "mass/* metrics")
-  plt, fig, axes = _figure(len(metrics))
+  extra = 0 if summary is None else (2 if summary["differences"] else 1)
+  plt, fig, axes = _figure(len(metrics) + extra)
+  axes = list(axes)
   for ax, metric in zip(axes, metrics):
+    if parent is not None and metric in parent:
+      curve = _arm_curve([parent], metric)
+      if curve is not None:
+        ax.plot(curve[0], curve[1], color="0.5",
+                marker="." if len(curve[0]) < 30 else None,
+                label=f"parent (to step {branch['step']})")
+      ax.axvline(offset, color="0.3", linestyle="--", linewidth=1,
+                 label="branch point")
     for i, (label, runs) in enumerate(zip(labels, data)):
-      curve = _arm_curve(runs, metric)
+      curve = _arm_curve(runs, metric, offset)
       if curve is None:
         continue
       x, mean, low, high = curve
@@ -271,9 +304,51 @@ def plot_compare(arms: Sequence[Sequence[str | pathlib.Path]],
     ax.set_xlabel("generated tokens (cumulative)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-  _save(plt, fig, "At equal generated tokens: mean and min-max over seeds",
-        pathlib.Path(out))
+  if summary is not None:
+    _interval_panels(axes[len(metrics):], summary, labels)
+  _save(plt, fig, "At equal generated tokens: mean over seeds, 95 % t "
+        "interval of the mean shaded", pathlib.Path(out))
   return pathlib.Path(out)
+
+
+# analysis.report's gains, as the interval panels label them.
+_VIEWS = (("gain", "at the end"), ("gain_at_tokens", "equal tokens"),
+          ("gain_at_seconds", "equal time"))
+
+
+def _interval_panels(axes, summary: dict, labels: Sequence[str]) -> None:
+  """Error bars: each arm's gain, then each paired difference to the first
+  arm, per view (end / equal tokens / equal time)."""
+  budget = summary["budget"]
+  groups = [("Gain in held-out pass@1 (95 % CI over seeds)",
+             [(label, summary["arms"][arm])
+              for label, arm in zip(labels, summary["arms"])])]
+  first = next(iter(summary["arms"]), None)
+  if summary["differences"]:
+    groups.append((f"Paired difference to {first} (95 % CI)",
+                   [(label, summary["differences"][arm])
+                    for label, arm in zip(labels, summary["arms"])
+                    if arm in summary["differences"]]))
+  width = 0.8
+  for ax, (title, rows) in zip(axes, groups):
+    for i, (label, figures) in enumerate(rows):
+      shift = (i - (len(rows) - 1) / 2) * width / max(len(rows), 1)
+      for j, (name, _) in enumerate(_VIEWS):
+        iv = figures.get(name)
+        if iv is None:
+          continue
+        err = iv["half_width"] if iv["half_width"] is not None else 0.0
+        ax.errorbar(j + shift, iv["mean"], yerr=err, fmt="o", capsize=4,
+                    color=f"C{labels.index(label)}",
+                    label=label if j == 0 else None)
+    ax.axhline(0.0, color="0.3", linewidth=0.8)
+    ax.set_xticks(range(len(_VIEWS)), [
+        "at the end",
+        f"at {compare_report.tokens_text(budget['tokens'])} tokens",
+        f"at {budget['seconds']:.0f} s"])
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

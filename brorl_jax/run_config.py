@@ -78,6 +78,13 @@ class EvalConfig:
     max_prompts: evaluate at most this many held-out prompts (None = all).
     temperature / top_p / top_k / greedy / max_new_tokens / max_decode_rows:
       the evaluation's own sampling settings (the paper: T 0.6, top-p 0.95).
+    plateau_window: stop the run once held-out pass@1 stopped rising: over
+      the last this many evaluations (against generated tokens) the
+      least-squares slope is not significantly positive
+      (`analysis.intervals.plateaued`, one-sided at `plateau_confidence`;
+      `loop/plateau.py`); the last state is checkpointed and `eval/plateau`
+      logged. 0 = off; else >= 3.
+    plateau_confidence: the slope test's confidence level.
     suite: also evaluate the benchmark suite at every evaluation: "math",
       or a comma list of math500, aime24, amc23, gsm8k (`loop/suite.py`;
       `max_prompts` then applies per benchmark); None = off.
@@ -93,6 +100,8 @@ class EvalConfig:
   greedy: bool = False
   max_new_tokens: int | None = None
   max_decode_rows: int | None = None
+  plateau_window: int = 0
+  plateau_confidence: float = 0.95
   suite: str | None = None
 
   def __post_init__(self):
@@ -101,6 +110,14 @@ class EvalConfig:
           f"must be benchmark names (e.g. 'math') or None, got "
           f"{self.suite!r}")
     check(self.every >= 0, "eval.every", "must be >= 0")
+    check(self.plateau_window == 0 or self.plateau_window >= 3,
+          "eval.plateau_window", f"must be 0 (off) or >= 3 (a slope and its "
+          f"error need 3 evaluations), got {self.plateau_window}")
+    check(self.plateau_window == 0 or self.every > 0, "eval.plateau_window",
+          "needs eval.every > 0: with evaluations only at step 0 and the "
+          "end the plateau test never sees a window")
+    check(0 < self.plateau_confidence < 1, "eval.plateau_confidence",
+          f"must be in (0, 1), got {self.plateau_confidence}")
     check(self.n >= 1, "eval.n", "must be >= 1")
     check(all(1 <= k <= self.n for k in self.k), "eval.k",
           f"each k must be in 1..eval.n={self.n}, got {self.k}")

@@ -233,6 +233,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.greedy = False
   c.eval.max_new_tokens = ml_collections.FieldReference(None, int)
   c.eval.max_decode_rows = ml_collections.FieldReference(None, int)
+  # Off: a run stops at total_steps / max_generated_tokens. configs/
+  # plateau_cpu.py trains until held-out pass@1 stops rising.
+  c.eval.plateau_window = 0
+  c.eval.plateau_confidence = 0.95
   # "math": MATH-500, AIME 2024, AMC 2023, GSM8K at every evaluation too.
   c.eval.suite = ml_collections.FieldReference(None, str)
 

@@ -8,6 +8,7 @@ from brorl_jax import compare, run_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "compare_cpu.py")
+PLATEAU = str(ROOT / "configs" / "plateau_cpu.py")
 
 
 def test_arms_load_and_the_adaptive_arm_spends_the_prorl_budget():
@@ -50,7 +51,25 @@ def test_summarize_reads_a_run():
   assert out["mixed_group_share"] == pytest.approx(0.6)
   assert out["mass_u2"] == pytest.approx(0.03)
   assert out["frac_margin_positive"] == pytest.approx(0.25)
-  assert "| a | 1 | 2.0 | 0.1000 | 0.1600 | +0.0600 (0.0000)" in \
-      compare.table({"a": {"0": out}})
   with pytest.raises(ValueError, match="no held-out pass@1"):
     compare.summarize(records[1:2])
+
+
+def test_plateau_arms_branch_at_one_budget():
+  base = run_config.load(compare.load_config(PLATEAU, "base"))
+  prorl = run_config.load(compare.load_config(PLATEAU, "prorl"))
+  brorl = run_config.load(compare.load_config(PLATEAU, "brorl"))
+  # The base run stops on the plateau test, not on a budget.
+  assert base.eval.plateau_window >= 3 and base.max_generated_tokens is None
+  assert base.checkpoint.every > 0
+  # The branches: ProRL's own settings against more rollouts per prompt, at
+  # one token budget, evaluated at equal token intervals.
+  assert prorl.max_generated_tokens == brorl.max_generated_tokens
+  assert (prorl.rollout.n, prorl.loop.prompts_per_step) == (
+      base.rollout.n, base.loop.prompts_per_step)
+  assert brorl.rollout.n >= 128 > brorl.loop.prompts_per_step
+  assert prorl.eval.plateau_window == brorl.eval.plateau_window == 0
+  assert (prorl.eval.every * prorl.loop.prompts_per_step * prorl.rollout.n
+          == brorl.eval.every * brorl.loop.prompts_per_step * brorl.rollout.n)
+  with pytest.raises(ValueError, match="arm must be one of"):
+    compare.load_config(PLATEAU, "adaptive")

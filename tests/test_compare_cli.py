@@ -21,6 +21,7 @@ def test_console_script_and_help(capsys):
   assert e.value.code == 0
   out = capsys.readouterr().out
   assert "--arms" in out and "--seeds" in out and "brorl-compare" in out
+  assert "--from" in out
 
 
 @pytest.mark.parametrize("args, message", [
@@ -37,6 +38,8 @@ def test_console_script_and_help(capsys):
      "rollout.n"),
     (["--config", CONFIG, "--workdir", "W", "--arms", "prorl", "--arm=x"],
      "error: Unknown command line flag 'arm'"),
+    (["--config", CONFIG, "--workdir", "W", "--arms", "prorl", "--from",
+      "nowhere"], "usage error: --from "),     # no checkpoints/ there
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args,
                                           message):

@@ -55,6 +55,8 @@ def test_pod_recipes_take_the_pod_after_the_colon():
     ("logging.archive_every", 0, "logging.archive_every"),
     ("logging.progress", "bars", "logging.progress"),
     ("rollout.param_dtype", "bf16", "rollout.param_dtype"),
+    ("eval.plateau_window", 2, "eval.plateau_window"),
+    ("eval.plateau_confidence", 1.0, "eval.plateau_confidence"),
 ])
 def test_bad_values_name_the_key(key, value, named):
   c = demo_cpu.get_config()
@@ -65,6 +67,15 @@ def test_bad_values_name_the_key(key, value, named):
   with c.unlocked():
     node[last] = value
   with pytest.raises(config_lib.ConfigError, match=named.replace(".", r"\.")):
+    run_config.load(c)
+
+
+def test_the_plateau_stop_needs_periodic_evaluations():
+  c = demo_cpu.get_config()
+  c.eval.plateau_window = 3
+  assert run_config.load(c).eval.plateau_window == 3
+  c.eval.every = 0
+  with pytest.raises(config_lib.ConfigError, match="needs eval.every > 0"):
     run_config.load(c)
 
 

@@ -171,8 +171,9 @@ def test_no_cycle_among_top_level_modules_and_subpackages():
   assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
-# The stages of the data flow: they know nothing of the run that drives them.
-STAGES = ("data", "model", "rollout", "rewards", "rl")
+# The stages of the data flow, and the statistics over what runs logged
+# (analysis/): they know nothing of the run that drives them.
+STAGES = ("data", "model", "rollout", "rewards", "rl", "analysis")
 # The run's host side (tests/loop mirrors it).
 RUN = f"{PACKAGE}.loop"
 # Modules the package root may hold (entry points, persistence, config,

@@ -15,7 +15,11 @@
   metrics.py, rollout_archive.py, workdir.py
                          what a run writes, and the workdir's life cycle
   programs.py            the dry run's compile side (`sizing.py` reports)
+  plateau.py             the plateau stop (`eval.plateau_window`): a run
+                         ends once held-out pass@1 stopped rising
+  branch.py              a checkpoint of one run as the model directory
+                         every arm of `compare --from` starts from
 
-Stage folders (data/, model/, rollout/, rewards/, rl/) never import this
-package (tests/test_import_graph.py); entry points call into it.
+Stage folders (data/, model/, rollout/, rewards/, rl/) and analysis/ never
+import this package (tests/test_import_graph.py); entry points call into it.
 """

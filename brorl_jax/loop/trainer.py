@@ -27,6 +27,7 @@ from brorl_jax import checkpointing
 from brorl_jax import run_config
 from brorl_jax.loop import allocated_sampling
 from brorl_jax.loop import experiment as exp_lib
+from brorl_jax.loop import plateau as plateau_lib
 from brorl_jax.loop import scoring
 from brorl_jax.loop import step_log
 from brorl_jax.loop import suite as suite_lib
@@ -348,6 +349,7 @@ class Trainer:
       return {}
     state, train_iter, meta = init
     start = int(state.step)
+    plateau = plateau_lib.PlateauStop(cfg.eval)
     last: dict[str, float] = {}
     # Older checkpoints lack `eval_due`: their step-0 evaluation is redone.
     due = meta.get("eval_due", 0 if start == 0 else None)
@@ -359,6 +361,7 @@ class Trainer:
         meta["eval_due"] = None
         if start == 0:
           meta["best_eval"] = last.get("eval/pass@1")
+        plateau.record(meta, start, last)
         self.writer.write(start, last)
     t_start = time.perf_counter()
     # Stops a run whose first steps skip every mini-batch (non-finite).
@@ -371,9 +374,11 @@ class Trainer:
 
     def finished(step):
       # total_steps, or the budget of generated tokens (counting groups that
-      # dynamic sampling dropped): equal-compute comparisons of N.
+      # dynamic sampling dropped): equal-compute comparisons of N; or
+      # held-out pass@1 stopped rising (eval.plateau_window).
       return step >= cfg.total_steps or (
-          budget is not None and meta["generated_tokens_total"] >= budget)
+          budget is not None and meta["generated_tokens_total"] >= budget
+      ) or plateau.reached(meta)
 
     try:
       while not finished(step) and not preempt.requested():
@@ -400,6 +405,8 @@ class Trainer:
             best = meta["best_eval"]
             meta["best_eval"] = max(best if best is not None else -1.0,
                                     metrics["eval/pass@1"])
+          if plateau.record(meta, step, metrics):
+            last_step = True                  # checkpointed below
         # ---- Reference reset (host decides, device copies) ---------------
         reason = None if state.ref_params is None else (
             reference_lib.reset_reason(cfg.reference, step, metrics,
