@@ -41,6 +41,7 @@ from brorl_jax.loop import experiment as exp_lib
 from brorl_jax import plot
 from brorl_jax import run_config
 from brorl_jax.config import ConfigError
+from brorl_jax.integrity import lock as lock_lib
 from brorl_jax.loop.metrics import read_metrics
 from brorl_jax.warmstart import run_warmstart
 
@@ -196,9 +197,16 @@ def main(argv: Sequence[str]) -> int:
       raise
     raise app.UsageError(f"--arms: {e}") from None
   for config in configs.values():    # a bad arm fails before anything runs
-    run_config.load(config)
+    cfg = run_config.load(config)
   workdir.mkdir(parents=True, exist_ok=True)
+  # One comparison per workdir (each arm's run locks its own directory).
+  with lock_lib.take(workdir, cfg.checkpoint.lock,
+                     lease_s=cfg.checkpoint.lock_lease_s):
+    return _compare(fv, configs, arms, seeds, overrides, env, workdir)
 
+
+def _compare(fv, configs, arms, seeds, overrides, env, workdir) -> int:
+  """The warm start, every (arm, seed) run, the report (W is locked)."""
   t0 = time.perf_counter()
   ws = warm_start(configs[arms[0]], workdir / WARMSTART)
   print(f"warm start: {ws} ({time.perf_counter() - t0:.0f} s)", flush=True)

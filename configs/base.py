@@ -221,6 +221,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint.keep = 3
   c.checkpoint.async_save = True
   c.checkpoint.preempt_grace_s = 30.0
+  # One run per workdir: "auto" = flock on a local filesystem, a lease file
+  # with a heartbeat on shared ones (NFS, Lustre, GCS FUSE); "off".
+  c.checkpoint.lock = "auto"
+  c.checkpoint.lock_lease_s = 60.0  # a silent lease is taken over after it
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 20

@@ -175,6 +175,7 @@ class _Run:
     self.trainer.pool.close()
     self.trainer.checkpointer.close()
     self.trainer.writer.close()
+    self.trainer.lock.release()
 
 
 def main(argv: list[str]) -> dict:

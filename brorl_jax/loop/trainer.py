@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 
 from brorl_jax import checkpointing
 from brorl_jax import run_config
+from brorl_jax.integrity import lock as lock_lib
 from brorl_jax.loop import allocated_sampling
 from brorl_jax.loop import experiment as exp_lib
 from brorl_jax.loop import scoring
@@ -84,6 +85,18 @@ class Trainer:
     exp_lib.setup_jax(cfg)
     # Config and workdir checks before anything expensive or written.
     workdir = workdir_lib.preflight(cfg, workdir)
+    # One run per workdir, from before its first write to its end (a second
+    # start exits here naming the holder).
+    self.lock = lock_lib.acquire(workdir, cfg.checkpoint.lock,
+                                 lease_s=cfg.checkpoint.lock_lease_s)
+    try:
+      self._build(cfg, workdir)
+    except BaseException:
+      self.lock.release()
+      raise
+
+  def _build(self, cfg: run_config.RunConfig, workdir) -> None:
+    """Every part of the run, once (the workdir is locked)."""
     workdir_lib.record_config(workdir, cfg.raw)
     self.cfg = cfg
     self.exp = exp = exp_lib.build(cfg, workdir)
@@ -377,8 +390,10 @@ class Trainer:
 
     try:
       while not finished(step) and not preempt.requested():
-        # A background save that failed stops the run here (CheckpointError).
+        # A background save that failed stops the run here (CheckpointError),
+        # and so does a lost workdir lease (WorkdirLocked).
         self.checkpointer.check()
+        self.lock.check()
         # ---- Sample, score, advantages, update, diagnostics (one step) ---
         data_state = train_iter.get_state()
         prompts = next(train_iter)
@@ -410,6 +425,7 @@ class Trainer:
           log.info("step %d: reference reset (%s)", step, reason)
           state = self._reset_ref(state)
         # ---- Log ---------------------------------------------------------
+        self.lock.check()
         self.writer.write(step, metrics)
         watch.check(metrics)
         last = metrics
@@ -456,6 +472,7 @@ class Trainer:
       self.writer.close()
       self.pool.close()
       preempt.restore()
+      self.lock.release()
 
   def _report_grace(self, step: int, seconds: float) -> None:
     """Logs how long the notice-to-saved path took against the grace."""
