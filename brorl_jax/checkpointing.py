@@ -41,8 +41,9 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from brorl_jax.integrity import checks as integrity
-from brorl_jax.integrity.checks import (ChecksumMismatch, array_checksums,
-                                        check_arrays, error_text, json_digest)
+from brorl_jax.integrity.checks import (ChecksumMismatch, NonFiniteArrays,
+                                        array_checksums, check_arrays,
+                                        check_finite, error_text, json_digest)
 from brorl_jax.model.config import ModelConfig
 from brorl_jax.model.transformer import Policy
 
@@ -108,6 +109,10 @@ def save_params(path: str | pathlib.Path, params: Any) -> None:
   checksums beside it (`<path>.integrity.json`)."""
   path = pathlib.Path(path).absolute()
   record = array_checksums(params)
+  try:
+    check_finite("params", record)       # nothing non-finite is saved
+  except NonFiniteArrays as e:
+    raise CheckpointError(f"{path} was not written: {e}") from None
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path, params, force=True)
     ckptr.wait_until_finished()
@@ -250,6 +255,18 @@ class TrainCheckpointer:
     record = {"arrays": {PARAMS: array_checksums(state.params),
                          OPT: array_checksums(rest)},
               "json": {META: json_digest(meta)}}
+    try:                                 # nothing non-finite is saved
+      check_finite(PARAMS, record["arrays"][PARAMS])
+      check_finite(OPT, record["arrays"][OPT])
+    except NonFiniteArrays as e:
+      good = self.all_steps()
+      raise CheckpointError(
+          f"checkpoint step {step} was not saved to {self.directory}: {e}; "
+          "the run stopped. "
+          + (f"Its last checkpoint, step {max(good)}, is finite: " if good
+             else "No checkpoint was saved: ")
+          + "lower optim.learning_rate (or check init.path and the data), "
+          "then rerun") from None
     if data_iterator is not None:
       data_state = data_iterator.get_state()
       items[DATA] = ocp.args.JsonSave(data_state)

@@ -215,6 +215,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.01
   c.optim.grad_clip = 1.0
   c.optim.reference_samples_per_step = ml_collections.FieldReference(None, int)
+  # The update's result guard: K skipped mini-batches in a row stop the run;
+  # a parameter-norm growth past this factor in one update warns (0 = off).
+  c.optim.max_consecutive_skips = 8
+  c.optim.param_norm_jump = 2.0
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 10

@@ -215,6 +215,48 @@ def test_export_and_model_directories_refuse_changed_bytes(tmp_path):
     checkpointing.restore_params(model, target)
 
 
+def test_non_finite_states_are_never_saved_nor_restored(tmp_path, caplog,
+                                                        monkeypatch,
+                                                        no_pause):
+  directory = tmp_path / "checkpoints"
+  _three_steps(directory)
+  poisoned = _state(4.0)
+  poisoned = poisoned.replace(
+      params={**poisoned.params, "b": poisoned.params["b"].at[7].set(
+          jnp.nan)})
+  ckpt = checkpointing.TrainCheckpointer(directory, keep=5, async_save=False)
+  with pytest.raises(checkpointing.CheckpointError) as e:
+    ckpt.save(4, poisoned, None, {"step": 4})
+  message = str(e.value)
+  assert "\n" not in message
+  assert (f"checkpoint step 4 was not saved to {directory}: params['b'] "
+          "holds 1 non-finite values (NaN or inf)") in message
+  assert "last checkpoint, step 3, is finite" in message
+  assert ckpt.all_steps() == [1, 2, 3]
+  # One written before the guard existed (or by other code): refused at
+  # restore like a damaged one, falling back to the newest finite step;
+  # export names it.
+  monkeypatch.setattr(checkpointing, "check_finite", lambda *a: None)
+  ckpt.save(4, poisoned, None, {"step": 4})
+  ckpt.close()
+  monkeypatch.undo()
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"step 4 .* cannot be used: params\['b'\] holds 1 "
+                     "non-finite"):
+    checkpointing.restore_train_params(directory, _abstract().params, 4)
+  ckpt = checkpointing.TrainCheckpointer(directory, keep=5)
+  with caplog.at_level(logging.WARNING):
+    step, state, _ = ckpt.restore_latest(_abstract(), None)
+  ckpt.close()
+  assert (step, int(state.step)) == (3, 3)
+  warnings = [r.getMessage() for r in caplog.records
+              if r.levelno >= logging.WARNING]
+  assert len(warnings) == 1 and "checkpoint step 4" in warnings[0], warnings
+  assert "non-finite" in warnings[0] and "falling back to step 3" in warnings[0]
+  with pytest.raises(checkpointing.CheckpointError, match="was not written"):
+    checkpointing.save_params(tmp_path / "model" / "params", poisoned.params)
+
+
 def _failing_reads(monkeypatch, steps, times, error):
   """The next `times` reads of `steps` raise `error` (where orbax reads)."""
   handler = ocp.CompositeCheckpointHandler

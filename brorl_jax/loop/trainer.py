@@ -377,7 +377,9 @@ class Trainer:
     # Stops a run whose first steps skip every mini-batch (non-finite).
     watch = nonfinite.SkipWatch(
         cfg.update.num_minibatches, backend=self.sampler.decode_backend,
-        platform=jax.default_backend(), dtype=self.exp.model_cfg.dtype)
+        platform=jax.default_backend(), dtype=self.exp.model_cfg.dtype,
+        max_consecutive=cfg.optim.max_consecutive_skips,
+        jump=cfg.optim.param_norm_jump)
     bar = self._progress("RL step", cfg.total_steps, initial=start)
     step = start
     budget = cfg.max_generated_tokens
@@ -426,8 +428,10 @@ class Trainer:
           state = self._reset_ref(state)
         # ---- Log ---------------------------------------------------------
         self.lock.check()
+        stop = watch.check(metrics)           # too many skips (one line)
         self.writer.write(step, metrics)
-        watch.check(metrics)
+        if stop is not None:
+          raise stop
         last = metrics
         bar.update(step, {
             "reward": metrics["reward/mean"],
