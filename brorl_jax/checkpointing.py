@@ -40,6 +40,8 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from brorl_jax.config import ConfigError
+from brorl_jax.integrity import atomic
 from brorl_jax.integrity import checks as integrity
 from brorl_jax.integrity.checks import (ChecksumMismatch, NonFiniteArrays,
                                         array_checksums, check_arrays,
@@ -59,21 +61,42 @@ RETRY_DELAYS_S = (1.0, 4.0)
 
 # ---- model config (model directories and workdirs) ------------------------
 
+class ModelConfigError(ConfigError):
+  """A `model_config.json` that cannot be read (names it and the fix)."""
+
+
 def save_model_config(cfg: ModelConfig, directory: pathlib.Path) -> None:
-  """Writes the model directory's or workdir's `model_config.json`."""
+  """Writes the model directory's or workdir's `model_config.json`
+  (atomically, and only when it changes)."""
   directory.mkdir(parents=True, exist_ok=True)
-  (directory / MODEL_CONFIG_FILE).write_text(
-      json.dumps(dataclasses.asdict(cfg), indent=2))
+  atomic.write_text(directory / MODEL_CONFIG_FILE,
+                    json.dumps(dataclasses.asdict(cfg), indent=2))
 
 
 def load_model_config(directory: pathlib.Path) -> ModelConfig:
-  """Reads the `model_config.json` that `save_model_config` wrote."""
+  """Reads the `model_config.json` that `save_model_config` wrote.
+
+  Raises:
+    FileNotFoundError: there is none.
+    ModelConfigError: it is damaged (truncated, not JSON, not a config).
+  """
   path = directory / MODEL_CONFIG_FILE
   if not path.exists():
     raise FileNotFoundError(
         f"{path} not found: {directory} is not a brorl_jax model directory "
         "(create one with `python -m brorl_jax.hf import` or by training)")
-  return ModelConfig(**json.loads(path.read_text()))
+  try:
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(raw, dict):
+      raise ValueError(f"a JSON {type(raw).__name__}, not an object")
+    return ModelConfig(**raw)
+  except (ValueError, TypeError) as e:   # JSONDecodeError, unknown keys
+    raise ModelConfigError(
+        f"{path} is damaged ({type(e).__name__}: {str(e)[:200]}); it records "
+        "the model's architecture, the checkpoints beside it are not "
+        "affected: in a training workdir rerun `train` with the run's "
+        "command (it rebuilds the file from the config), else restore the "
+        "file from a copy (or `hf import` the model again)") from None
 
 
 # ---- errors ----------------------------------------------------------------
@@ -117,7 +140,7 @@ def save_params(path: str | pathlib.Path, params: Any) -> None:
     ckptr.save(path, params, force=True)
     ckptr.wait_until_finished()
   if jax.process_index() == 0:
-    _params_record(path).write_text(json.dumps(record))
+    atomic.write_text(_params_record(path), json.dumps(record))
 
 
 def restore_params(path: str | pathlib.Path, target: Any) -> Any:

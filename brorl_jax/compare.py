@@ -41,6 +41,7 @@ from brorl_jax.loop import experiment as exp_lib
 from brorl_jax import plot
 from brorl_jax import run_config
 from brorl_jax.config import ConfigError
+from brorl_jax.integrity import atomic
 from brorl_jax.integrity import lock as lock_lib
 from brorl_jax.loop.metrics import read_metrics
 from brorl_jax.warmstart import run_warmstart
@@ -223,12 +224,12 @@ def _compare(fv, configs, arms, seeds, overrides, env, workdir) -> int:
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, env=env)
         seconds = time.perf_counter() - t1
-        (run / DONE).write_text(json.dumps({"seconds": seconds}))
+        atomic.write_text(run / DONE, json.dumps({"seconds": seconds}))
         print(f"{arm} seed {seed}: {seconds:.0f} s", flush=True)
       results.setdefault(arm, {})[str(seed)] = {
           **summarize(read_metrics(run)),
           "seconds": json.loads((run / DONE).read_text())["seconds"]}
-  (workdir / "compare.json").write_text(json.dumps(results, indent=1))
+  atomic.write_text(workdir / "compare.json", json.dumps(results, indent=1))
   plot.plot_compare([[workdir / arm / f"s{s}" for s in seeds]
                      for arm in arms], workdir / "compare.png", labels=arms)
   print(table(results))

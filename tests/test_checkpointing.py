@@ -304,3 +304,36 @@ def test_damage_that_clears_on_a_second_read_is_not_damage(
   assert ckpt.restore_latest(_abstract(), None)[0] == 3
   assert not (tmp_path / checkpointing.DAMAGED_DIR).exists()
   ckpt.close()
+
+
+# ---- model_config.json (issue 35.4) ----------------------------------------
+
+def test_a_damaged_model_config_is_one_line_or_rebuilt(tmp_path, caplog):
+  import sys
+  from brorl_jax import run_config
+  from brorl_jax.loop import experiment
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+  from tests.configs import tiny_rl
+  cfg = run_config.load(tiny_rl.get_config())
+  tokenizer = type("Tok", (), {"vocab_size": 64})()
+  model_cfg = experiment.model_config_for(cfg, tmp_path, tokenizer)
+  checkpointing.save_model_config(model_cfg, tmp_path)
+  path = tmp_path / checkpointing.MODEL_CONFIG_FILE
+  inode = path.stat().st_ino
+  checkpointing.save_model_config(model_cfg, tmp_path)   # unchanged
+  assert path.stat().st_ino == inode
+  assert checkpointing.load_model_config(tmp_path) == model_cfg
+  for damage in (path.read_text()[:40], "", "[1, 2]",
+                 '{"no_such_key": 1}'):
+    path.write_text(damage)
+    with pytest.raises(checkpointing.ModelConfigError) as e:
+      checkpointing.load_model_config(tmp_path)
+    message = str(e.value)
+    assert message.startswith(f"{path} is damaged (") and "\n" not in message
+    assert "rerun `train`" in message
+    # The train loop rebuilds it from this start's (unchanged) config.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      assert experiment.model_config_for(cfg, tmp_path, tokenizer) == (
+          model_cfg)
+    assert "rebuilding it from this start's config" in caplog.text
