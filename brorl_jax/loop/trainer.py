@@ -85,8 +85,7 @@ class Trainer:
     exp_lib.setup_jax(cfg)
     # Config and workdir checks before anything expensive or written.
     workdir = workdir_lib.preflight(cfg, workdir)
-    # One run per workdir, from before its first write to its end (a second
-    # start exits here naming the holder).
+    # One run per workdir, from before its first write to its end.
     self.lock = lock_lib.acquire(workdir, cfg.checkpoint.lock,
                                  lease_s=cfg.checkpoint.lock_lease_s)
     try:
@@ -383,17 +382,18 @@ class Trainer:
     bar = self._progress("RL step", cfg.total_steps, initial=start)
     step = start
     budget = cfg.max_generated_tokens
+    # A finite data.num_epochs ends the run (saved, evaluated) at its end.
+    last_one = min(cfg.total_steps, self.pipeline.train_steps() or 1 << 62)
 
     def finished(step):
-      # total_steps, or the budget of generated tokens (counting groups that
-      # dynamic sampling dropped): equal-compute comparisons of N.
-      return step >= cfg.total_steps or (
+      # total_steps (or the data's end), or the budget of generated tokens
+      # (counting groups that dynamic sampling dropped).
+      return step >= last_one or (
           budget is not None and meta["generated_tokens_total"] >= budget)
 
     try:
       while not finished(step) and not preempt.requested():
-        # A background save that failed stops the run here (CheckpointError),
-        # and so does a lost workdir lease (WorkdirLocked).
+        # A failed background save or a lost workdir lease stops the run.
         self.checkpointer.check()
         self.lock.check()
         # ---- Sample, score, advantages, update, diagnostics (one step) ---
@@ -465,7 +465,9 @@ class Trainer:
       self.close(preempt)
     if self.exp.is_main:
       print_summary(start, step, last, time.perf_counter() - t_start,
-                    preempted=preempt.requested_at is not None)
+                    preempted=preempt.requested_at is not None,
+                    note=self.pipeline.exhausted(step)
+                    if last_one <= step < cfg.total_steps else None)
     return last
 
   def close(self, preempt) -> None:
