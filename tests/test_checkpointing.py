@@ -337,3 +337,35 @@ def test_a_damaged_model_config_is_one_line_or_rebuilt(tmp_path, caplog):
       assert experiment.model_config_for(cfg, tmp_path, tokenizer) == (
           model_cfg)
     assert "rebuilding it from this start's config" in caplog.text
+
+
+# ---- the KL term switched at resume (issue 36.5) ---------------------------
+
+def _abstract_with(reference: bool):
+  state = _state(0.0)
+  if reference:
+    state = state.replace(ref_params=jax.tree.map(jnp.copy, state.params))
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(
+          jax.devices()[0])), state)
+
+
+def test_turning_the_kl_term_on_or_off_at_resume_works(tmp_path, caplog):
+  directory = tmp_path / "checkpoints"
+  _three_steps(directory)                      # saved without a reference
+  ckpt = checkpointing.TrainCheckpointer(directory, keep=3)
+  with caplog.at_level(logging.WARNING):
+    step, state, _ = ckpt.restore_latest(_abstract_with(True), None)
+  assert step == 3 and "damaged" not in caplog.text
+  assert "algo.loss.kl_coef > 0 now takes the restored policy" in caplog.text
+  for ref, param in zip(jax.tree.leaves(state.ref_params),
+                        jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(np.asarray(ref), np.asarray(param))
+    assert ref is not param                    # a copy: both are donated
+  # Saved with it, resumed without it: dropped, nothing set aside.
+  ckpt.save(4, state, None, {"step": 4})
+  ckpt.wait()
+  step, state, _ = ckpt.restore_latest(_abstract_with(False), None)
+  assert step == 4 and state.ref_params is None
+  assert ckpt.all_steps() == [2, 3, 4]
+  ckpt.close()
