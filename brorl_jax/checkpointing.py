@@ -27,7 +27,6 @@ all.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -37,42 +36,28 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from brorl_jax.integrity import atomic
 from brorl_jax.integrity import checks as integrity
-from brorl_jax.integrity.checks import (ChecksumMismatch, array_checksums,
-                                        check_arrays, error_text, json_digest)
-from brorl_jax.model.config import ModelConfig
+from brorl_jax.integrity.checks import (ChecksumMismatch, NonFiniteArrays,
+                                        array_checksums, check_arrays,
+                                        check_finite, error_text, json_digest)
+# Re-exported: model directories and workdirs are read through this module.
+from brorl_jax.model.config_file import (MODEL_CONFIG_FILE,  # noqa: F401
+                                         ModelConfigError, load_model_config,
+                                         save_model_config)
 from brorl_jax.model.transformer import Policy
 
 log = logging.getLogger(__name__)
-MODEL_CONFIG_FILE = "model_config.json"
 # Damaged steps are moved here (beside `checkpoints/`), not deleted.
 DAMAGED_DIR = "checkpoints.damaged"
 # A step's read is tried this many times, with these pauses between tries,
 # before its error counts.
 READ_TRIES = 3
 RETRY_DELAYS_S = (1.0, 4.0)
-
-
-# ---- model config (model directories and workdirs) ------------------------
-
-def save_model_config(cfg: ModelConfig, directory: pathlib.Path) -> None:
-  """Writes the model directory's or workdir's `model_config.json`."""
-  directory.mkdir(parents=True, exist_ok=True)
-  (directory / MODEL_CONFIG_FILE).write_text(
-      json.dumps(dataclasses.asdict(cfg), indent=2))
-
-
-def load_model_config(directory: pathlib.Path) -> ModelConfig:
-  """Reads the `model_config.json` that `save_model_config` wrote."""
-  path = directory / MODEL_CONFIG_FILE
-  if not path.exists():
-    raise FileNotFoundError(
-        f"{path} not found: {directory} is not a brorl_jax model directory "
-        "(create one with `python -m brorl_jax.hf import` or by training)")
-  return ModelConfig(**json.loads(path.read_text()))
 
 
 # ---- errors ----------------------------------------------------------------
@@ -108,11 +93,15 @@ def save_params(path: str | pathlib.Path, params: Any) -> None:
   checksums beside it (`<path>.integrity.json`)."""
   path = pathlib.Path(path).absolute()
   record = array_checksums(params)
+  try:
+    check_finite("params", record)       # nothing non-finite is saved
+  except NonFiniteArrays as e:
+    raise CheckpointError(f"{path} was not written: {e}") from None
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path, params, force=True)
     ckptr.wait_until_finished()
   if jax.process_index() == 0:
-    _params_record(path).write_text(json.dumps(record))
+    atomic.write_text(_params_record(path), json.dumps(record))
 
 
 def restore_params(path: str | pathlib.Path, target: Any) -> Any:
@@ -202,6 +191,16 @@ def restore_train_params(checkpoint_dir: pathlib.Path, target: Any,
   return out[PARAMS]
 
 
+def _saved_reference(opt_dir: pathlib.Path) -> bool | None:
+  """Whether the `opt` item holds reference parameters (None: unknown),
+  from orbax's tree metadata (a saved None is one `('ref_params',)` leaf)."""
+  try:
+    tree = json.loads((opt_dir / "_METADATA").read_text())["tree_metadata"]
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+  return any(k.startswith("('ref_params', ") for k in tree)
+
+
 class TrainCheckpointer:
   """One orbax CheckpointManager for a training workdir.
 
@@ -250,6 +249,18 @@ class TrainCheckpointer:
     record = {"arrays": {PARAMS: array_checksums(state.params),
                          OPT: array_checksums(rest)},
               "json": {META: json_digest(meta)}}
+    try:                                 # nothing non-finite is saved
+      check_finite(PARAMS, record["arrays"][PARAMS])
+      check_finite(OPT, record["arrays"][OPT])
+    except NonFiniteArrays as e:
+      good = self.all_steps()
+      raise CheckpointError(
+          f"checkpoint step {step} was not saved to {self.directory}: {e}; "
+          "the run stopped. "
+          + (f"Its last checkpoint, step {max(good)}, is finite: " if good
+             else "No checkpoint was saved: ")
+          + "lower optim.learning_rate (or check init.path and the data), "
+          "then rerun") from None
     if data_iterator is not None:
       data_state = data_iterator.get_state()
       items[DATA] = ocp.args.JsonSave(data_state)
@@ -394,14 +405,19 @@ class TrainCheckpointer:
 
   def _read(self, step: int, abstract_state: Any, data_iterator: Any):
     """The step's items as orbax restores them (not yet checked)."""
+    step_dir = self.directory / str(step)
+    # The reference is read as it was saved (algo.loss.kl_coef may have
+    # been switched on or off since); `_assemble` fits it to this run.
+    ref = abstract_state.ref_params
+    saved_ref = _saved_reference(step_dir / OPT)
+    if saved_ref is not None:
+      ref = abstract_state.params if saved_ref else None
     rest = {"step": abstract_state.step, "updates": abstract_state.updates,
             "skipped": abstract_state.skipped,
-            "opt_state": abstract_state.opt_state,
-            "ref_params": abstract_state.ref_params}
+            "opt_state": abstract_state.opt_state, "ref_params": ref}
     items = {PARAMS: ocp.args.StandardRestore(abstract_state.params),
              OPT: ocp.args.StandardRestore(rest),
              META: ocp.args.JsonRestore()}
-    step_dir = self.directory / str(step)
     legacy = sorted((step_dir / DATA).glob("process_*-of-*.json"))
     if data_iterator is not None and not legacy:
       items[DATA] = ocp.args.JsonRestore()
@@ -437,13 +453,18 @@ class TrainCheckpointer:
 
   def _assemble(self, out: dict[str, Any], abstract_state: Any,
                 data_iterator: Any, step: int):
-    del step
     if data_iterator is not None:
       data_iterator.set_state(out[DATA])
     opt = out[OPT]
+    ref = opt["ref_params"] if abstract_state.ref_params is not None else None
+    if ref is None and abstract_state.ref_params is not None:
+      log.warning("step %d was saved without a reference policy (KL off): "
+                  "algo.loss.kl_coef > 0 now takes the restored policy as "
+                  "its reference", step)
+      ref = jax.tree.map(jnp.copy, out[PARAMS])
     state = abstract_state.replace(
         params=out[PARAMS], opt_state=opt["opt_state"],
-        ref_params=opt["ref_params"], step=opt["step"],
+        ref_params=ref, step=opt["step"],
         updates=opt["updates"], skipped=opt["skipped"])
     return state, out[META]
 

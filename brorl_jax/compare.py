@@ -52,6 +52,8 @@ from brorl_jax import plot
 from brorl_jax import run_config
 from brorl_jax.analysis import report as compare_report
 from brorl_jax.config import ConfigError
+from brorl_jax.integrity import atomic
+from brorl_jax.integrity import lock as lock_lib
 from brorl_jax.loop import branch
 from brorl_jax.loop import experiment as exp_lib
 from brorl_jax.loop.metrics import read_metrics
@@ -196,7 +198,7 @@ def main(argv: Sequence[str]) -> int:
       raise
     raise app.UsageError(f"--arms: {e}") from None
   for config in configs.values():    # a bad arm fails before anything runs
-    run_config.load(config)
+    cfg = run_config.load(config)
   source = fv["from"].value
   if source:                         # so does a --from without a checkpoint
     try:
@@ -204,7 +206,17 @@ def main(argv: Sequence[str]) -> int:
     except branch.BranchError as e:
       raise app.UsageError(str(e)) from None
   workdir.mkdir(parents=True, exist_ok=True)
+  # One comparison per workdir (each arm's run locks its own directory).
+  with lock_lib.take(workdir, cfg.checkpoint.lock,
+                     lease_s=cfg.checkpoint.lock_lease_s):
+    return _compare(fv, configs, arms, seeds, overrides, env, workdir,
+                    source)
 
+
+def _compare(fv, configs, arms, seeds, overrides, env, workdir,
+             source) -> int:
+  """The warm start (or `source`'s checkpoint), every (arm, seed) run, the
+  report (W is locked)."""
   t0 = time.perf_counter()
   point = None
   if source:
@@ -232,14 +244,14 @@ def main(argv: Sequence[str]) -> int:
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, env=env)
         seconds = time.perf_counter() - t1
-        (run / DONE).write_text(json.dumps({"seconds": seconds}))
+        atomic.write_text(run / DONE, json.dumps({"seconds": seconds}))
         print(f"{arm} seed {seed}: {seconds:.0f} s", flush=True)
       records = read_metrics(run)
       results.setdefault(arm, {})[str(seed)] = {
           **summarize(records), "curve": compare_report.eval_curve(records),
           "seconds": json.loads((run / DONE).read_text())["seconds"]}
   summary = compare_report.summarize_arms(results)
-  (workdir / "compare.json").write_text(json.dumps(
+  atomic.write_text(workdir / "compare.json", json.dumps(
       {"runs": results, **summary,
        "from": point.to_dict() if point else None}, indent=1))
   plot.plot_compare([[workdir / arm / f"s{s}" for s in seeds]

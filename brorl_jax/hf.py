@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from brorl_jax import checkpointing, cli
+from brorl_jax.integrity import atomic
 from brorl_jax.model.config import ModelConfig
 from brorl_jax.model.transformer import Policy
 from brorl_jax.progress import Progress
@@ -198,6 +199,7 @@ def config_to_hf(cfg: ModelConfig, torch_dtype: str) -> dict[str, Any]:
 # ---- reading safetensors ---------------------------------------------------
 
 def _safetensor_files(hf_dir: pathlib.Path) -> list[pathlib.Path]:
+  check_complete(hf_dir)
   index = hf_dir / "model.safetensors.index.json"
   if index.exists():
     names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -209,6 +211,15 @@ def _safetensor_files(hf_dir: pathlib.Path) -> list[pathlib.Path]:
       f"{hf_dir} has neither model.safetensors nor "
       "model.safetensors.index.json (convert .bin checkpoints with "
       "transformers' save_pretrained(safe_serialization=True))")
+
+
+def check_complete(hf_dir: pathlib.Path) -> None:
+  """Refuses an export of ours that did not finish (`atomic.MARKER`)."""
+  problem = atomic.incomplete(hf_dir)
+  if problem is not None:
+    raise CheckpointFormatError(
+        f"{hf_dir} is an incomplete export: {problem}; export it again "
+        "(python -m brorl_jax.hf export)")
 
 
 def iter_hf_tensors(hf_dir: pathlib.Path) -> Iterator[tuple[str, Any]]:
@@ -336,11 +347,19 @@ def save_hf(params: dict[str, Any], cfg: ModelConfig,
     progress: "bar", "lines", "off" or None (bar on a terminal, else
       lines): tensors written (process 0 reports).
   """
-  np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
-  out = pathlib.Path(out_dir)
   writer = jax.process_index() == 0
-  if writer:
-    out.mkdir(parents=True, exist_ok=True)
+  # Written beside `out_dir`, marked complete, renamed into place: a kill
+  # leaves an earlier export whole and nothing that import accepts.
+  with atomic.directory(out_dir, enabled=writer) as tmp:
+    _write_hf(params, cfg, tmp, writer, dtype=dtype,
+              tokenizer_dir=tokenizer_dir, stop_ids=stop_ids,
+              max_shard_bytes=max_shard_bytes, progress=progress)
+
+
+def _write_hf(params, cfg, out: pathlib.Path, writer: bool, *, dtype: str,
+              tokenizer_dir, stop_ids, max_shard_bytes, progress) -> None:
+  """`save_hf`'s files, into `out` (the temporary directory)."""
+  np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
   shards: list[dict[str, np.ndarray]] = [{}]
   size = 0
   weight_map = {}
@@ -410,6 +429,7 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *,
   `export` read it.
   """
   hf_dir, out = pathlib.Path(hf_dir), pathlib.Path(out)
+  check_complete(hf_dir)
   hf_config = json.loads((hf_dir / "config.json").read_text())
   source = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"
   cfg = config_from_hf(hf_config, param_dtype=param_dtype or source,
@@ -454,6 +474,7 @@ def run(argv: list[str] | None = None) -> None:
   exp.add_argument("--dtype", choices=("float32", "bfloat16"))
   args = parser.parse_args(argv)
   with cli.input_errors(CheckpointFormatError, FileNotFoundError,
+                        FileExistsError,
                         checkpointing.CheckpointError):
     if args.command == "import":
       cfg = import_hf(args.hf_dir, args.out, param_dtype=args.param_dtype,

@@ -118,6 +118,7 @@ class Progress:
 
 def print_summary(start: int, step: int, last: Mapping[str, Any],
                   seconds: float, *, preempted: bool,
+                  note: str | None = None,
                   stream: TextIO | None = None) -> None:
   """The train run's last line, in every progress mode (process 0 calls it).
 
@@ -127,6 +128,7 @@ def print_summary(start: int, step: int, last: Mapping[str, Any],
     last: the last metrics written (reward, pass rate, eval, tokens).
     seconds: the loop's wall time.
     preempted: whether SIGTERM stopped it.
+    note: why it stopped before `total_steps`, ending the line.
     stream: where to print (default stdout).
   """
   parts = [f"{'preempted' if preempted else 'done'}: step {step} "
@@ -137,4 +139,7 @@ def print_summary(start: int, step: int, last: Mapping[str, Any],
       value = last[key]
       parts.append(f"{key} {value:.4g}" if isinstance(value, float)
                    else f"{key} {value}")
+  if note:
+    parts[-1] += ";"
+    parts.append(note)
   print("  ".join(parts), file=stream or sys.stdout, flush=True)

@@ -18,6 +18,7 @@ from brorl_jax.config import (check, check_choice, config_fields,
                               from_mapping, to_dict, unknown_key_error)
 from brorl_jax.data.prompts import DataConfig
 from brorl_jax.distributed import MeshConfig
+from brorl_jax.integrity import lock as lock_lib
 from brorl_jax.model.config import DTYPES, ModelConfig, model_config
 from brorl_jax.rewards import plugins as plugins_lib
 from brorl_jax.rewards import registry
@@ -52,18 +53,29 @@ class CheckpointConfig:
     async_save: write in the background while training goes on.
     preempt_grace_s: on SIGTERM, the in-flight iteration is abandoned and
       the last completed state saved within this many seconds.
+    lock: the workdir lock held for the whole run (`integrity/lock.py`):
+      "auto" (flock on a local filesystem where it is enforced, else a
+      lease), "flock", "lease" (a heartbeat file, for shared filesystems:
+      NFS, Lustre, GCS FUSE) or "off".
+    lock_lease_s: a lease not renewed for this long is a dead run's, taken
+      over (it is renewed every quarter of it).
   """
 
   every: int = 10
   keep: int = 3
   async_save: bool = True
   preempt_grace_s: float = 30.0
+  lock: str = "auto"
+  lock_lease_s: float = 60.0
 
   def __post_init__(self):
     check(self.every >= 0, "checkpoint.every", "must be >= 0")
     check(self.keep >= 1, "checkpoint.keep", "must be >= 1")
     check(self.preempt_grace_s > 0, "checkpoint.preempt_grace_s",
           "must be > 0")
+    check_choice(self.lock, "checkpoint.lock", lock_lib.MODES)
+    check(self.lock_lease_s >= 4, "checkpoint.lock_lease_s",
+          f"must be >= 4 (seconds), got {self.lock_lease_s}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -215,12 +215,20 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.01
   c.optim.grad_clip = 1.0
   c.optim.reference_samples_per_step = ml_collections.FieldReference(None, int)
+  # The update's result guard: K skipped mini-batches in a row stop the run;
+  # a parameter-norm growth past this factor in one update warns (0 = off).
+  c.optim.max_consecutive_skips = 8
+  c.optim.param_norm_jump = 2.0
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 10
   c.checkpoint.keep = 3
   c.checkpoint.async_save = True
   c.checkpoint.preempt_grace_s = 30.0
+  # One run per workdir: "auto" = flock on a local filesystem, a lease file
+  # with a heartbeat on shared ones (NFS, Lustre, GCS FUSE); "off".
+  c.checkpoint.lock = "auto"
+  c.checkpoint.lock_lease_s = 60.0  # a silent lease is taken over after it
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 20

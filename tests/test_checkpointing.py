@@ -215,6 +215,48 @@ def test_export_and_model_directories_refuse_changed_bytes(tmp_path):
     checkpointing.restore_params(model, target)
 
 
+def test_non_finite_states_are_never_saved_nor_restored(tmp_path, caplog,
+                                                        monkeypatch,
+                                                        no_pause):
+  directory = tmp_path / "checkpoints"
+  _three_steps(directory)
+  poisoned = _state(4.0)
+  poisoned = poisoned.replace(
+      params={**poisoned.params, "b": poisoned.params["b"].at[7].set(
+          jnp.nan)})
+  ckpt = checkpointing.TrainCheckpointer(directory, keep=5, async_save=False)
+  with pytest.raises(checkpointing.CheckpointError) as e:
+    ckpt.save(4, poisoned, None, {"step": 4})
+  message = str(e.value)
+  assert "\n" not in message
+  assert (f"checkpoint step 4 was not saved to {directory}: params['b'] "
+          "holds 1 non-finite values (NaN or inf)") in message
+  assert "last checkpoint, step 3, is finite" in message
+  assert ckpt.all_steps() == [1, 2, 3]
+  # One written before the guard existed (or by other code): refused at
+  # restore like a damaged one, falling back to the newest finite step;
+  # export names it.
+  monkeypatch.setattr(checkpointing, "check_finite", lambda *a: None)
+  ckpt.save(4, poisoned, None, {"step": 4})
+  ckpt.close()
+  monkeypatch.undo()
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"step 4 .* cannot be used: params\['b'\] holds 1 "
+                     "non-finite"):
+    checkpointing.restore_train_params(directory, _abstract().params, 4)
+  ckpt = checkpointing.TrainCheckpointer(directory, keep=5)
+  with caplog.at_level(logging.WARNING):
+    step, state, _ = ckpt.restore_latest(_abstract(), None)
+  ckpt.close()
+  assert (step, int(state.step)) == (3, 3)
+  warnings = [r.getMessage() for r in caplog.records
+              if r.levelno >= logging.WARNING]
+  assert len(warnings) == 1 and "checkpoint step 4" in warnings[0], warnings
+  assert "non-finite" in warnings[0] and "falling back to step 3" in warnings[0]
+  with pytest.raises(checkpointing.CheckpointError, match="was not written"):
+    checkpointing.save_params(tmp_path / "model" / "params", poisoned.params)
+
+
 def _failing_reads(monkeypatch, steps, times, error):
   """The next `times` reads of `steps` raise `error` (where orbax reads)."""
   handler = ocp.CompositeCheckpointHandler
@@ -261,4 +303,69 @@ def test_damage_that_clears_on_a_second_read_is_not_damage(
                  FileNotFoundError(errno.ENOENT, "gone"))
   assert ckpt.restore_latest(_abstract(), None)[0] == 3
   assert not (tmp_path / checkpointing.DAMAGED_DIR).exists()
+  ckpt.close()
+
+
+# ---- model_config.json (issue 35.4) ----------------------------------------
+
+def test_a_damaged_model_config_is_one_line_or_rebuilt(tmp_path, caplog):
+  import sys
+  from brorl_jax import run_config
+  from brorl_jax.loop import experiment
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+  from tests.configs import tiny_rl
+  cfg = run_config.load(tiny_rl.get_config())
+  tokenizer = type("Tok", (), {"vocab_size": 64})()
+  model_cfg = experiment.model_config_for(cfg, tmp_path, tokenizer)
+  checkpointing.save_model_config(model_cfg, tmp_path)
+  path = tmp_path / checkpointing.MODEL_CONFIG_FILE
+  inode = path.stat().st_ino
+  checkpointing.save_model_config(model_cfg, tmp_path)   # unchanged
+  assert path.stat().st_ino == inode
+  assert checkpointing.load_model_config(tmp_path) == model_cfg
+  for damage in (path.read_text()[:40], "", "[1, 2]",
+                 '{"no_such_key": 1}'):
+    path.write_text(damage)
+    with pytest.raises(checkpointing.ModelConfigError) as e:
+      checkpointing.load_model_config(tmp_path)
+    message = str(e.value)
+    assert message.startswith(f"{path} is damaged (") and "\n" not in message
+    assert "rerun `train`" in message
+    # The train loop rebuilds it from this start's (unchanged) config.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      assert experiment.model_config_for(cfg, tmp_path, tokenizer) == (
+          model_cfg)
+    assert "rebuilding it from this start's config" in caplog.text
+
+
+# ---- the KL term switched at resume (issue 36.5) ---------------------------
+
+def _abstract_with(reference: bool):
+  state = _state(0.0)
+  if reference:
+    state = state.replace(ref_params=jax.tree.map(jnp.copy, state.params))
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(
+          jax.devices()[0])), state)
+
+
+def test_turning_the_kl_term_on_or_off_at_resume_works(tmp_path, caplog):
+  directory = tmp_path / "checkpoints"
+  _three_steps(directory)                      # saved without a reference
+  ckpt = checkpointing.TrainCheckpointer(directory, keep=3)
+  with caplog.at_level(logging.WARNING):
+    step, state, _ = ckpt.restore_latest(_abstract_with(True), None)
+  assert step == 3 and "damaged" not in caplog.text
+  assert "algo.loss.kl_coef > 0 now takes the restored policy" in caplog.text
+  for ref, param in zip(jax.tree.leaves(state.ref_params),
+                        jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(np.asarray(ref), np.asarray(param))
+    assert ref is not param                    # a copy: both are donated
+  # Saved with it, resumed without it: dropped, nothing set aside.
+  ckpt.save(4, state, None, {"step": 4})
+  ckpt.wait()
+  step, state, _ = ckpt.restore_latest(_abstract_with(False), None)
+  assert step == 4 and state.ref_params is None
+  assert ckpt.all_steps() == [2, 3, 4]
   ckpt.close()

@@ -189,3 +189,75 @@ def test_cli_import_export(tmp_path, capsys):
   assert exit_.value.code == 2
   err = capsys.readouterr().err
   assert err.startswith("error: ") and "neither checkpoints/ nor params/" in err
+
+
+_KILLED_EXPORT = """
+import os, signal, sys
+from safetensors import numpy as st
+from brorl_jax import hf
+calls, save = [0], hf.save_file
+def save_then_die(*a, **k):
+  calls[0] += 1
+  if calls[0] == int(sys.argv[3]):
+    os.kill(os.getpid(), signal.SIGKILL)
+  return save(*a, **k)
+hf.save_file = save_then_die
+hf.copy_tokenizer_files = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
+from brorl_jax import checkpointing
+cfg, params, tok = checkpointing.load_policy_params(sys.argv[1])
+hf.save_hf(params, cfg, sys.argv[2], max_shard_bytes=60_000,
+           tokenizer_dir=tok)
+"""
+
+
+def test_a_killed_export_leaves_nothing_import_accepts(tmp_path, capsys):
+  import pathlib
+  import subprocess
+  import sys
+  from brorl_jax.integrity import atomic
+  root = pathlib.Path(__file__).resolve().parents[1]
+  _, path = _make_hf_model(tmp_path, tied=True, kv_heads=2)
+  hf.import_hf(path, tmp_path / "w")
+  out = tmp_path / "o"
+
+  def killed_export(at_shard):
+    run = subprocess.run(
+        [sys.executable, "-c", _KILLED_EXPORT, str(tmp_path / "w"), str(out),
+         str(at_shard)], cwd=root, capture_output=True, text=True,
+        timeout=600)
+    assert run.returncode == -9, run.stderr[-2000:]
+
+  # Killed before the tokenizer copy (every shard written): no export.
+  killed_export(at_shard=10_000)
+  assert not out.exists()
+  partial = tmp_path / ".o.partial"
+  assert (partial / "config.json").exists()     # the rest was written
+  with pytest.raises(SystemExit):
+    hf.run(["import", "--hf_dir", str(partial), "--out", str(tmp_path / "x")])
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert err == (f"error: {partial} is an incomplete export: it was not "
+                 f"finished ({atomic.MARKER} says so); export it again "
+                 "(python -m brorl_jax.hf export)")
+  # A complete export, then a re-export killed mid-shards: the earlier one
+  # stays whole (no stray shard) and is what import reads.
+  hf.run(["export", "--workdir", str(tmp_path / "w"), "--out", str(out)])
+  before = {p.name: p.read_bytes() for p in out.iterdir()}
+  assert atomic.MARKER in before and atomic.incomplete(out) is None
+  killed_export(at_shard=2)
+  assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+  hf.import_hf(out, tmp_path / "again")
+  # Damage that a later copy makes (a shard lost) is named.
+  (out / "model.safetensors").unlink()
+  with pytest.raises(hf.CheckpointFormatError,
+                     match="1 of its .* files are missing: model.safetensors"):
+    hf.import_hf(out, tmp_path / "again2")
+  # A torn model_config.json: one line naming it.
+  (tmp_path / "w" / "model_config.json").write_text('{"vocab')
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exit_:
+    hf.run(["export", "--workdir", str(tmp_path / "w"), "--out",
+            str(tmp_path / "o3")])
+  assert exit_.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith(f"error: {tmp_path / 'w' / 'model_config.json'} is "
+                        "damaged (JSONDecodeError") and "\n" not in err

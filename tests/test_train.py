@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -77,6 +78,60 @@ def test_resume_is_exact(straight, tmp_path):
     assert key in last, key
   assert last["rollout/generated_tokens_total"] > 0
   assert last["optim/updates_total"] == 8  # 4 steps x 2 mini-batches
+
+
+def _archive(workdir):
+  from brorl_jax.loop.rollout_archive import RolloutArchive
+  with RolloutArchive(workdir / "rollouts", read_only=True) as archive:
+    steps = archive.steps()
+    data = [archive.read_step(s) for s in steps]
+    texts = archive.read_text_samples()
+  return steps, data, texts
+
+
+@pytest.mark.slow
+def test_a_second_trainer_on_a_live_workdir_exits_at_once(straight, tmp_path,
+                                                          monkeypatch):
+  # The second trainer starts (a real process) while the first, in this
+  # process, is between steps 2 and 3 (step 2 saved): it must exit non-zero
+  # within 60 s with one line naming this process, and leave the first
+  # run's metrics, archive and checkpoints as an undisturbed run's.
+  from brorl_jax.loop.trainer import Trainer
+  iteration, second = Trainer.iteration, {}
+
+  def second_start_mid_run(self, state, prompts, step, *args):
+    if step == 2:
+      t0 = time.monotonic()
+      out, _ = _cli(self.workdir).communicate(timeout=300)
+      second.update(out=out, seconds=time.monotonic() - t0)
+    return iteration(self, state, prompts, step, *args)
+
+  monkeypatch.setattr(Trainer, "iteration", second_start_mid_run)
+  workdir = tmp_path / "run"
+  _train(workdir, total_steps=4)
+  assert second["seconds"] < 60, second
+  errors = [l for l in second["out"].splitlines() if l.startswith("error:")]
+  assert errors == [
+      f"error: --workdir {workdir} is in use by another run (host "
+      f"{socket.gethostname()}, pid {os.getpid()}, since "
+      + errors[0].split(", since ", 1)[1]], second["out"]
+  assert "Traceback" not in second["out"]
+  _assert_same_run(straight, workdir, 4)
+  _assert_same_run(straight, workdir, 2)
+  saved = checkpointing.TrainCheckpointer(workdir / "checkpoints", keep=3)
+  assert saved.all_steps() == [2, 4]
+  saved.close()
+  (steps_a, data_a, texts_a), (steps_b, data_b, texts_b) = (
+      _archive(straight), _archive(workdir))
+  assert steps_a == steps_b == [1, 2, 3, 4] and texts_a == texts_b
+  for a, b in zip(data_a, data_b):
+    assert a.keys() == b.keys()
+    for key in a:
+      x, y = (a[key], b[key]) if isinstance(a[key], list) else (
+          [a[key]], [b[key]])
+      assert len(x) == len(y)
+      for u, v in zip(x, y):
+        np.testing.assert_array_equal(u, v)
 
 
 def _cli(workdir, *args):

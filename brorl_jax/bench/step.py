@@ -46,7 +46,8 @@ from brorl_jax import cli, run_config
 from brorl_jax.rl import update as update_lib
 from brorl_jax.rl.batch import RolloutBatch
 from brorl_jax.rl.train_state import TrainState
-from brorl_jax.loop.trainer import Preemption, Trainer
+from brorl_jax.loop.preemption import Preemption
+from brorl_jax.loop.trainer import Trainer
 
 # The length-bucket case: [P, G] rows of up to TRIM_T response tokens.
 TRIM_P, TRIM_G, TRIM_T, TRIM_MICRO = 8, 8, 512, 8
@@ -175,6 +176,7 @@ class _Run:
     self.trainer.pool.close()
     self.trainer.checkpointer.close()
     self.trainer.writer.close()
+    self.trainer.lock.release()
 
 
 def main(argv: list[str]) -> dict:

@@ -435,6 +435,28 @@ class PromptPipeline:
     return batches.map(
         lambda idx: self._collate(prompt_set, idx, self.local_batch_size))
 
+  def train_steps(self) -> int | None:
+    """The steps the training batches last (None: `num_epochs` None, they
+    repeat forever); the same on every process."""
+    if self.config.num_epochs is None:
+      return None
+    steps = len(self.train_dataset())
+    config_lib.check(
+        steps > 0, "data.num_epochs",
+        f"{self.config.num_epochs} passes over "
+        f"{len(self._load('train').records)} prompts are fewer than one "
+        f"step's {self.prompts_per_step}: raise it (or None: repeat)")
+    return steps
+
+  def exhausted(self, step: int) -> str:
+    """The run's closing note when the data ran out at `step`."""
+    n = len(self._load("train").records)
+    return (f"the training data is exhausted: data.num_epochs = "
+            f"{self.config.num_epochs} over {n} prompts gives {step} steps of "
+            f"{self.prompts_per_step} prompts; step {step} is saved, and a "
+            "restart ends here again: raise data.num_epochs (or add data) "
+            "to train on")
+
   def train_iterator(self) -> grain.DatasetIterator:
     """A checkpointable iterator over training batches (see module doc)."""
     threads = 1 if self.config.prefetch else 0

@@ -4,4 +4,6 @@
   checks.py     integrity records, read errors told apart, one restore
                 decision for every process (host; no orbax: all orbax calls
                 stay in `checkpointing.py`)
+  lock.py       the workdir lock: one run per workdir (host)
+  atomic.py     small files written whole or not at all (host)
 """

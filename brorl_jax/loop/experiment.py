@@ -184,8 +184,15 @@ def model_config_for(cfg: RunConfig, workdir: pathlib.Path,
   `model` section; the attention backend is always the run's (it depends on
   the platform)."""
   if (workdir / checkpointing.MODEL_CONFIG_FILE).exists():
-    return PolicySource(workdir, "brorl_jax").model_config(
-        attention_backend=cfg.model.attention_backend)
+    try:
+      return PolicySource(workdir, "brorl_jax").model_config(
+          attention_backend=cfg.model.attention_backend)
+    except checkpointing.ModelConfigError as e:
+      # This start's model.* and init.* keys equal those the workdir was
+      # made from (`workdir.record_config` refuses a change), so the config
+      # rebuilds the same file; a different model fails the restore.
+      log.warning("%s; rebuilding it from this start's config (its model "
+                  "and init keys are the recorded run's)", e)
   if source is None and cfg.init.path is not None:
     source = PolicySource.at(cfg.init.path)
   model_cfg = build_lib.model_config(cfg, source)

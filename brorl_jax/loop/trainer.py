@@ -15,16 +15,14 @@ is saved before exiting 0.
 from __future__ import annotations
 
 import logging
-import signal
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.experimental import multihost_utils
 
 from brorl_jax import checkpointing
 from brorl_jax import run_config
+from brorl_jax.integrity import lock as lock_lib
 from brorl_jax.loop import allocated_sampling
 from brorl_jax.loop import experiment as exp_lib
 from brorl_jax.loop import plateau as plateau_lib
@@ -35,6 +33,7 @@ from brorl_jax.loop import wandb_writer
 from brorl_jax.loop import workdir as workdir_lib
 from brorl_jax.loop.evaluator import Evaluator
 from brorl_jax.loop.metrics import MetricsWriter
+from brorl_jax.loop.preemption import Preemption
 from brorl_jax.loop.rollout_archive import RolloutArchive
 from brorl_jax.model.sharding import reshard
 from brorl_jax.progress import Progress, print_summary
@@ -52,32 +51,6 @@ log = logging.getLogger(__name__)
 ROLLOUT, UPDATE, DIAG = 1, 2, 4
 
 
-class Preemption:
-  """SIGTERM sets a flag; the loop checks it between phases."""
-
-  def __init__(self):
-    self.requested_at: float | None = None
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    if self.requested_at is None:
-      self.requested_at = time.monotonic()
-      log.warning("SIGTERM: abandoning the in-flight iteration")
-
-  def requested(self) -> bool:
-    """True on every process once any process was asked to stop."""
-    flag = self.requested_at is not None
-    if jax.process_count() > 1:
-      flag = bool(np.any(multihost_utils.process_allgather(np.array(flag))))
-      if flag and self.requested_at is None:   # told by another process
-        self.requested_at = time.monotonic()
-    return flag
-
-  def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
-
-
 class Trainer:
   """Builds every part once; `run()` is the loop."""
 
@@ -85,6 +58,17 @@ class Trainer:
     exp_lib.setup_jax(cfg)
     # Config and workdir checks before anything expensive or written.
     workdir = workdir_lib.preflight(cfg, workdir)
+    # One run per workdir, from before its first write to its end.
+    self.lock = lock_lib.acquire(workdir, cfg.checkpoint.lock,
+                                 lease_s=cfg.checkpoint.lock_lease_s)
+    try:
+      self._build(cfg, workdir)
+    except BaseException:
+      self.lock.release()
+      raise
+
+  def _build(self, cfg: run_config.RunConfig, workdir) -> None:
+    """Every part of the run, once (the workdir is locked)."""
     workdir_lib.record_config(workdir, cfg.raw)
     self.cfg = cfg
     self.exp = exp = exp_lib.build(cfg, workdir)
@@ -367,23 +351,28 @@ class Trainer:
     # Stops a run whose first steps skip every mini-batch (non-finite).
     watch = nonfinite.SkipWatch(
         cfg.update.num_minibatches, backend=self.sampler.decode_backend,
-        platform=jax.default_backend(), dtype=self.exp.model_cfg.dtype)
+        platform=jax.default_backend(), dtype=self.exp.model_cfg.dtype,
+        max_consecutive=cfg.optim.max_consecutive_skips,
+        jump=cfg.optim.param_norm_jump)
     bar = self._progress("RL step", cfg.total_steps, initial=start)
     step = start
     budget = cfg.max_generated_tokens
+    # A finite data.num_epochs ends the run (saved, evaluated) at its end.
+    last_one = min(cfg.total_steps, self.pipeline.train_steps() or 1 << 62)
 
     def finished(step):
-      # total_steps, or the budget of generated tokens (counting groups that
-      # dynamic sampling dropped): equal-compute comparisons of N; or
-      # held-out pass@1 stopped rising (eval.plateau_window).
-      return step >= cfg.total_steps or (
+      # total_steps (or the data's end), the budget of generated tokens
+      # (counting groups that dynamic sampling dropped), or held-out pass@1
+      # stopped rising (eval.plateau_window).
+      return step >= last_one or (
           budget is not None and meta["generated_tokens_total"] >= budget
       ) or plateau.reached(meta)
 
     try:
       while not finished(step) and not preempt.requested():
-        # A background save that failed stops the run here (CheckpointError).
+        # A failed background save or a lost workdir lease stops the run.
         self.checkpointer.check()
+        self.lock.check()
         # ---- Sample, score, advantages, update, diagnostics (one step) ---
         data_state = train_iter.get_state()
         prompts = next(train_iter)
@@ -417,8 +406,11 @@ class Trainer:
           log.info("step %d: reference reset (%s)", step, reason)
           state = self._reset_ref(state)
         # ---- Log ---------------------------------------------------------
+        self.lock.check()
+        stop = watch.check(metrics)           # too many skips (one line)
         self.writer.write(step, metrics)
-        watch.check(metrics)
+        if stop is not None:
+          raise stop
         last = metrics
         bar.update(step, {
             "reward": metrics["reward/mean"],
@@ -452,7 +444,9 @@ class Trainer:
       self.close(preempt)
     if self.exp.is_main:
       print_summary(start, step, last, time.perf_counter() - t_start,
-                    preempted=preempt.requested_at is not None)
+                    preempted=preempt.requested_at is not None,
+                    note=self.pipeline.exhausted(step)
+                    if last_one <= step < cfg.total_steps else None)
     return last
 
   def close(self, preempt) -> None:
@@ -463,6 +457,7 @@ class Trainer:
       self.writer.close()
       self.pool.close()
       preempt.restore()
+      self.lock.release()
 
   def _report_grace(self, step: int, seconds: float) -> None:
     """Logs how long the notice-to-saved path took against the grace."""

@@ -11,8 +11,9 @@ Every start of `train` on a workdir, in this order:
      a change to a key the workdir's model or tokenizer was made from
      (`model.*`, `init.*`) is refused, naming the keys, since the workdir's
      `model_config.json`, `tokenizer/` and checkpoints would silently win;
-     any other change is logged and applied. Then this start's config is
-     recorded.
+     any other change is logged and applied. Keys that only one side knows
+     (a code upgrade added or removed them) are listed, never refused. Then
+     this start's config is recorded (atomically, when it changed).
   3. `cut_back` (after the checkpoint restore): everything logged after the
      restored checkpoint (metrics.jsonl, TensorBoard, the rollout archive,
      text samples) is dropped, down to nothing when there is no checkpoint,
@@ -32,6 +33,7 @@ import jax
 
 from brorl_jax import distributed
 from brorl_jax.config import ConfigError
+from brorl_jax.integrity import atomic
 from brorl_jax.model.sharding import make_mesh
 from brorl_jax.run_config import RunConfig
 
@@ -132,6 +134,23 @@ def _describe(changes: Mapping[str, tuple[Any, Any]]) -> str:
   return ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
 
 
+def _read_record(path: pathlib.Path) -> Mapping[str, Any] | None:
+  """The recorded config, or None (none yet, or damaged: then it is only
+  replaced, with a warning)."""
+  if not path.exists():
+    return None
+  try:
+    recorded = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(recorded, Mapping):
+      return recorded
+    error = f"a JSON {type(recorded).__name__}, not an object"
+  except (OSError, ValueError) as e:
+    error = f"{type(e).__name__}: {e}"
+  log.warning("%s is damaged (%s): this start's config is not compared "
+              "with it and replaces it", path, error)
+  return None
+
+
 def record_config(workdir: pathlib.Path, raw: Mapping[str, Any]) -> None:
   """Compares this start's config with the recorded one, then records it.
 
@@ -139,8 +158,18 @@ def record_config(workdir: pathlib.Path, raw: Mapping[str, Any]) -> None:
     WorkdirError: a key of `FIXED_SECTIONS` changed (names the keys).
   """
   path = workdir / RUN_CONFIG_FILE
-  if path.exists():
-    changes = config_changes(json.loads(path.read_text()), raw)
+  recorded = _read_record(path)
+  if recorded is not None:
+    changes = config_changes(recorded, raw)
+    # Keys one side lacks come from another version of the code (added or
+    # removed since the recorded start): listed, never refused, since the
+    # workdir's model_config.json and checkpoints are read as they are.
+    versions = {k: v for k, v in changes.items() if _MISSING in v}
+    if versions:
+      log.warning("config keys that the recorded start of %s did not know "
+                  "(or no longer exist; a code upgrade), applied as given: "
+                  "%s", workdir, _describe(versions))
+    changes = {k: v for k, v in changes.items() if k not in versions}
     fixed = {k: v for k, v in changes.items()
              if k.split(".")[0] in FIXED_SECTIONS}
     if fixed:
@@ -155,10 +184,7 @@ def record_config(workdir: pathlib.Path, raw: Mapping[str, Any]) -> None:
   # Every process has read the record before process 0 replaces it.
   distributed.barrier("run config")
   if jax.process_index() == 0:
-    fd, tmp = tempfile.mkstemp(dir=workdir, prefix=RUN_CONFIG_FILE + ".")
-    with os.fdopen(fd, "w") as f:
-      json.dump(_plain(raw), f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(_plain(raw), indent=2, sort_keys=True))
 
 
 def cut_back(step: int | None, writer: Any, archive: Any) -> None:

@@ -38,6 +38,12 @@ class OptimConfig:
     grad_clip: global-norm clip (0 = off).
     reference_samples_per_step: BroRL's sqrt rule; None = off. The lr is
       multiplied by sqrt(samples_per_step / reference_samples_per_step).
+    max_consecutive_skips: this many mini-batch updates skipped in a row
+      (loss, gradient or updated parameters not finite) stop the run with
+      one line (0 = never).
+    param_norm_jump: an applied update that grows the parameter norm by more
+      than this factor logs a warning (`optim/param_norm_jumped` 1; 0 =
+      off).
   """
 
   learning_rate: float = 1e-6
@@ -51,6 +57,8 @@ class OptimConfig:
   weight_decay: float = 0.01
   grad_clip: float = 1.0
   reference_samples_per_step: int | None = None
+  max_consecutive_skips: int = 8
+  param_norm_jump: float = 2.0
 
   def __post_init__(self):
     check(self.learning_rate > 0, f"{SECTION}.learning_rate", "must be > 0")
@@ -67,6 +75,10 @@ class OptimConfig:
     check(self.reference_samples_per_step is None
           or self.reference_samples_per_step > 0,
           f"{SECTION}.reference_samples_per_step", "must be > 0 or None")
+    check(self.max_consecutive_skips >= 0, f"{SECTION}.max_consecutive_skips",
+          "must be >= 0 (0 = never stop)")
+    check(self.param_norm_jump == 0 or self.param_norm_jump > 1,
+          f"{SECTION}.param_norm_jump", "must be > 1 (a factor) or 0 (off)")
 
   def peak_lr(self, samples_per_step: int) -> float:
     """The learning rate after BroRL's square-root batch scaling."""

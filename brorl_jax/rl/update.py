@@ -8,8 +8,13 @@ by one micro-batch. Every micro-batch loss is normalized by its mini-batch's
 token (or sequence) count, so the accumulated gradient equals the full
 mini-batch gradient. With `length_buckets` > 1 each micro-batch runs at
 the smallest compiled length holding its longest row (`buckets`). A
-mini-batch whose loss or gradient is not finite leaves parameters and
-optimizer state untouched and is counted in `state.skipped`.
+mini-batch whose loss, gradient or updated parameters are not finite leaves
+parameters and optimizer state untouched and is counted in `state.skipped`
+(and `optim/skipped_params` when only the result was not finite: a step too
+large); `optim/param_norm_ratio` is the largest applied |new| / |old| of the
+parameter norm (the host warns past `optim.param_norm_jump`). The guard is
+a norm of the new parameters per mini-batch, carried to the next, so the
+step's parameter norm costs no extra pass and no host sync.
 """
 
 from __future__ import annotations
@@ -85,7 +90,8 @@ def _tree_where(ok, new, old):
 
 # The update's metrics outside the loss's namespace (`loss/...`): the
 # optimizer's, and the sampler/trainer log-prob gap of the step's rollouts.
-OPTIM_KEYS = ("grad_norm", "update_norm", "param_norm", "skipped")
+OPTIM_KEYS = ("grad_norm", "update_norm", "param_norm", "skipped",
+              "skipped_params", "skipped_trailing", "param_norm_ratio")
 ROLLOUT_KEYS = ("logp_diff_mean", "logp_diff_max")
 
 
@@ -107,12 +113,19 @@ def _combine_minibatches(stacked: dict[str, jax.Array]) -> dict[str, Any]:
       out[key] = value.max()
     elif key in losses.MIN_KEYS:
       out[key] = value.min()
-    elif key in ("num_tokens", "num_sequences", "skipped"):
+    elif key in ("num_tokens", "num_sequences", "skipped", "skipped_params"):
       out[key] = value.sum()
+    elif key == "param_norm_ratio":
+      out[key] = value.max()
+    elif key == "param_norm":
+      out[key] = value[-1]
     else:
       out[key] = value.mean()
   # The first mini-batch runs with the sampler's parameters: its log-prob
   # gap is the sampler/trainer mismatch of the same tokens.
+  # Skipped mini-batches at the end of the step (the host adds them up
+  # across steps: `optim.max_consecutive_skips`).
+  out["skipped_trailing"] = jnp.cumprod(stacked["skipped"][::-1]).sum()
   out["logp_diff_mean"] = stacked["logp_diff_mean"][0]
   out["logp_diff_max"] = stacked["logp_diff_max"][0]
   return out
@@ -145,9 +158,11 @@ def make_update_fn(policy: Policy, cfg: UpdateConfig,
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def minibatch_update(state: TrainState, rows: Rows, counts: jax.Array,
-                       order: jax.Array, targets: tuple[int, ...]):
-    """One optimizer step on the rows `order` ([K, mb] indices) names."""
+  def minibatch_update(state: TrainState, norm: jax.Array, rows: Rows,
+                       counts: jax.Array, order: jax.Array,
+                       targets: tuple[int, ...]):
+    """One optimizer step on the rows `order` ([K, mb] indices) names;
+    `norm` is the norm of `state.params` (returned for the new ones)."""
     normalizer = losses.counts_normalizer(counts[order], loss_cfg.aggregation)
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32),
                          state.params)
@@ -189,15 +204,29 @@ def make_update_fn(policy: Policy, cfg: UpdateConfig,
     updates, opt_state = optimizer.update(grads, state.opt_state,
                                           state.params)
     params = optax.apply_updates(state.params, updates)
+    # The result guard: finite loss and gradient can still give non-finite
+    # parameters (a learning rate of 1e39, an optimizer overflow). Such an
+    # update is not applied; the run's parameters stay finite, so no
+    # checkpoint can hold non-finite ones from training.
+    new_norm = optax.tree.norm(params)
+    result_ok = jnp.isfinite(new_norm)
+    apply = apply & result_ok
+    bad = ~(ok & result_ok)
     new = state.replace(
         params=_tree_where(apply, params, state.params),
         opt_state=_tree_where(apply, opt_state, state.opt_state),
         updates=state.updates + apply.astype(jnp.int32),
-        skipped=state.skipped + (~ok).astype(jnp.int32))
+        skipped=state.skipped + bad.astype(jnp.int32))
+    norm_after = jnp.where(apply, new_norm, norm)
     metrics.update(loss=loss, grad_norm=grad_norm,
                    update_norm=jnp.where(apply, optax.tree.norm(updates), 0.0),
-                   skipped=(~ok).astype(jnp.int32))
-    return new, metrics
+                   skipped=bad.astype(jnp.int32),
+                   skipped_params=(ok & ~result_ok).astype(jnp.int32),
+                   param_norm=norm_after,
+                   param_norm_ratio=jnp.where(
+                       apply & (norm > 0), new_norm / jnp.maximum(norm, 1e-30),
+                       1.0))
+    return (new, norm_after), metrics
 
   def update(state: TrainState, batch: RolloutBatch, rng: jax.Array):
     with activation_rules(mesh_rules):
@@ -220,11 +249,11 @@ def make_update_fn(policy: Policy, cfg: UpdateConfig,
       order = buckets.row_order(rows.loss_mask, perm, m,
                                 by_length=len(targets) > 1)
       counts = rows.loss_mask.sum(-1)                          # [R]
-      state, stacked = jax.lax.scan(
-          lambda s, o: minibatch_update(s, rows, counts, o, targets), state,
+      (state, _), stacked = jax.lax.scan(
+          lambda c, o: minibatch_update(*c, rows, counts, o, targets),
+          (state, optax.tree.norm(state.params)),
           order.reshape(m, k, cfg.micro_batch_size))
       metrics = _combine_minibatches(stacked)
-      metrics["param_norm"] = optax.tree.norm(state.params)
       return (state.replace(step=state.step + 1),
               {metric_name(k): v for k, v in metrics.items()})
 

@@ -40,14 +40,53 @@ def test_a_changed_model_is_refused_naming_the_keys(tmp_path, caplog):
     workdir_lib.record_config(tmp_path, changed)
   message = str(e.value)
   assert "model.preset 'demo' -> 'tiny'" in message
-  assert "init.tokenizer_vocab_size '(unset)' -> 320" in message
   assert "rollout.n" not in message and "\n" not in message
+  assert "tokenizer_vocab_size" not in message     # unknown to the record
   # Other changes are applied and listed in the log.
   with caplog.at_level(logging.WARNING, "brorl_jax.loop.workdir"):
     workdir_lib.record_config(tmp_path, {**raw, "rollout": {"n": 16}})
   assert "rollout.n 8 -> 16" in caplog.text
   assert json.loads((tmp_path / workdir_lib.RUN_CONFIG_FILE).read_text())[
       "rollout"] == {"n": 16}
+
+
+def test_a_code_upgrade_adding_model_keys_resumes(tmp_path, caplog):
+  # The recorded start's code had no model.new_knob (nor init.extra); this
+  # code removed model.old_knob: listed, applied, never refused.
+  old = {"model": {"preset": "demo", "old_knob": 1}, "rollout": {"n": 8}}
+  workdir_lib.record_config(tmp_path, old)
+  new = {"model": {"preset": "demo", "new_knob": False},
+         "init": {"extra": None}, "rollout": {"n": 8}}
+  with caplog.at_level(logging.WARNING, "brorl_jax.loop.workdir"):
+    workdir_lib.record_config(tmp_path, new)
+  assert "did not know (or no longer exist" in caplog.text
+  for text in ("model.new_knob '(unset)' -> False", "init.extra '(unset)' ->",
+               "model.old_knob 1 -> '(unset)'"):
+    assert text in caplog.text, text
+  assert json.loads((tmp_path / workdir_lib.RUN_CONFIG_FILE).read_text()) == new
+  # A known key changed is still refused.
+  with pytest.raises(workdir_lib.WorkdirError, match="model.new_knob"):
+    workdir_lib.record_config(
+        tmp_path, {**new, "model": {"preset": "demo", "new_knob": True}})
+
+
+def test_small_files_are_replaced_whole_and_only_when_changed(tmp_path,
+                                                              caplog):
+  raw = {"model": {"preset": "demo"}, "seed": 0}
+  workdir_lib.record_config(tmp_path, raw)
+  path = tmp_path / workdir_lib.RUN_CONFIG_FILE
+  before = path.stat()
+  workdir_lib.record_config(tmp_path, raw)      # unchanged: not rewritten
+  assert path.stat().st_ino == before.st_ino
+  assert path.stat().st_mtime_ns == before.st_mtime_ns
+  assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp left
+  # A torn record (a kill in an earlier version's in-place write) is
+  # replaced with a warning, not a JSONDecodeError.
+  path.write_text('{"model": {"pre')
+  with caplog.at_level(logging.WARNING, "brorl_jax.loop.workdir"):
+    workdir_lib.record_config(tmp_path, raw)
+  assert f"{path} is damaged (JSONDecodeError" in caplog.text
+  assert json.loads(path.read_text()) == raw
 
 
 def _log_steps(writer, archive, steps):

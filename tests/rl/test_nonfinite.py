@@ -22,19 +22,44 @@ def _row(skipped, **kw):
 
 def test_stops_after_the_first_steps_skip_everything():
   watch = nonfinite.SkipWatch(2, **DESCRIBE)
-  watch.check(_row(2, **{"optim/grad_norm": NAN}))
-  with pytest.raises(nonfinite.NonFiniteRun) as e:
-    watch.check(_row(2, **{"optim/grad_norm": NAN}))
-  msg = str(e.value)
+  assert watch.check(_row(2, **{"optim/grad_norm": NAN})) is None
+  e = watch.check(_row(2, **{"optim/grad_norm": NAN}))
+  assert isinstance(e, nonfinite.NonFiniteRun)
+  msg = str(e)
   assert "\n" not in msg and msg.startswith("the first 2 RL steps")
   assert "backward pass" in msg and "'cudnn' on gpu" in msg
 
 
 def test_a_step_that_trains_disarms_it():
   watch = nonfinite.SkipWatch(2, **DESCRIBE)
-  watch.check(_row(1))                 # one mini-batch of two applied
+  assert watch.check(_row(1)) is None   # one mini-batch of two applied
   for _ in range(5):
-    watch.check(_row(2, **{"loss/loss": NAN}))
+    assert watch.check(_row(2, **{"loss/loss": NAN})) is None
+
+
+def test_consecutive_skips_later_in_a_run_stop_it():
+  # K = 5 mini-batches in a row, over step boundaries: a step's trailing
+  # skips start the count, whole skipped steps add to it, a step that ends
+  # on an applied update resets it.
+  watch = nonfinite.SkipWatch(2, max_consecutive=5, **DESCRIBE)
+  assert watch.check(_row(0)) is None                      # trained
+  assert watch.check(_row(1, **{"optim/skipped_trailing": 0})) is None
+  assert watch.check(_row(1, **{"optim/skipped_trailing": 1})) is None
+  assert watch.check(_row(2, **{"optim/skipped_params": 2})) is None  # 3
+  e = watch.check(_row(2, **{"optim/skipped_params": 2}))             # 5
+  assert isinstance(e, nonfinite.NonFiniteRun), e
+  msg = str(e)
+  assert "\n" not in msg and msg.startswith("5 mini-batch updates in a row")
+  assert "optim.max_consecutive_skips = 5" in msg
+  assert "lower optim.learning_rate" in msg
+
+
+def test_a_norm_jump_is_flagged_in_the_row(caplog):
+  watch = nonfinite.SkipWatch(2, jump=2.0, **DESCRIBE)
+  calm, jump = (_row(0, **{"optim/param_norm_ratio": r}) for r in (1.01, 3e7))
+  assert watch.check(calm) is None and calm["optim/param_norm_jumped"] == 0
+  assert watch.check(jump) is None and jump["optim/param_norm_jumped"] == 1
+  assert "parameter norm grew 3e+07-fold" in caplog.text
 
 
 @pytest.mark.parametrize("row,cause", [
@@ -42,6 +67,7 @@ def test_a_step_that_trains_disarms_it():
     ({"loss/loss": NAN, "rollout/logp_diff_mean": NAN}, "forward pass"),
     ({"loss/loss": -math.inf}, "the loss terms"),
     ({"optim/grad_norm": math.inf}, "backward pass"),
+    ({"optim/skipped_params": 2}, "lower optim.learning_rate"),
 ])
 def test_likely_cause(row, cause):
   assert cause in nonfinite.likely_cause(_row(1, **row), **DESCRIBE)

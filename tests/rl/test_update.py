@@ -93,6 +93,29 @@ def test_non_finite_update_is_skipped(tiny_policy, tiny_params):
   assert int(state.step) == 1
 
 
+def test_an_update_whose_result_is_not_finite_is_not_applied(tiny_policy,
+                                                             tiny_params):
+  # Finite loss and gradient, but a learning rate past float32's range: the
+  # new parameters would be inf/NaN. Nothing is applied, both mini-batches
+  # count as skipped for their result, and the reported norm is the kept
+  # parameters' (finite).
+  batch = _batch(tiny_policy.cfg.vocab_size).replace(
+      mask=jnp.ones((P, G), bool))
+  opt = make_optimizer(OptimConfig(learning_rate=1e39), P * G)
+  state, metrics = _run(tiny_policy, tiny_params, UpdateConfig(
+      num_minibatches=2, micro_batch_size=2), losses.LossConfig(), opt, batch)
+  assert np.isfinite(float(metrics["optim/grad_norm"]))
+  assert int(state.skipped) == 2 and int(state.updates) == 0
+  assert int(metrics["optim/skipped_params"]) == 2
+  assert int(metrics["optim/skipped_trailing"]) == 2
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(tiny_params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  norm = float(optax.tree.norm(tiny_params))
+  np.testing.assert_allclose(float(metrics["optim/param_norm"]), norm,
+                             rtol=1e-6)
+  assert float(metrics["optim/param_norm_ratio"]) == 1.0
+
+
 def test_update_learns_on_the_advantage_sign(tiny_policy, tiny_params):
   """A positive-advantage rollout's log-prob rises, a negative one's falls."""
   batch = _batch(tiny_policy.cfg.vocab_size, seed=3)
@@ -117,6 +140,13 @@ def test_update_learns_on_the_advantage_sign(tiny_policy, tiny_params):
   sign = np.sign(np.asarray(batch.advantages).reshape(-1))
   assert (np.sign(after - before) == sign).all(), (after - before, sign)
   assert float(metrics["rollout/logp_diff_max"]) < 1e-5
+  # The guard's norms: the applied update's growth, the new norm.
+  norm, new = (float(optax.tree.norm(p)) for p in (tiny_params, state.params))
+  assert new != norm
+  np.testing.assert_allclose(float(metrics["optim/param_norm"]), new,
+                             rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["optim/param_norm_ratio"]),
+                             new / norm, rtol=1e-5)
 
 
 def test_rows_must_split_evenly(tiny_policy, tiny_params):
