@@ -25,6 +25,7 @@ from brorl_jax import distributed
 from brorl_jax import run_config
 from brorl_jax import sizing
 from brorl_jax.loop.trainer import Trainer
+from brorl_jax.rl import nonfinite
 
 
 def train(config: Any, workdir: str) -> dict[str, float]:
@@ -54,7 +55,9 @@ def run(argv: list[str] | None = None) -> None:
                      "else 80, an H100)")
   flags.DEFINE_string("dry_run_topology", None, "--dry_run: compile for this "
                       "TPU topology ahead of time (libtpu needed), e.g. "
-                      "v5p:4x4x2 for a v5p-64 slice")
+                      "v5p:4x4x2 for a v5p-64 slice; or GPUs, "
+                      "kind:slices x hosts x devices per host, e.g. "
+                      "h100:8x1x8 (extra [gpu-aot], JAX_PLATFORMS=cpu)")
   flags.DEFINE_integer("dry_run_layers", 0, "--dry_run: 0 = auto (deep "
                        "models compile at 1 and 2 layers, 2 and 4 with "
                        "remat, extrapolated); >= depth compiles the full "
@@ -91,6 +94,8 @@ def run(argv: list[str] | None = None) -> None:
       try:
         Trainer(cfg, fl.workdir).run()
       except checkpointing.CheckpointError as e:  # a save or restore failed
+        cli.fail(e, status=1)
+      except nonfinite.NonFiniteRun as e:    # the first steps trained nothing
         cli.fail(e, status=1)
 
   app.run(main, argv=argv,

@@ -24,13 +24,12 @@ be no update to time) and reports, from the same run:
     -> `update_trim_ratio` (issue 19's bar: <= 0.5), with both compiled
     updates' temporary bytes (the buckets share one program: its peak is the
     largest bucket's);
-  * the shared prefix (`algo.shared_prefix`): the update with each prompt
-    computed once per slot over the same rows and micro-batches as every
-    rollout its own `prompt ++ response` row, interleaved, at the demo's
-    shapes (16 prompts x 32 rollouts, prompts of 29 of 32 columns, responses
-    of 32) -> `prefix_share_ratio`, and at a long-prompt shape (2 prompts x
-    64 rollouts, prompts of 512, responses of 128, micro-batches of 64)
-    -> `prefix_share_ratio_long_prompt` (issue 34's bars: <= 0.65, <= 0.4).
+  * the shared prefix (`algo.shared_prefix`, `bench/prefix.py`): the
+    update with each prompt computed once per slot over the same rows and
+    micro-batches as every rollout its own `prompt ++ response` row,
+    interleaved -> `prefix_share_ratio` (the demo's shapes),
+    `prefix_share_ratio_long_prompt`, and P x G = 512 at G = 16 and 512
+    with a KL reference. `--prefix_only` runs these cases alone.
 """
 
 from __future__ import annotations
@@ -50,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from brorl_jax import cli, run_config
+from brorl_jax.bench import prefix as prefix_bench
 from brorl_jax.rl import slots as slots_lib
 from brorl_jax.rl import update as update_lib
 from brorl_jax.rl.batch import RolloutBatch
@@ -58,10 +58,6 @@ from brorl_jax.loop.trainer import Preemption, Trainer
 
 # The length-bucket case: [P, G] rows of up to TRIM_T response tokens.
 TRIM_P, TRIM_G, TRIM_T, TRIM_MICRO = 8, 8, 512, 8
-# The shared prefix's long-prompt case: [P, G] rows, prompt Lp, response T.
-LONG_P, LONG_G, LONG_LP, LONG_T, LONG_MICRO = 2, 64, 512, 128, 64
-# The demo's rendered prompts: 29 tokens of max_prompt_len = 32.
-DEMO_PROMPT_LEN = 29
 
 
 def _flops(trainer) -> float:
@@ -153,7 +149,7 @@ def _update_trim(trainer, reps: int) -> dict:
     arms[name] = fn.lower(state, batch, jax.random.key(0)).compile()
   temp = {k: int(f.memory_analysis().temp_size_in_bytes)
           for k, f in arms.items()}
-  med = _timed_arms(arms, state, batch, reps)
+  med = prefix_bench.timed_arms(arms, state, batch, reps)
   return {"update_trim_ratio": med["trimmed"] / med["padded"],
           "update_trim": {
               "seconds": med, "temp_bytes": temp,
@@ -163,82 +159,6 @@ def _update_trim(trainer, reps: int) -> dict:
               "rows_at_max": int((batch.lengths == TRIM_T).sum()),
               "length_buckets": update_lib.UpdateConfig().length_buckets,
               "timed_calls": reps}}
-
-
-def _synthetic_batch(vocab: int, p: int, g: int, lp: int, t: int,
-                     prompt_len: int, seed: int = 0) -> RolloutBatch:
-  """Seeded rows: prompts of `prompt_len` left-padded to lp, responses of
-  uniform lengths in [t/2, t]."""
-  rng = np.random.default_rng(seed)
-  prompt = rng.integers(3, vocab, (p, lp))
-  prompt[:, :lp - prompt_len] = 0
-  return RolloutBatch(
-      prompt_tokens=jnp.asarray(prompt, jnp.int32),
-      prompt_lengths=jnp.full((p,), prompt_len, jnp.int32),
-      tokens=jnp.asarray(rng.integers(3, vocab, (p, g, t)), jnp.int32),
-      logprobs=jnp.asarray(-rng.uniform(1, 7, (p, g, t)), jnp.float32),
-      lengths=jnp.asarray(rng.integers(t // 2, t + 1, (p, g)), jnp.int32),
-      advantages=jnp.asarray(rng.normal(size=(p, g)), jnp.float32),
-      mask=jnp.ones((p, g), bool))
-
-
-def _timed_arms(arms: dict, state, batch, reps: int) -> dict:
-  """Median seconds of each compiled update, calls interleaved."""
-  times = {k: [] for k in arms}
-  for i in range(reps + 1):                  # the first is a warm-up
-    for name, fn in arms.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn(state, batch, jax.random.key(i)))
-      if i:
-        times[name].append(time.perf_counter() - t0)
-  return {k: statistics.median(v) for k, v in times.items()}
-
-
-def _prefix_share(trainer, reps: int) -> dict:
-  """The shared-prefix update over the repeated-rows update, same rows and
-  micro-batches, interleaved: the demo's shapes and the long-prompt one."""
-  cfg = trainer.cfg
-  vocab = trainer.exp.model_cfg.vocab_size
-  params = trainer.policy.init(jax.random.key(0))
-  state = TrainState.create(params, trainer.optimizer,
-                            with_reference=cfg.loss.kl_coef > 0)
-  cases = {
-      "demo": (_synthetic_batch(vocab, cfg.loop.prompts_per_step,
-                                cfg.rollout.n, cfg.rollout.max_prompt_len,
-                                cfg.rollout.max_new_tokens, DEMO_PROMPT_LEN),
-               {}),
-      "long_prompt": (_synthetic_batch(vocab, LONG_P, LONG_G, LONG_LP,
-                                       LONG_T, LONG_LP),
-                      {"micro_batch_size": LONG_MICRO, "num_minibatches": 1,
-                       "length_buckets": 1, "prompt_buckets": 1}),
-  }
-  out = {}
-  for case, (batch, overrides) in cases.items():
-    arms = {}
-    for name, shared in (("shared", True), ("repeated", False)):
-      ucfg = dataclasses.replace(cfg.update, shared_prefix=shared,
-                                 **overrides)
-      fn = jax.jit(update_lib.make_update_fn(
-          trainer.policy, ucfg, cfg.loss, trainer.optimizer,
-          temperature=cfg.rollout.logprob_temperature))
-      arms[name] = fn.lower(state, batch, jax.random.key(0)).compile()
-    med = _timed_arms(arms, state, batch, reps)
-    p, g, t = batch.tokens.shape
-    out[case] = {
-        "ratio": med["shared"] / med["repeated"], "seconds": med,
-        "temp_bytes": {k: int(f.memory_analysis().temp_size_in_bytes)
-                       for k, f in arms.items()},
-        "prompts": p, "n": g, "max_prompt_len": batch.prompt_tokens.shape[1],
-        "prompt_len": int(batch.prompt_lengths[0]), "max_new_tokens": t,
-        "micro_batch_size": overrides.get("micro_batch_size",
-                                          cfg.update.micro_batch_size),
-        "rows_per_slot": slots_lib.slot_rows(
-            overrides.get("micro_batch_size", cfg.update.micro_batch_size),
-            g),
-        "kl_coef": cfg.loss.kl_coef, "timed_calls": reps}
-  return {"prefix_share_ratio": out["demo"]["ratio"],
-          "prefix_share_ratio_long_prompt": out["long_prompt"]["ratio"],
-          "prefix_share": out}
 
 
 class _Run:
@@ -270,6 +190,21 @@ class _Run:
     self.trainer.writer.close()
 
 
+def _prefix_only(args, base: dict, results: dict) -> dict:
+  """`--prefix_only`: the shared-prefix cases on the config's model."""
+  with tempfile.TemporaryDirectory() as tmp:
+    run = _Run(args.config, pathlib.Path(tmp) / "prefix",
+               {**base, "diagnostics.every": 0})
+    try:
+      results.update(prefix_bench.prefix_share(run.trainer, args.prefix_reps))
+    finally:
+      run.close()
+  prefix_bench.print_share(results)
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(results, indent=2))
+  return results
+
+
 def main(argv: list[str]) -> dict:
   parser = argparse.ArgumentParser(prog="python -m brorl_jax.bench step")
   parser.add_argument("--json", help="write the results here")
@@ -280,12 +215,16 @@ def main(argv: list[str]) -> dict:
                       help="timed updates per arm of update_trim_ratio")
   parser.add_argument("--prefix_reps", type=int, default=5,
                       help="timed updates per arm of prefix_share_ratio")
+  parser.add_argument("--prefix_only", action="store_true",
+                      help="only the shared-prefix cases (bench/prefix.py)")
   args = parser.parse_args(argv)
   base = {"warmstart.steps": 0, "logging.progress": "off",
           "logging.tensorboard": False, "logging.archive_rollouts": False,
           "data.synthetic.eval": 0,
           "algo.advantage.dynamic_sampling": False}
   results: dict = {"config": args.config, "device": jax.devices()[0].platform}
+  if args.prefix_only:
+    return _prefix_only(args, base, results)
   with tempfile.TemporaryDirectory() as tmp:
     on = _Run(args.config, pathlib.Path(tmp) / "on", base)
     off = _Run(args.config, pathlib.Path(tmp) / "off",
@@ -305,7 +244,7 @@ def main(argv: list[str]) -> dict:
         rows.append(r.iterate())
     update_flops = _flops(on.trainer)
     trim = _update_trim(off.trainer, args.trim_reps)
-    share = _prefix_share(off.trainer, args.prefix_reps)
+    share = prefix_bench.prefix_share(off.trainer, args.prefix_reps)
     cfg = on.trainer.cfg
     backend = on.trainer.sampler.decode_backend   # 'auto' resolved
     for r in runs:
@@ -360,12 +299,7 @@ def main(argv: list[str]) -> dict:
   print(f"update with length buckets over the same rows at "
         f"{TRIM_T} tokens: {results['update_trim_ratio']:.2f} (mean response "
         f"{trim['update_trim']['mean_response_len']:.0f} tokens)")
-  for case, r in share["prefix_share"].items():
-    print(f"shared-prefix update over repeated rows, {case} ({r['prompts']} "
-          f"x {r['n']}, prompt {r['prompt_len']}/{r['max_prompt_len']}, "
-          f"response {r['max_new_tokens']}): {r['ratio']:.2f} "
-          f"({r['seconds']['shared']:.3f} s / "
-          f"{r['seconds']['repeated']:.3f} s)")
+  prefix_bench.print_share(share)
   print(f"diagnostics overhead (diagnostics.every = {cfg.diagnostics.every},"
         f" mean of {args.steps} steps): "
         f"{100 * results['diag_overhead']:+.1f}% of the step")

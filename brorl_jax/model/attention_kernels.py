@@ -28,21 +28,35 @@ resolves by platform (`resolve_attention_backend`).
 
 from __future__ import annotations
 
+import importlib.util
+
 import jax
 import jax.numpy as jnp
 
-from brorl_jax.model.config import ATTENTION_BACKENDS
+from brorl_jax.model.config import ATTENTION_BACKENDS, GPU_BLOCK, SPLASH_BLOCK
 from brorl_jax.model.sharding import active_platform
 
-# Finite, so a fully masked row gives exp(0) instead of nan (as attention.py).
+# Finite, so a fully masked row gives exp(0) instead of nan; masked
+# probabilities are zeroed explicitly (attention.py and the decode use it).
 NEG_INF = -1e30
 # Key block of `blockwise`: scores of [B, K, Q, T, 512] f32 at a time.
 BLOCK = 512
-# The Pallas kernels' blocks (`pallas_attention`, whose Mosaic/Triton imports
-# this module defers; tests/model/test_attention_kernels.py checks they agree).
-SPLASH_BLOCK = 512
-GPU_BLOCK = 128
 _AUTO = {"cpu": "blockwise", "gpu": "cudnn", "tpu": "splash"}
+
+
+def triton_kernels_available() -> bool:
+  """Whether this JAX has the Pallas Triton kernels `pallas_gpu` runs on.
+
+  `jax.experimental.pallas.ops.gpu.attention` (flash attention with segment
+  ids) and `.decode_attention` (decode with per-row lengths and log-sum-exp
+  residuals) are in JAX 0.10 and 0.11; JAX 0.12 removed them (their
+  successor is the separate tokamax package, not used here).
+  """
+  try:
+    return importlib.util.find_spec(
+        "jax.experimental.pallas.ops.gpu.decode_attention") is not None
+  except ImportError:
+    return False
 
 
 def resolve_attention_backend(name: str, platform: str) -> str:
@@ -58,6 +72,13 @@ def resolve_attention_backend(name: str, platform: str) -> str:
   if name not in ATTENTION_BACKENDS:
     raise ValueError(f"model.attention_backend: got {name!r}; allowed values: "
                      f"{', '.join(map(repr, ATTENTION_BACKENDS))}")
+  if name == "pallas_gpu" and not triton_kernels_available():
+    raise ValueError(
+        f"model.attention_backend: 'pallas_gpu' needs the Pallas Triton "
+        f"kernels (jax.experimental.pallas.ops.gpu.attention and "
+        f".decode_attention) that JAX {jax.__version__} no longer ships "
+        f"(removed in 0.12); use 'cudnn' (or 'auto'), or install "
+        f"'jax>=0.10.2,<0.12'")
   if name != "auto":
     return name
   platform = "gpu" if platform in ("cuda", "rocm") else platform
@@ -312,13 +333,25 @@ def _rotate(x, shift):
       x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
+# cuDNN's training kernels take even lengths only: jax 0.10's
+# `check_is_flash_attention` rejects an odd T whenever there is a bias, and
+# its forward rule passes a placeholder bias even when none is given, so
+# every differentiated call at an odd length fails to lower ("Unsupported
+# sequence length Q 17407, KV 17407": the update's longest bucket is
+# Lp + T - 1). Rows are padded to a multiple of this, inside the backend.
+CUDNN_GRANULE = 2
+
+
 def cudnn_attention(q, k, v, valid, implementation: str | None = "cudnn"):
   """`jax.nn.dot_product_attention` on rows rotated to right padding.
 
   cuDNN's flash attention takes padding as per-row lengths at the end of
   the row. A row's real tokens are one span [start, start + length): rotate
-  it to [0, length), attend causally with those lengths, rotate back. cuDNN
-  has no float32 kernel: float32 compute takes the Pallas GPU kernel.
+  it to [0, length), zero what lies past the length (so padding positions
+  get exactly zero gradients, whatever the kernel does with masked keys),
+  pad the sequence to an even length (`CUDNN_GRANULE`), attend causally
+  with those lengths, rotate back. cuDNN has no float32 kernel: float32
+  compute takes the Pallas GPU kernel.
 
   Args:
     q, k, v, valid: as `attend`.
@@ -326,14 +359,24 @@ def cudnn_attention(q, k, v, valid, implementation: str | None = "cudnn"):
   """
   if implementation == "cudnn" and q.dtype not in (jnp.bfloat16,
                                                    jnp.float16):
+    if not triton_kernels_available():   # JAX >= 0.12: the XLA loop
+      return blockwise_attention(q, k, v, valid)
     return _pallas("pallas_gpu")(q, k, v, valid)
+  t = q.shape[1]
   start, length = _span(valid)
+  real = jnp.arange(t)[None, :] < length[:, None]             # [B, T]
+  tp = -(-t // CUDNN_GRANULE) * CUDNN_GRANULE
+
+  def right_padded(x):
+    x = jnp.where(real[:, :, None, None], _rotate(x, start), 0)
+    return jnp.pad(x, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
+
   # A zero length is no layout cuDNN promises to handle; the row's outputs
   # are zeroed below either way.
   lengths = jnp.maximum(length, 1)
   out = jax.nn.dot_product_attention(
-      _rotate(q, start), _rotate(k, start), _rotate(v, start),
+      right_padded(q), right_padded(k), right_padded(v),
       scale=q.shape[-1] ** -0.5, is_causal=True, query_seq_lengths=lengths,
       key_value_seq_lengths=lengths, implementation=implementation)
-  out = _rotate(out, -start)
+  out = _rotate(out[:, :t], -start)
   return jnp.where(valid[:, :, None, None], out, 0).astype(q.dtype)

@@ -26,6 +26,13 @@ DTYPES = ("float32", "bfloat16", "float16")
 # "auto": blockwise on CPU, cuDNN on GPU, splash on TPU.
 ATTENTION_BACKENDS = ("auto", "reference", "blockwise", "splash", "cudnn",
                       "pallas_gpu")
+# The Pallas kernels' blocks (model/pallas_attention.py runs them; the
+# update's length buckets round to them through attention_kernels, which
+# defers importing the kernels). Splash: 512 (ENV.md §12's measured AOT
+# compile), multiples of 128. The GPU kernel's default forward block (its
+# backward blocks are 32).
+SPLASH_BLOCK = 512
+GPU_BLOCK = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,11 +101,6 @@ class ModelConfig:
     check_choice(self.dtype, "model.dtype", DTYPES)
     check_choice(self.attention_backend, "model.attention_backend",
                  ATTENTION_BACKENDS)
-
-  @property
-  def queries_per_kv(self) -> int:
-    """Q = N / K."""
-    return self.num_heads // self.num_kv_heads
 
   def num_params(self) -> int:
     """Number of parameters (embedding counted once when tied)."""

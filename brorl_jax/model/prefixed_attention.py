@@ -38,15 +38,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.experimental.pallas.ops.tpu.splash_attention import (
+    splash_attention_kernel as splash)
+from jax.experimental.pallas.ops.tpu.splash_attention import (
+    splash_attention_mask as splash_mask)
 from jax.sharding import PartitionSpec
 
 from brorl_jax.model import attention_kernels
 from brorl_jax.model.attention_kernels import NEG_INF
+from brorl_jax.model.config import SPLASH_BLOCK
 from brorl_jax.model.sharding import (active_mesh_rules, active_platform,
                                       constrain)
 
-# Splash blocks (as `pallas_attention.SPLASH_BLOCK`); lengths round to 128.
-_SPLASH_BLOCK = 512
+# Splash lengths round to lanes of 128.
 _LANE = 128
 
 
@@ -341,20 +345,13 @@ def _round_up(x: int, m: int) -> int:
 
 def _splash(q, k, v, prefix_k, prefix_v, valid, prefix_valid):
   """Splash attention with T queries over [Wp' prompt | T' own] keys."""
-  # Imported here: the Mosaic lowering is only for runs that pick splash
-  # (as `attention_kernels._pallas`).
-  from jax.experimental.pallas.ops.tpu.splash_attention import (
-      splash_attention_kernel as splash)
-  from jax.experimental.pallas.ops.tpu.splash_attention import (
-      splash_attention_mask as splash_mask)
-
   b, t, n, h = q.shape
   kh = k.shape[2]
-  block_q = min(_SPLASH_BLOCK, _round_up(t, _LANE))
+  block_q = min(SPLASH_BLOCK, _round_up(t, _LANE))
   tq = _round_up(t, block_q)
   wp = _round_up(prefix_k.shape[1], _LANE)
   tkv = wp + tq
-  block_kv = next(x for x in (_SPLASH_BLOCK, 256, _LANE) if tkv % x == 0)
+  block_kv = next(x for x in (SPLASH_BLOCK, 256, _LANE) if tkv % x == 0)
   pad = lambda x, lo, hi: jnp.pad(  # noqa: E731
       x, [(0, 0), (lo, hi)] + [(0, 0)] * (x.ndim - 2))
   lead = wp - prefix_k.shape[1]

@@ -72,7 +72,7 @@ def _assert_equal(a, b):
   for key in m_a:
     np.testing.assert_allclose(m_b[key], m_a[key], rtol=1e-5, atol=1e-7,
                                err_msg=key)
-  assert float(m_a["kl_ref"]) > 0 and float(m_a["num_tokens"]) > 0
+  assert float(m_a["loss/kl_ref"]) > 0 and float(m_a["loss/num_tokens"]) > 0
 
 
 @pytest.mark.parametrize("aggregation,length_buckets", [
