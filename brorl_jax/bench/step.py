@@ -80,9 +80,9 @@ def _flops(trainer) -> float:
   attn = m.num_layers * m.num_heads * h      # x keys: one token's scores
   lp, t = c.rollout.max_prompt_len, c.rollout.max_new_tokens
   rows = c.loop.prompts_per_step * c.rollout.n
-  if c.update.shared_prefix:
-    slots = rows // slots_lib.slot_rows(c.update.micro_batch_size,
-                                        c.rollout.n)
+  per_slot = slots_lib.slot_rows(c.update.micro_batch_size, c.rollout.n)
+  if c.update.shared_prefix and per_slot > 1:
+    slots = rows // per_slot
     # (positions, keys each attends to) of each part.
     parts = [(slots * lp, lp), (rows * (t - 1), lp + t - 1)]
   else:

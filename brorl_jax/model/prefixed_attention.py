@@ -50,6 +50,9 @@ from brorl_jax.model.config import SPLASH_BLOCK
 from brorl_jax.model.sharding import (active_mesh_rules, active_platform,
                                       constrain)
 
+# Backends whose kernel runs the attention product on full `prompt ++ own`
+# rows (the stated fallback; see the module docstring).
+FULL_ROW_BACKENDS = ("pallas_gpu", "cudnn")
 # Splash lengths round to lanes of 128.
 _LANE = 128
 
@@ -99,7 +102,7 @@ def attend_prefixed(q: jax.Array, k: jax.Array, v: jax.Array,
   """
   name = attention_kernels.resolve_attention_backend(backend,
                                                      active_platform())
-  if name in ("pallas_gpu", "cudnn"):
+  if name in FULL_ROW_BACKENDS:
     return _full_row(q, k, v, prefix_k, prefix_v, valid, prefix_valid, name)
   if name == "splash":
     return _splash(q, k, v, prefix_k, prefix_v, valid, prefix_valid)

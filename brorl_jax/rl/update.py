@@ -22,6 +22,7 @@ is counted in `state.skipped`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Callable
 
 import jax
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from brorl_jax.config import check
+from brorl_jax.model import prefixed_attention
 from brorl_jax.model.attention_kernels import resolve_attention_backend
 from brorl_jax.model.sharding import (MeshRules, activation_rules,
                                       active_platform, constrain)
@@ -40,6 +42,7 @@ from brorl_jax.rl.logprobs import prefixed_logprobs, response_logprobs
 from brorl_jax.rl.train_state import TrainState
 
 SECTION = "algo"
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +65,8 @@ class UpdateConfig:
       (`rl/slots.py`; c = gcd(micro_batch_size, rollout.n)), the rollouts
       attending to it; False: every rollout as its own row `prompt ++
       response` (the prompt computed c times; the baseline of `bench step`).
+      Where c = 1 (a group size prime to the micro-batch) a slot shares
+      nothing and the update takes the repeated rows.
     prompt_buckets: with `shared_prefix`, at most this many compiled prompt
       widths (halving `max_prompt_len`); each micro-batch runs its prompts
       at the smallest holding its longest real prompt. 1 = no cut.
@@ -234,8 +239,16 @@ def make_update_fn(policy: Policy, cfg: UpdateConfig,
       u = cfg.micro_batch_size // c
       backend = resolve_attention_backend(policy.cfg.attention_backend,
                                           active_platform())
+      # A slot of one rollout shares nothing: repeated rows are cheaper.
+      shared = cfg.shared_prefix and c > 1
+      if shared and backend in prefixed_attention.FULL_ROW_BACKENDS:
+        log.info("algo.shared_prefix with attention backend %r: its kernel "
+                 "takes one length for queries and keys, so the attention "
+                 "product runs on full prompt ++ response rows (the "
+                 "projections, MLP and norms still compute each prompt "
+                 "once; model/prefixed_attention.py)", backend)
       # Response buckets; the shared prefix's rows hold responses only.
-      targets = buckets.bucket_targets(1 if cfg.shared_prefix else lp, t,
+      targets = buckets.bucket_targets(1 if shared else lp, t,
                                        cfg.length_buckets, backend)
       need = slots_lib.need(batch)                           # [P, G]
       # Within each mini-batch, slots that train come first, longest first
@@ -246,7 +259,7 @@ def make_update_fn(policy: Policy, cfg: UpdateConfig,
       order = order.reshape(m, -1, u, c)                     # [M, K, U, c]
       # A response's counted tokens are its first `need` ones.
       need = counts = need.reshape(-1)                       # [R]
-      if cfg.shared_prefix:
+      if shared:
         widths = buckets.prompt_widths(lp, cfg.prompt_buckets, backend)
 
         def micro_batch(index):                              # [U, c]
