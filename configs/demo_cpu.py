@@ -55,6 +55,9 @@ def get_config():
   # measured (length buckets reorder the micro-batches, hence the float
   # sums); at 32 response tokens they could cut one 40-token bucket only.
   c.algo.length_buckets = 1
+  # Rendered prompts are 29 of 32 columns: a 16-column prompt width would
+  # never be taken, only compiled.
+  c.algo.prompt_buckets = 1
   c.algo.loss.kl_coef = 0.0           # no reference policy for the demo
 
   # Adam moves every weight by ~lr per update whatever the gradient's size;

@@ -23,7 +23,13 @@ be no update to time) and reports, from the same run:
     default buckets over the same rows all at 512 (one bucket), interleaved
     -> `update_trim_ratio` (issue 19's bar: <= 0.5), with both compiled
     updates' temporary bytes (the buckets share one program: its peak is the
-    largest bucket's).
+    largest bucket's);
+  * the shared prefix (`algo.shared_prefix`, `bench/prefix.py`): the
+    update with each prompt computed once per slot over the same rows and
+    micro-batches as every rollout its own `prompt ++ response` row,
+    interleaved -> `prefix_share_ratio` (the demo's shapes),
+    `prefix_share_ratio_long_prompt`, and P x G = 512 at G = 16 and 512
+    with a KL reference. `--prefix_only` runs these cases alone.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from brorl_jax import cli, run_config
+from brorl_jax.bench import prefix as prefix_bench
+from brorl_jax.rl import slots as slots_lib
 from brorl_jax.rl import update as update_lib
 from brorl_jax.rl.batch import RolloutBatch
 from brorl_jax.rl.train_state import TrainState
@@ -54,25 +62,37 @@ TRIM_P, TRIM_G, TRIM_T, TRIM_MICRO = 8, 8, 512, 8
 
 
 def _flops(trainer) -> float:
-  """Model FLOPs of one update (forward + backward, every padded position).
+  """Model FLOPs of one update (forward + backward, every padded position
+  it computes).
 
-  Per token: 6 x the matmul parameters (q/k/v/o, MLP, unembedding; the
-  embedding lookup is not a matmul) plus 12 x layers x heads x head dim x
-  keys for attention (scores and values, forward and backward, over the full
-  masked length as executed); a reference forward adds its forward share.
+  Per token: 6 x the matmul parameters (q/k/v/o, MLP; the embedding lookup
+  is not a matmul) plus 12 x layers x heads x head dim x keys for attention
+  (scores and values, forward and backward, over the full masked length as
+  executed), and 6 x the unembedding per predicted position; a reference
+  forward adds its forward share. With the shared prefix a slot's prompt
+  runs once (Lp positions over Lp keys) and each rollout's T - 1 inputs
+  attend to Lp + T - 1 keys; without, each row is Lp + T - 1 positions.
   """
   m = trainer.exp.model_cfg
   c = trainer.cfg
   d, h = m.embed_dim, m.head_dim
-  matmul = m.num_layers * (d * h * (m.num_heads + 2 * m.num_kv_heads)
+  layers = m.num_layers * (d * h * (m.num_heads + 2 * m.num_kv_heads)
                            + m.num_heads * h * d + 3 * d * m.mlp_dim)
-  matmul += d * m.vocab_size
-  seq = c.rollout.max_prompt_len + c.rollout.max_new_tokens - 1
+  attn = m.num_layers * m.num_heads * h      # x keys: one token's scores
+  lp, t = c.rollout.max_prompt_len, c.rollout.max_new_tokens
   rows = c.loop.prompts_per_step * c.rollout.n
-  per_token = 6 * matmul + 12 * m.num_layers * m.num_heads * h * seq
-  if c.loss.kl_coef > 0:
-    per_token += 2 * matmul + 4 * m.num_layers * m.num_heads * h * seq
-  return float(per_token * seq * rows)
+  per_slot = slots_lib.slot_rows(c.update.micro_batch_size, c.rollout.n)
+  if c.update.shared_prefix and per_slot > 1:
+    slots = rows // per_slot
+    # (positions, keys each attends to) of each part.
+    parts = [(slots * lp, lp), (rows * (t - 1), lp + t - 1)]
+  else:
+    parts = [(rows * (lp + t - 1), lp + t - 1)]
+  passes = 6 + (2 if c.loss.kl_coef > 0 else 0)   # fwd+bwd (+ ref fwd)
+  total = sum(n * (passes * layers + 2 * passes * attn * keys)
+              for n, keys in parts)
+  total += passes * d * m.vocab_size * rows * t   # the unembedding
+  return float(total)
 
 
 def _matmul_flops_per_s(reps: int = 20) -> float:
@@ -130,14 +150,7 @@ def _update_trim(trainer, reps: int) -> dict:
     arms[name] = fn.lower(state, batch, jax.random.key(0)).compile()
   temp = {k: int(f.memory_analysis().temp_size_in_bytes)
           for k, f in arms.items()}
-  times = {k: [] for k in arms}
-  for i in range(reps + 1):                  # the first is a warm-up
-    for name, fn in arms.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn(state, batch, jax.random.key(i)))
-      if i:
-        times[name].append(time.perf_counter() - t0)
-  med = {k: statistics.median(v) for k, v in times.items()}
+  med = prefix_bench.timed_arms(arms, state, batch, reps)
   return {"update_trim_ratio": med["trimmed"] / med["padded"],
           "update_trim": {
               "seconds": med, "temp_bytes": temp,
@@ -179,6 +192,21 @@ class _Run:
     self.trainer.lock.release()
 
 
+def _prefix_only(args, base: dict, results: dict) -> dict:
+  """`--prefix_only`: the shared-prefix cases on the config's model."""
+  with tempfile.TemporaryDirectory() as tmp:
+    run = _Run(args.config, pathlib.Path(tmp) / "prefix",
+               {**base, "diagnostics.every": 0})
+    try:
+      results.update(prefix_bench.prefix_share(run.trainer, args.prefix_reps))
+    finally:
+      run.close()
+  prefix_bench.print_share(results)
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(results, indent=2))
+  return results
+
+
 def main(argv: list[str]) -> dict:
   parser = argparse.ArgumentParser(prog="python -m brorl_jax.bench step")
   parser.add_argument("--json", help="write the results here")
@@ -187,12 +215,18 @@ def main(argv: list[str]) -> dict:
                       help="timed iterations per arm (after 2 warm-up ones)")
   parser.add_argument("--trim_reps", type=int, default=2,
                       help="timed updates per arm of update_trim_ratio")
+  parser.add_argument("--prefix_reps", type=int, default=5,
+                      help="timed updates per arm of prefix_share_ratio")
+  parser.add_argument("--prefix_only", action="store_true",
+                      help="only the shared-prefix cases (bench/prefix.py)")
   args = parser.parse_args(argv)
   base = {"warmstart.steps": 0, "logging.progress": "off",
           "logging.tensorboard": False, "logging.archive_rollouts": False,
           "data.synthetic.eval": 0,
           "algo.advantage.dynamic_sampling": False}
   results: dict = {"config": args.config, "device": jax.devices()[0].platform}
+  if args.prefix_only:
+    return _prefix_only(args, base, results)
   with tempfile.TemporaryDirectory() as tmp:
     on = _Run(args.config, pathlib.Path(tmp) / "on", base)
     off = _Run(args.config, pathlib.Path(tmp) / "off",
@@ -212,6 +246,7 @@ def main(argv: list[str]) -> dict:
         rows.append(r.iterate())
     update_flops = _flops(on.trainer)
     trim = _update_trim(off.trainer, args.trim_reps)
+    share = prefix_bench.prefix_share(off.trainer, args.prefix_reps)
     cfg = on.trainer.cfg
     backend = on.trainer.sampler.decode_backend   # 'auto' resolved
     for r in runs:
@@ -251,6 +286,7 @@ def main(argv: list[str]) -> dict:
                                      med(rows_ref, "time/update_s"))
   results["update_backend"] = backend
   results.update(trim)
+  results.update(share)
   results["diag_overhead"] = (results["mean_step_s"] /
                               results["mean_step_s_without_diagnostics"] - 1.0)
   print(f"per phase (median of {args.steps} steps): " + ", ".join(
@@ -265,6 +301,7 @@ def main(argv: list[str]) -> dict:
   print(f"update with length buckets over the same rows at "
         f"{TRIM_T} tokens: {results['update_trim_ratio']:.2f} (mean response "
         f"{trim['update_trim']['mean_response_len']:.0f} tokens)")
+  prefix_bench.print_share(share)
   print(f"diagnostics overhead (diagnostics.every = {cfg.diagnostics.every},"
         f" mean of {args.steps} steps): "
         f"{100 * results['diag_overhead']:+.1f}% of the step")

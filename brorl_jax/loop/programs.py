@@ -195,7 +195,8 @@ class StepPrograms:
         and isinstance(s[0], tuple))
 
   def update(self) -> jax.stages.Lowered:
-    """The loop's update with its longest length bucket alone.
+    """The loop's update with its longest length bucket alone (and, with
+    the shared prefix, its widest prompt bucket).
 
     The loop compiles one `lax.switch` branch per bucket
     (`rl/buckets.py`); a switch runs one branch at a time, and every
@@ -208,7 +209,8 @@ class StepPrograms:
     """
     c = self.cfg
     return lower_update(
-        self.policy, dataclasses.replace(c.update, length_buckets=1),
+        self.policy, dataclasses.replace(c.update, length_buckets=1,
+                                         prompt_buckets=1),
         c.loss, self.build.optimizer,
         temperature=c.rollout.logprob_temperature,
         mesh_rules=self.train_rules, state=self.state, batch=self.batch())

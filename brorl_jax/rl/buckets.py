@@ -4,8 +4,12 @@ Update rows are `prompt ++ response` at the maximum length
 S = Lp + T - 1 whatever their responses' lengths, and RL responses are
 long-tailed (a mean far below T, a few at it). Within each mini-batch rows
 are sorted by the response length they need (longest first; rows that do
-not train need none) and cut into micro-batches, and each micro-batch runs
-at the smallest of a few bucket lengths that holds its longest row.
+not train need none; `slots.slot_order`) and cut into micro-batches, and
+each micro-batch runs at the smallest of a few bucket lengths that holds
+its longest row. With the shared prefix (`rl/slots.py`) a row is its
+response alone, and the micro-batch's prompts run at the smallest of a few
+prompt widths holding its longest real prompt (`prompt_widths`): a
+two-dimensional choice, still one `lax.switch`.
 
 Buckets halve the response from T down (T, T/2, T/4, ...: `num_buckets` of
 them), each input length rounded up to one the attention backend computes
@@ -59,36 +63,35 @@ def bucket_targets(prompt_len: int, max_new_tokens: int, num_buckets: int,
   return tuple(sorted(out))
 
 
+def prompt_widths(prompt_len: int, num_buckets: int,
+                  backend: str) -> tuple[int, ...]:
+  """Prompt columns of the shared-prefix update's prompt buckets, ascending;
+  the last is Lp (no cut).
+
+  A slot's prompt is left-padded to Lp; a micro-batch runs its prompts at
+  the smallest width holding its longest real prompt. Widths halve Lp,
+  round up to the backend's granule and are kept where they save a quarter
+  of the next larger one, as `bucket_targets`.
+
+  Args:
+    prompt_len: Lp.
+    num_buckets: at most this many widths.
+    backend: the resolved attention backend.
+  """
+  out = [prompt_len]
+  for i in range(1, num_buckets):
+    width = -(-prompt_len // 2**i)
+    granule = length_granule(backend, width)
+    width = -(-width // granule) * granule
+    if width <= 0.75 * out[-1]:
+      out.append(width)
+  return tuple(sorted(out))
+
+
 def needed_targets(loss_mask: jax.Array) -> jax.Array:
   """[..., T] -> [...] int32: 1 + the last counted position (0: none)."""
   t = loss_mask.shape[-1]
   return (loss_mask * jnp.arange(1, t + 1, dtype=jnp.int32)).max(-1)
-
-
-def row_order(loss_mask: jax.Array, perm: jax.Array, num_minibatches: int,
-              by_length: bool) -> jax.Array:
-  """The update's row order, as indices into the step's rows.
-
-  Args:
-    loss_mask: [R, T] the step's rows' loss mask.
-    perm: [R] the shuffle (`arange(R)`: none); row `perm[i]` goes to
-      position i, and mini-batch j takes positions j * R/M onwards.
-    num_minibatches: M.
-    by_length: sort each mini-batch longest needed response first (for
-      buckets); else only the rows that train first (one bucket).
-
-  Returns:
-    [M, R/M] int32: each mini-batch's rows, stably sorted; rows that do
-    not train come last, where they fill whole micro-batches that the
-    update skips. Only these indices move: the update gathers each
-    micro-batch's rows from the step's (row-sharded) rows when it runs
-    it, never a reordered copy of them all.
-  """
-  perm = perm.reshape(num_minibatches, -1)
-  need = needed_targets(loss_mask)[perm]                      # [M, R/M]
-  key = -need if by_length else (need == 0).astype(jnp.int32)
-  order = jnp.argsort(key, axis=1, stable=True)
-  return jnp.take_along_axis(perm, order, axis=1).astype(jnp.int32)
 
 
 def branch_index(loss_mask: jax.Array, targets: tuple[int, ...]) -> jax.Array:
@@ -97,6 +100,27 @@ def branch_index(loss_mask: jax.Array, targets: tuple[int, ...]) -> jax.Array:
   need = needed_targets(loss_mask).max()
   bucket = jnp.searchsorted(jnp.asarray(targets, jnp.int32), need)
   return jnp.where(need == 0, 0, 1 + bucket).astype(jnp.int32)
+
+
+def slots_branch_index(need: jax.Array, prompt_lengths: jax.Array,
+                       widths: tuple[int, ...], targets: tuple[int, ...]
+                       ) -> jax.Array:
+  """A shared-prefix micro-batch's `lax.switch` index: 0 skips it (no
+  counted token); 1 + w * len(targets) + r runs it at prompt width w and
+  response bucket r, the smallest holding its longest prompt and row.
+
+  Args:
+    need: [U, c] int32 columns each row's loss needs (`needed_targets`).
+    prompt_lengths: [U] int32 the slots' real prompt lengths.
+    widths, targets: the compiled prompt widths and response buckets.
+  """
+  longest = need.max()
+  trains = need.max(-1) > 0                                # [U]
+  prompt = jnp.where(trains, prompt_lengths, 0).max()
+  w = jnp.searchsorted(jnp.asarray(widths, jnp.int32), prompt)
+  r = jnp.searchsorted(jnp.asarray(targets, jnp.int32), longest)
+  return jnp.where(longest == 0, 0, 1 + w * len(targets) + r).astype(
+      jnp.int32)
 
 
 def cut(micro: Rows, targets: int) -> Rows:

@@ -7,6 +7,10 @@ the step's rollouts before and after the update gives the sequence-level
 picture (mean Delta log pi of correct and incorrect rollouts, the share of
 correct rollouts whose likelihood rose, the worst drop among them). These
 are the LLM-scale counterparts of the simulator's Figure 3 metrics.
+
+The re-scored rollouts are drawn as c of each of U prompts
+(`rescore_layout`: as many prompts as the subset's size allows), so the
+re-scoring computes each drawn prompt once (`logprobs.prefixed_logprobs`).
 """
 
 from __future__ import annotations
@@ -16,29 +20,46 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from brorl_jax.model.sharding import MeshRules, activation_rules, constrain
+from brorl_jax.model.sharding import MeshRules, activation_rules
 from brorl_jax.model.transformer import Policy
 from brorl_jax.rl import mass_balance
-from brorl_jax.rl.batch import RolloutBatch, Rows, make_rows
-from brorl_jax.rl.logprobs import response_logprobs
+from brorl_jax.rl import slots as slots_lib
+from brorl_jax.rl.batch import RolloutBatch
+from brorl_jax.rl.logprobs import prefixed_logprobs
 
 
-def subset_rows(batch: RolloutBatch, rows: jax.Array) -> Rows:
-  """The rows (flat P * G indices) `rows` [S] of a batch."""
-  return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), make_rows(batch))
+def rescore_layout(k: int, p: int) -> tuple[int, int]:
+  """(U, c): k re-scored rollouts as c of each of U <= P prompts, c as
+  small as P allows (U * c >= k; the last prompt's surplus is dropped)."""
+  c = -(-k // p)
+  return -(-k // c), c
 
 
-def sequence_logp(policy: Policy, params: Any, rows: Rows, *,
-                  temperature: float, vocab_chunk: int, seq_chunk: int
-                  ) -> jax.Array:
-  """[S] total log-prob of each row's response under `params`."""
-  logp, _ = response_logprobs(policy, params, rows.inputs, rows.valid,
-                              rows.targets, temperature=temperature,
+def pick_rows(key: jax.Array, k: int, p: int, g: int) -> jax.Array:
+  """[k] int32 flat row indices: U random prompts, c random rollouts of
+  each (`rescore_layout`), prompt-major."""
+  u, c = rescore_layout(k, p)
+  k_prompts, k_rows = jax.random.split(key)
+  prompts = jax.random.permutation(k_prompts, p)[:u]
+  cols = jnp.argsort(jax.random.uniform(k_rows, (u, g)), axis=1)[:, :c]
+  return (prompts[:, None] * g + cols).reshape(-1)[:k].astype(jnp.int32)
+
+
+def sequence_logp(policy: Policy, params: Any, batch: RolloutBatch,
+                  rows: jax.Array, *, temperature: float, vocab_chunk: int,
+                  seq_chunk: int) -> jax.Array:
+  """[k] total log-prob of the responses of `rows` (from `pick_rows`)
+  under `params`, each of their prompts computed once."""
+  k = rows.shape[0]
+  u, c = rescore_layout(k, batch.tokens.shape[0])
+  # The last slot's surplus repeats its last row (the same prompt).
+  padded = jnp.concatenate([rows, jnp.broadcast_to(rows[-1:], (u * c - k,))])
+  sub = slots_lib.gather(batch, padded.reshape(u, c))
+  logp, _ = prefixed_logprobs(policy, params, sub, temperature=temperature,
                               vocab_chunk=vocab_chunk, seq_chunk=seq_chunk,
                               with_entropy=False)
-  in_response = jnp.arange(rows.targets.shape[1])[None] < \
-      _lengths(rows)[:, None]
-  return jnp.where(in_response, logp, 0.0).sum(-1)
+  in_response = sub.flat(sub.response_valid)
+  return jnp.where(in_response, logp, 0.0).sum(-1)[:k]
 
 
 def make_rescore_fn(policy: Policy, *, temperature: float, vocab_chunk: int,
@@ -50,9 +71,7 @@ def make_rescore_fn(policy: Policy, *, temperature: float, vocab_chunk: int,
 
   def rescore(params, rb: RolloutBatch, rows: jax.Array) -> jax.Array:
     with activation_rules(mesh_rules):
-      sub = jax.tree.map(lambda x: constrain(
-          x, ("batch",) + (None,) * (x.ndim - 1)), subset_rows(rb, rows))
-      return sequence_logp(policy, params, sub, temperature=temperature,
+      return sequence_logp(policy, params, rb, rows, temperature=temperature,
                            vocab_chunk=vocab_chunk, seq_chunk=seq_chunk)
   return rescore
 
@@ -64,16 +83,6 @@ def jit_rescore(policy: Policy, *, mesh_rules: MeshRules | None = None,
   out = mesh_rules.replicated() if mesh_rules is not None else None
   return jax.jit(make_rescore_fn(policy, mesh_rules=mesh_rules, **kw),
                  out_shardings=out)
-
-
-def _lengths(rows: Rows) -> jax.Array:
-  """Response lengths of rows (the loss mask may be off for dropped
-  groups; the valid mask of the inputs still holds the length)."""
-  t = rows.targets.shape[1]
-  # inputs = prompt ++ response[:-1]: the last t - 1 input slots are the
-  # response's first t - 1 tokens; the final token is always a target.
-  return rows.valid[:, -(t - 1):].sum(-1) + 1 if t > 1 else \
-      jnp.ones(rows.valid.shape[:1], jnp.int32)
 
 
 def realized(probs_before: jax.Array, probs_after: jax.Array,
@@ -120,11 +129,11 @@ class StepDiagnostics:
   def before(self, params: Any, rb: RolloutBatch, key: jax.Array):
     """(rows [k], their sequence log-probs [k]) before the update, or None
     when no rollout is re-scored."""
-    rows_total = rb.tokens.shape[0] * rb.tokens.shape[1]
-    k = min(self.rescore_rollouts, rows_total)
+    p, g = rb.tokens.shape[:2]
+    k = min(self.rescore_rollouts, p * g)
     if k == 0:
       return None
-    rows = jax.random.choice(key, rows_total, (k,), replace=False)
+    rows = pick_rows(key, k, p, g)
     return rows, self._seq(params, rb, rows)
 
   def after(self, params: Any, first_probs_after: jax.Array, before,

@@ -41,8 +41,10 @@ import jax
 import jax.numpy as jnp
 
 from brorl_jax.model import attention as attn_lib
+from brorl_jax.model.prefixed_attention import PrefixedAttention
 from brorl_jax.model.sharding import constrain
 from brorl_jax.model.transformer import Policy, positions_from_valid
+from brorl_jax.rl.slots import Slots
 
 
 @jax.custom_vjp
@@ -210,5 +212,46 @@ def response_logprobs(policy: Policy, params: Any, inputs: jax.Array,
   # it once, and returns its gradient in that dtype.
   return token_logprobs(hidden, model.unembed_matrix(master=True), targets,
                         temperature,
+                        vocab_chunk=vocab_chunk, seq_chunk=seq_chunk,
+                        return_entropy=with_entropy)
+
+
+def prefixed_logprobs(policy: Policy, params: Any, slots: Slots, *,
+                      temperature: float, vocab_chunk: int, seq_chunk: int,
+                      with_entropy: bool = True):
+  """`response_logprobs` of slots, each prompt computed once per slot.
+
+  The prompts [U, Wp] run through the decoder once, keeping every layer's
+  keys and values; the rollouts' tokens [U * c, T - 1] then run through the
+  same decoder (the same `Attention` modules: projections, norms, RoPE),
+  attending to their slot's prompt and to their own earlier tokens
+  (`PrefixedAttention`). The first response token is predicted by the
+  prompt's last position, shared by the slot's rows. Autodiff through the
+  two calls sums every row's gradient into the shared prompt, the sum the
+  repeated rows `prompt ++ response` give.
+
+  Returns:
+    (logp [U * c, T] f32, entropy [U * c, T] f32 or None), rows slot-major.
+  """
+  model = policy.bind(params)
+  backend = policy.cfg.attention_backend
+  u, c, t = slots.targets.shape
+  hidden, kv = model(slots.prompt, positions_from_valid(slots.prompt_valid),
+                     attn_lib.FullAttention(slots.prompt_valid,
+                                            backend=backend, return_kv=True))
+  d = hidden.shape[-1]
+  first = jnp.broadcast_to(hidden[:, None, -1:], (u, c, 1, d))
+  if t > 1:
+    # The last response token is only a target, never an input.
+    inputs = slots.flat(slots.targets[..., :-1])            # [U*c, T-1]
+    valid = slots.flat(slots.response_valid[..., :-1])
+    positions = slots.flat(jnp.broadcast_to(
+        slots.prompt_lengths[:, None, None] + jnp.arange(t - 1), (u, c, t - 1)))
+    own, _ = model(inputs, positions,
+                   PrefixedAttention(slots.prompt_valid, valid, backend), kv)
+    first = jnp.concatenate([first, own.reshape(u, c, t - 1, d)], axis=2)
+  return token_logprobs(first.reshape(u * c, t, d),
+                        model.unembed_matrix(master=True),
+                        slots.flat(slots.targets), temperature,
                         vocab_chunk=vocab_chunk, seq_chunk=seq_chunk,
                         return_entropy=with_entropy)

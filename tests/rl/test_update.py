@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from brorl_jax.config import ConfigError
-from brorl_jax.rl import buckets, losses
+from brorl_jax.rl import buckets, losses, slots
 from brorl_jax.rl.train_state import (OptimConfig, TrainState,
                                       make_optimizer, reset_reference)
 from brorl_jax.rl.batch import RolloutBatch, make_rows
@@ -241,20 +241,18 @@ def test_length_buckets_equal_the_untrimmed_update(tiny_policy, tiny_params,
 def test_length_buckets_sort_rows_and_pick_the_smallest_bucket():
   targets = buckets.bucket_targets(LP, 24, 4, "blockwise")
   lengths = jnp.asarray([[3, 24, 0, 11, 5, 1, 12, 0]])    # [M=1, 8 rows]
-  rows = make_rows(RolloutBatch(
+  batch = RolloutBatch(
       prompt_tokens=jnp.zeros((1, LP), jnp.int32),
       prompt_lengths=jnp.full((1,), LP, jnp.int32),
       tokens=jnp.broadcast_to(lengths[..., None], (1, 8, 24)),
       logprobs=jnp.zeros((1, 8, 24)), lengths=lengths,
-      advantages=jnp.zeros((1, 8)), mask=jnp.ones((1, 8), bool)))
-  order = buckets.row_order(rows.loss_mask, jnp.arange(8), 1,
-                            by_length=True)               # one mini-batch
-  ordered = jax.tree.map(lambda x: x[order], rows)
+      advantages=jnp.zeros((1, 8)), mask=jnp.ones((1, 8), bool))
+  rows = make_rows(batch)
+  # Slots of one row (one prompt, as the row order of the repeated rows).
+  order = slots.slot_order(slots.need(batch), jax.random.key(0), 1, 1,
+                           shuffle=True, by_length=True)[0, :, 0]
+  ordered = jax.tree.map(lambda x: x[order][None], rows)
   assert ordered.targets[0, :, 0].tolist() == [24, 12, 11, 5, 3, 1, 0, 0]
-  # The shuffle first, then the sort: ties keep the shuffled order.
-  perm = jnp.asarray([7, 2, 0, 1, 3, 4, 5, 6])
-  assert buckets.row_order(rows.loss_mask, perm, 2, by_length=False
-                           ).tolist() == [[0, 1, 7, 2], [3, 4, 5, 6]]
   micro = jax.tree.map(lambda x: x[0].reshape(4, 2, *x.shape[2:]), ordered)
   index = [int(buckets.branch_index(micro.loss_mask[i], targets))
            for i in range(4)]
