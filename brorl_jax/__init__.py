@@ -9,6 +9,8 @@ Data flow (one RL iteration), one module per stage:
   rewards/    host verifiers and the process pool that runs them
   rl/         advantages, token log-probs, losses, the jitted update,
               mass-balance diagnostics
+  loop/       the run: the trainer, the evaluator, the host side of a step
+              (scoring, allocated sampling, step logging), the workdir
   checkpointing.py, train.py, evaluate.py, sample.py, simulate.py, bench/,
   plot.py     persistence and entry points
 

@@ -198,7 +198,7 @@ class TrainCheckpointer:
 
   Multi-host: every process calls `save` and `restore` (orbax writes each
   array shard from the process that holds it). Every process iterates the
-  same global prompt stream (experiment.py), so the iterator state is one
+  same global prompt stream (loop/experiment.py), so the iterator state is one
   JSON item written by the primary host, not grain's per-process files
   (`process_<i>-of-<n>.json`), and a run resumes on another process count.
   """

@@ -33,10 +33,10 @@ import numpy as np
 
 from brorl_jax import checkpointing
 from brorl_jax import cli
-from brorl_jax import experiment as exp_lib
+from brorl_jax.loop import experiment as exp_lib
 from brorl_jax import plot
 from brorl_jax import run_config
-from brorl_jax.metrics import read_metrics
+from brorl_jax.loop.metrics import read_metrics
 from brorl_jax.warmstart import run_warmstart
 
 WARMSTART = "warmstart"

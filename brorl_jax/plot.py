@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from brorl_jax.metrics import read_metrics
+from brorl_jax.loop.metrics import read_metrics
 
 TOKENS = "rollout/generated_tokens_total"
 

@@ -59,7 +59,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from brorl_jax import checkpointing, hf
+from brorl_jax import aot_sizing, checkpointing, hf
+from brorl_jax.aot import topology as gpu_topology
 from brorl_jax.model.sharding import (SAMPLE_RULES, TRAIN_RULES, MeshRules,
                                       make_mesh)
 from brorl_jax.model.transformer import Policy
@@ -195,21 +196,33 @@ class _Builder:
     return jax.ShapeDtypeStruct(shape, dtype,
                                 sharding=rules.sharding(axes, shape))
 
-  def prefill(self) -> jax.stages.Lowered:
-    p, lp = self.num_prompts, self.cfg.rollout.max_prompt_len
+  def prefill(self, sampler: Sampler | None = None) -> jax.stages.Lowered:
+    sampler = sampler or self.sampler
+    p, lp = self.num_prompts, sampler.cfg.max_prompt_len
     r = self.sample_rules
     tokens = self._sds(r, (p, lp), jnp.int32, ("batch", None))
     lengths = self._sds(r, (p,), jnp.int32, ("batch",))
     # The sampler's own program, lowered from abstract arguments.
-    return self.sampler.lower_prefill(self.sample_params, tokens, lengths)
+    return sampler.lower_prefill(self.sample_params, tokens, lengths)
 
   @property
   def num_prompts(self) -> int:
     return self.cfg.advantage.prompts_to_sample(self.cfg.loop.prompts_per_step)
 
-  def decode(self, pc: int, gc: int) -> jax.stages.Lowered:
+  def decode(self, pc: int, gc: int, sampler: Sampler | None = None
+             ) -> jax.stages.Lowered:
+    sampler = sampler or self.sampler
+    part = self.prefill_part(pc, sampler)
+    keys = jax.eval_shape(lambda: sampling.row_keys(
+        jax.random.key(0), jnp.arange(pc), jnp.arange(gc)))
+    keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=self.rep)
+    return sampler.lower_decode(self.sample_params, part, keys, group=gc)
+
+  def prefill_part(self, pc: int, sampler: Sampler | None = None) -> Prefill:
+    """The prefill's outputs for `pc` prompts, abstract."""
+    sampler = sampler or self.sampler
     mc, r = self.policy.cfg, self.sample_rules
-    lp, dt = self.cfg.rollout.max_prompt_len, jnp.dtype(mc.dtype)
+    lp, dt = sampler.cfg.max_prompt_len, jnp.dtype(mc.dtype)
     # The prompt KV in the layouts the prefill stores it in.
     fresh = jax.ShapeDtypeStruct((pc, lp, mc.num_kv_heads, mc.head_dim), dt)
     k_shape, v_shape = (x.shape for x in jax.eval_shape(
@@ -223,11 +236,7 @@ class _Builder:
         lengths=self._sds(r, (pc,), jnp.int32, ("batch",)),
         logits=self._sds(r, (pc, mc.vocab_size), jnp.float32,
                          ("batch", "act_vocab")))
-    keys = jax.eval_shape(lambda: sampling.row_keys(
-        jax.random.key(0), jnp.arange(pc), jnp.arange(gc)))
-    keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=self.rep)
-    return self.sampler.lower_decode(self.sample_params, part, keys,
-                                     group=gc)
+    return part
 
   def batch(self) -> RolloutBatch:
     """The update's (and the diagnostics') batch: P groups, rows split
@@ -296,13 +305,26 @@ class _Builder:
 COMPILE_WORKERS = min(2, os.cpu_count() or 1)
 
 
-def _compile_all(lowered: dict, log: Callable[[str], None]) -> dict:
+def _compile_all(lowered: dict, log: Callable[[str], None],
+                 texts: dict | None = None,
+                 failed: Callable | None = None) -> dict:
   """Compiles `{(depth, name): Lowered | None}`, `COMPILE_WORKERS` at a
   time in the given order (longest first packs best), logging each one's
-  wall time; returns `{key: Mem | None}`."""
+  wall time; returns `{key: Mem | None}`. With `texts`, keeps each
+  compiled program's HLO text there; with `failed(key, error)`, a program
+  that does not compile is reported to it (its Mem is None)."""
   def compile_one(key):
     t = time.perf_counter()
-    result = Mem.of(lowered[key].compile())
+    try:
+      compiled = lowered[key].compile()
+    except Exception as e:  # noqa: BLE001 (any compiler error is reported)
+      if failed is None:
+        raise
+      failed(key, e)
+      return None
+    result = Mem.of(compiled)
+    if texts is not None:
+      texts[key] = compiled.as_text()
     log(f"{key[0]} layer(s): {key[1]} compiled in "
         f"{time.perf_counter() - t:.0f} s (arguments {result.args / GiB:.3f}"
         f" GiB, temporaries {result.temp / GiB:.3f} GiB)")
@@ -350,7 +372,30 @@ def _model_config(cfg) -> tuple[Any, str]:
   return cfg.model, note
 
 
+def _gpu_topology(topology: str | None):
+  """The GPU topology `topology` names (None: none, or a TPU's name)."""
+  if not topology:
+    return None
+  try:
+    return gpu_topology.parse(topology)
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
+
+
+def gpu_devices(gpu):
+  """The compile-only devices of a GPU topology (exit 2 naming the fix)."""
+  try:
+    return gpu_topology.devices(gpu)
+  except RuntimeError as e:
+    print(f"error: --dry_run_topology={gpu}: {e}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
 def _default_memory_gib(devices, topology: str | None) -> tuple[float, str]:
+  gpu = _gpu_topology(topology)
+  if gpu:
+    return (gpu.target.memory_bytes / GiB,
+            f"{gpu.target.name}, {gpu.target.source}")
   if topology:
     gen = re.split(r"[:-]", topology)[0].lower()
     if gen in TPU_HBM_GB:
@@ -391,7 +436,9 @@ def dry_run(cfg, *, device_memory_gb: float | None = None,
   """
   start = time.perf_counter()
   jax.config.update("jax_threefry_partitionable", True)
-  devices = _tpu_devices(topology) if topology else jax.devices()
+  gpu = _gpu_topology(topology)
+  devices = (gpu_devices(gpu) if gpu else
+             _tpu_devices(topology) if topology else jax.devices())
   mesh = make_mesh(cfg.mesh.shape, devices)
   model_cfg, model_source = _model_config(cfg)
   depth = model_cfg.num_layers
@@ -405,8 +452,11 @@ def dry_run(cfg, *, device_memory_gb: float | None = None,
     depths = (depth,)
   else:
     depths = (first, max(layers, second))
-  platform = "TPU" if topology else devices[0].platform.upper()
-  backend = (f"TPU compiler, topology {topology} (ahead of time)" if topology
+  platform = ("GPU" if gpu else "TPU" if topology
+              else devices[0].platform.upper())
+  backend = (f"XLA:GPU compiler, {gpu.target.name}, topology {gpu} (ahead "
+             "of time)" if gpu else
+             f"TPU compiler, topology {topology} (ahead of time)" if topology
              else f"{platform} backend")
   if depths == (depth,):
     compiled = f"compiled ({backend})"
@@ -420,7 +470,22 @@ def dry_run(cfg, *, device_memory_gb: float | None = None,
   # Every program of every depth is lowered first (tracing holds the GIL),
   # then compiled side by side (`_compile_all`).
   t0 = time.perf_counter()
-  lowered, plans = {}, None
+  lowered, plans, failures = {}, None, []
+  table = aot_sizing.backends(model_cfg, platform.lower())
+  where = str(gpu or topology or platform)
+
+  def failed(key, error):
+    failures.append(aot_sizing.failure_line(
+        f"{key[1]} ({key[0]} layers)", aot_sizing.backend_of(key[1], table),
+        error, where))
+
+  def lower(key, build):
+    try:
+      lowered[key] = build()
+    except Exception as e:  # noqa: BLE001 (lowering runs kernel checks)
+      if not gpu:
+        raise
+      failed(key, e)
   full = _Builder(cfg, model_cfg, mesh, depth)
   # The TPU compiler's update temporaries are not linear in depth (BroRL,
   # v5p-64, longest bucket: 6.24 / 5.97 / 6.75 / 9.70 GiB at 2 / 4 / 8 /
@@ -428,18 +493,25 @@ def dry_run(cfg, *, device_memory_gb: float | None = None,
   # 8 layers, 140 s at 16, alone): there the update compiles whole.
   update_depths = (depth,) if platform == "TPU" else depths
   if update_depths != depths:
-    lowered[depth, "update"] = full.update()
+    lower((depth, "update"), full.update)
   for d in depths:
     b = full if d == depth else _Builder(cfg, model_cfg, mesh, d)
     num_prompts = b.num_prompts
     plans = [p for p in _row_plans(num_prompts, cfg.rollout.n,
                                    cfg.rollout.max_decode_rows) if p]
     if update_depths == depths:
-      lowered[d, "update"] = b.update()
-    lowered[d, "diagnostics re-scoring"] = b.rescore()
-    lowered[d, "prefill"] = b.prefill()
+      lower((d, "update"), b.update)
+    lower((d, "diagnostics re-scoring"), b.rescore)
+    lower((d, "prefill"), b.prefill)
     for pc, gc in plans:
-      lowered[d, f"decode chunk of {pc * gc} rows"] = b.decode(pc, gc)
+      lower((d, f"decode chunk of {pc * gc} rows"),
+            lambda pc=pc, gc=gc: b.decode(pc, gc))
+    if gpu:   # every program the loop runs, on the GPU compiler
+      for name, build in aot_sizing.more_programs(b, cfg).items():
+        try:
+          lowered.update({(d, n): x for n, x in build().items()})
+        except Exception as e:  # noqa: BLE001 (reported with the others)
+          failed((d, name), e)
   log(f"lowered {sum(x is not None for x in lowered.values())} programs "
       f"({'+'.join(map(str, depths))} layers; the update at "
       f"{'+'.join(map(str, update_depths))}) in "
@@ -447,10 +519,16 @@ def dry_run(cfg, *, device_memory_gb: float | None = None,
       f"{COMPILE_WORKERS} at a time")
   # The slowest programs first (the updates, then the re-scorings).
   kinds = ("update", "diagnostics re-scoring", "prefill", "decode")
-  rank = lambda k: next(i for i, n in enumerate(kinds)  # noqa: E731
-                        if k[1].startswith(n))
+  rank = lambda k: next((i for i, n in enumerate(kinds)  # noqa: E731
+                         if k[1].startswith(n)), len(kinds))
+  texts = {} if gpu else None
   mem = _compile_all(dict(sorted(lowered.items(),
-                                 key=lambda kv: rank(kv[0]))), log)
+                                 key=lambda kv: rank(kv[0]))), log, texts,
+                     failed if gpu else None)
+  if failures:
+    for line in failures:
+      out(line)
+    raise SystemExit(1)
   progs = {d: _Programs(
       mem[d, "prefill"],
       {pc * gc: mem[d, f"decode chunk of {pc * gc} rows"] for pc, gc in plans},
@@ -529,11 +607,11 @@ def dry_run(cfg, *, device_memory_gb: float | None = None,
                     + big.peak - slope * rows[-1])
   sampling_peak = fixed_sampling + slope * rows[-1]
   prefill_peak = state_bytes + m.prefill.peak
-  # What train.py holds when: the sampling copy is deleted before the
-  # update (the step's rollouts and first-token probabilities stay for the
-  # diagnostics); the diagnostics re-score before the update under the old
-  # state, and after it next to a new sampling copy and the kept prompts'
-  # prefill (`Trainer._diag_after`).
+  # What the loop (loop/trainer.py) holds when: the sampling copy is
+  # deleted before the update (the step's rollouts and first-token
+  # probabilities stay for the diagnostics); the diagnostics re-score before
+  # the update under the old state, and after it next to a new sampling copy
+  # and the kept prompts' prefill (`StepDiagnostics.after_update`).
   held = rollouts + first_probs
   update_peak = m.update.peak + held
   diag_peak, rescore = 0.0, m.rescore
@@ -651,6 +729,11 @@ def dry_run(cfg, *, device_memory_gb: float | None = None,
       "micro_batch_size": cfg.update.micro_batch_size,
       "sample_param_dtype": str(jnp.dtype(
           cfg.loop.sample_dtype(model_cfg)))}
+  if gpu:
+    summary.update(aot_sizing.gpu_summary(
+        cfg, model_cfg, gpu, mem=mem, texts=texts, depths=depths,
+        depth=depth, table=table, resident=state_bytes, budget=budget,
+        fits=summary["fits"], out=out))
   if json_path:
     pathlib.Path(json_path).write_text(json.dumps(summary, indent=1) + "\n")
     out(f"wrote {json_path}")

@@ -17,10 +17,10 @@ value the paper leaves unstated and what we chose.
   * learning rate: eta_0 x sqrt(65,536 / 8,192) = 2.83 eta_0 ("the square
     root of the increase in the batch size"), through
     `optim.reference_samples_per_step` = the ProRL arm's 8,192 samples;
-  * decode chunks: 65,536 rows x 16k tokens of KV do not fit at once (470
-    MiB of bf16 KV per row for this model): `max_decode_rows` splits each
-    step into chunks; the value below comes from `--dry_run` (see the
-    README's sizing table).
+  * decode slots: 65,536 rows x 16k tokens of KV do not fit at once (470
+    MiB of bf16 KV per row for this model): the refilled decode runs
+    `max_decode_rows` slots (the ProRL arm's 8,192, from `--dry_run
+    --dry_run_topology=h100:8x1x8`; see the README's sizing table).
 """
 
 from configs import prorl_qwen2_1p5b
@@ -31,7 +31,8 @@ def get_config():
   c.total_steps = 191                 # the paper's longest BroRL arm
   c.rollout.prompts_per_step = 128
   c.rollout.n = 512
-  c.rollout.max_decode_rows = 4096    # --dry_run: 16 chunks of 128 x 32
+  # (the ProRL arm's refill with 8,192 slots: 64 per prompt, each slot
+  # serving 8 of the prompt's 512 rollouts in turn)
   # c.algo.num_minibatches stays 8; c.optim.learning_rate stays eta_0 and
   # is scaled by sqrt(128 * 512 / reference_samples_per_step).
   c.checkpoint.every = 5              # ~1 h per step in the paper

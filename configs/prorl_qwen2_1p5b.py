@@ -66,7 +66,13 @@ def get_config():
   c.rollout.n = 16
   c.rollout.max_prompt_len = 1024
   c.rollout.max_new_tokens = 16_384
-  c.rollout.max_decode_rows = 4096    # --dry_run: 9,129 rows fit an H100
+  # The refilled decode (slots follow the work: a finished rollout's slot
+  # takes the prompt's next one) and 8,192 slots: the GPU dry run
+  # (--dry_run_topology=h100:8x1x8) puts the decode peak at ~63 GiB of an
+  # H100's 79 (10.5k rows fit; 8,192 keeps the 15 % headroom), and its
+  # estimate puts the refill ahead of fixed chunks (README, sizing).
+  c.rollout.max_decode_rows = 8192
+  c.rollout.refill = True
   c.rollout.temperature = 1.0
   c.rollout.top_p = 1.0
 
@@ -94,5 +100,8 @@ def get_config():
   c.eval.temperature = 0.6            # T 0.6, top-p 0.95, 32k tokens
   c.eval.top_p = 0.95
   c.eval.max_new_tokens = 32_768
+  # 32k-token evaluation rows hold twice the KV of a training row: 2,048
+  # of them (BroRL's whole eval batch, 128 x 16) fit beside the state.
+  c.eval.max_decode_rows = 2048
   c.logging.archive_every = 10        # ~1 GB of rollouts per archived step
   return c

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from brorl_jax.metrics import read_metrics
+from brorl_jax.loop.metrics import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

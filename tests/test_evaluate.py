@@ -1,9 +1,8 @@
-"""Evaluation: pass@k against closed forms, the evaluator against an
-independent sample-decode-verify pass, and the CLI end to end."""
+"""Evaluation: the evaluator against an independent sample-decode-verify
+pass, and the CLI end to end (pass@k itself: tests/loop/test_evaluator.py)."""
 
 import dataclasses
 import json
-import math
 import os
 import pathlib
 import shutil
@@ -17,9 +16,11 @@ import numpy as np
 import optax
 import pytest
 
-from brorl_jax import checkpointing, evaluate, experiment, hf, rewards
+from brorl_jax import checkpointing, evaluate, hf, rewards
 from brorl_jax import run_config
 from brorl_jax import warmstart
+from brorl_jax.loop import evaluator as evaluator_lib
+from brorl_jax.loop import experiment
 from brorl_jax.config import ConfigError
 from brorl_jax.model.sharding import reshard
 from brorl_jax.rl.train_state import TrainState
@@ -38,76 +39,6 @@ CONFIG = {
     "eval": {"n": 4, "k": (1, 2, 4), "max_prompts": None},
     "init": {"tokenizer_vocab_size": 350},
 }
-
-
-# ---- pass@k ----------------------------------------------------------------
-
-
-def _closed_form(n, c, k):
-  return 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-@pytest.mark.parametrize("n,c,k,want", [
-    (4, 0, 4, 0.0),            # n = k, nothing correct
-    (4, 1, 4, 1.0),            # n = k: any correct sample is drawn
-    (5, 0, 1, 0.0),
-    (5, 5, 3, 1.0),            # c = n
-    (5, 2, 1, 0.4),            # pass@1 = c / n
-    (5, 2, 2, 0.7),            # 1 - C(3,2)/C(5,2) = 1 - 3/10
-    (10, 3, 4, 5 / 6),         # 1 - C(7,4)/C(10,4) = 1 - 35/210
-    (16, 1, 4, 0.25),          # one correct of 16: k / n
-    (6, 4, 3, 1.0),            # n - c = 2 < k
-])
-def test_pass_at_k_hand_cases(n, c, k, want):
-  assert evaluate.pass_at_k(n, c, k) == pytest.approx(want, abs=1e-12)
-  assert evaluate.pass_at_k_array(n, [c], k)[0] == pytest.approx(want,
-                                                                 abs=1e-12)
-
-
-def test_pass_at_k_array_matches_binomials():
-  for n in (1, 2, 7, 16, 64):
-    c = np.arange(n + 1)
-    for k in sorted({1, min(2, n), n // 2 or 1, n}):
-      want = [_closed_form(n, int(ci), k) for ci in c]
-      np.testing.assert_allclose(evaluate.pass_at_k_array(n, c, k), want,
-                                 rtol=1e-10, atol=1e-12)
-  # Mixed n per prompt broadcast with c.
-  got = evaluate.pass_at_k_array([4, 8, 8], [1, 0, 3], 2)
-  np.testing.assert_allclose(got, [_closed_form(4, 1, 2), 0.0,
-                                   _closed_form(8, 3, 2)])
-  for bad in [(4, 5, 1), (4, -1, 1), (4, 2, 5), (4, 2, 0)]:
-    with pytest.raises(ValueError, match="pass@k"):
-      evaluate.pass_at_k(*bad)
-    with pytest.raises(ValueError, match="pass@k"):
-      evaluate.pass_at_k_array(*bad)
-
-
-def test_eval_result_metrics_and_report():
-  result = evaluate.EvalResult(
-      n=4, ks=(1, 2), step=5, greedy=False, correct=np.array([0, 2, 4]),
-      tasks=["a", "a", "b"], reward_sum=6.0, length_sum=120.0, truncated=3.0,
-      seconds=1.0)
-  flat = result.flat()
-  assert flat["eval/pass@1"] == pytest.approx(0.5)          # (0 + .5 + 1)/3
-  assert flat["eval/pass@2"] == pytest.approx((0 + 5 / 6 + 1) / 3)
-  assert flat["eval/a/pass@1"] == pytest.approx(0.25)
-  assert flat["eval/a/pass@2"] == pytest.approx(5 / 12)
-  assert flat["eval/b/pass@2"] == 1.0
-  assert flat["eval/num_prompts"] == 3 and flat["eval/a/num_prompts"] == 2
-  assert flat["eval/reward_mean"] == 0.5
-  assert flat["eval/response_len_mean"] == 10.0
-  assert flat["eval/truncated_frac"] == 0.25
-  report = result.report()
-  assert report["pass@1"] == pytest.approx(0.5) and report["n"] == 4
-  assert report["step"] == 5
-  assert set(report["pass@k"]) == {"1", "2"}
-  assert report["per_task"]["a"] == {"pass@1": 0.25, "pass@k": {
-      "1": 0.25, "2": pytest.approx(5 / 12)}, "n_prompts": 2}
-  json.dumps(report)
-  lines = result.table().splitlines()
-  assert lines[0].split() == ["task", "prompts", "pass@1", "pass@2"]
-  assert lines[2].split() == ["all", "3", "0.5000", "0.6111"]
-  assert lines[3].split() == ["a", "2", "0.2500", "0.4167"]
 
 
 # ---- the evaluator on a tiny warm-started policy -----------------------------
@@ -151,7 +82,7 @@ def test_greedy_pass1_equals_independent_scoring(run, capsys):
   exp, pool = run["exp"], run["pool"]
   want = _independent_greedy(exp, run["warm"])
   assert len(want) == 14 and 0 < want.mean() < 1, want.mean()
-  evaluator = evaluate.Evaluator(exp, pool, greedy=True)
+  evaluator = evaluator_lib.Evaluator(exp, pool, greedy=True)
   assert evaluator.n == 1 and evaluator.ks == (1,)
   result = evaluator.run(run["warm"], 3, jax.random.key(0))
   np.testing.assert_array_equal(result.correct, want.astype(int))
@@ -161,7 +92,7 @@ def test_greedy_pass1_equals_independent_scoring(run, capsys):
   assert metrics["eval/num_prompts"] == 14
   # Batches of 12 end in 4 filler rows, which must not count.
   capsys.readouterr()
-  by_12 = evaluate.Evaluator(exp, pool, greedy=True, batch_size=12,
+  by_12 = evaluator_lib.Evaluator(exp, pool, greedy=True, batch_size=12,
                              progress="lines").run(
       run["warm"], 3, jax.random.key(0))
   np.testing.assert_array_equal(by_12.correct, result.correct)
@@ -173,10 +104,10 @@ def test_greedy_pass1_equals_independent_scoring(run, capsys):
 
 def test_sampled_evaluation(run):
   exp, pool = run["exp"], run["pool"]
-  evaluator = evaluate.Evaluator(exp, pool)
+  evaluator = evaluator_lib.Evaluator(exp, pool)
   assert evaluator.n == 4 and evaluator.ks == (1, 2, 4)
   assert evaluator.sampler.cfg.temperature == 0.6   # eval's, not rollout's
-  key = evaluate.eval_key(0)
+  key = evaluator_lib.eval_key(0)
   result = evaluator.run(run["warm"], 0, key)
   m = result.flat()
   assert m["eval/num_prompts"] == 14
@@ -189,19 +120,19 @@ def test_sampled_evaluation(run):
   assert 0 <= m["eval/truncated_frac"] <= 1
   # The same key gives the same samples; a prefix of prompts, a prefix of
   # the outcomes.
-  again = evaluate.Evaluator(exp, pool, max_prompts=10).run(run["warm"], 0,
+  again = evaluator_lib.Evaluator(exp, pool, max_prompts=10).run(run["warm"], 0,
                                                             key)
   np.testing.assert_array_equal(again.correct, result.correct[:10])
   # Draws are keyed by (problem, sample): other batch sizes (filler rows
   # included) give the same outcomes, so evaluations compare across configs.
   for size in (4, 12):
-    other = evaluate.Evaluator(exp, pool, batch_size=size).run(
+    other = evaluator_lib.Evaluator(exp, pool, batch_size=size).run(
         run["warm"], 0, key)
     np.testing.assert_array_equal(other.correct, result.correct)
   # A random policy solves nothing.
   assert evaluator.evaluate(run["random"], 0, key)["eval/pass@4"] == 0.0
   with pytest.raises(ConfigError, match="'eval.k'"):
-    evaluate.Evaluator(exp, pool, ks=(1, 8))
+    evaluator_lib.Evaluator(exp, pool, ks=(1, 8))
 
 
 # ---- command line ------------------------------------------------------------
@@ -242,8 +173,9 @@ def test_cli_end_to_end(run, tmp_path, capsys):
   assert set(report["pass@k"]) == {"1", "4"}
   assert report["per_task"]["arithmetic"]["n_prompts"] == 14
   # The same policy, settings and key in-process give the same numbers.
-  want = evaluate.Evaluator(exp, run["pool"], ks=(1, 4), max_prompts=16).run(
-      run["warm"], 7, evaluate.eval_key(0)).report()
+  want = evaluator_lib.Evaluator(
+      exp, run["pool"], ks=(1, 4), max_prompts=16).run(
+          run["warm"], 7, evaluator_lib.eval_key(0)).report()
   assert report["pass@1"] == pytest.approx(want["pass@1"])
   assert report["pass@k"] == pytest.approx(want["pass@k"])
   assert report["pass@1"] > 0

@@ -171,6 +171,36 @@ def test_no_cycle_among_top_level_modules_and_subpackages():
   assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
+# The stages of the data flow: they know nothing of the run that drives them.
+STAGES = ("data", "model", "rollout", "rewards", "rl")
+# The run's host side (tests/loop mirrors it).
+RUN = f"{PACKAGE}.loop"
+# Modules the package root may hold (entry points, persistence, config,
+# the interchange and the simulator): the rest lives in folders.
+MAX_ROOT_MODULES = 18
+
+
+def stage_imports_of_the_run(graph: dict[str, set[str]]) -> list[str]:
+  """`module -> target` for every import of `loop/` from a stage folder."""
+  return sorted(f"{a} -> {b}" for a, targets in graph.items()
+                for b in targets
+                if a.split(".")[1:2] and a.split(".")[1] in STAGES
+                and (b == RUN or b.startswith(RUN + ".")))
+
+
+def test_stage_folders_never_import_the_run():
+  graph, _ = scan(ROOT)
+  assert any(m.startswith(RUN + ".") for m in graph)
+  bad = stage_imports_of_the_run(graph)
+  assert not bad, "stage folders import loop/:\n" + "\n".join(bad)
+
+
+def test_the_package_root_holds_at_most_18_modules():
+  root = sorted(p.name for p in (ROOT / PACKAGE).glob("*.py")
+                if p.name != "__init__.py")
+  assert len(root) <= MAX_ROOT_MODULES, root
+
+
 def test_imports_inside_functions_say_why():
   _, local = scan(ROOT)
   bare = [f"{m}:{n}: {lines[n - 1].strip()}" for m, n, lines in local
@@ -213,6 +243,17 @@ def test_checker_finds_cycle_only_in_coarse_graph(tmp_path):
   assert find_cycle(graph) is None
   assert find_cycle(coarse(graph)) == ["brorl_jax.d", "brorl_jax.sub",
                                        "brorl_jax.d"]
+
+
+def test_checker_finds_a_stage_importing_the_run(tmp_path):
+  root = _write(tmp_path, {
+      "__init__.py": "", "loop/__init__.py": "", "loop/trainer.py": "",
+      "rl/__init__.py": "", "rl/update.py": "import os\n",
+      "rl/losses.py": "from brorl_jax.loop import trainer\n",
+      "train.py": "from brorl_jax.loop import trainer\n"})
+  graph, _ = scan(root)
+  assert stage_imports_of_the_run(graph) == [
+      "brorl_jax.rl.losses -> brorl_jax.loop.trainer"]
 
 
 def test_checker_flags_uncommented_local_imports(tmp_path):

@@ -24,8 +24,8 @@ import portpicker
 import pytest
 
 from brorl_jax import checkpointing
-from brorl_jax.metrics import read_metrics
-from brorl_jax.rollout_archive import RolloutArchive
+from brorl_jax.loop.metrics import read_metrics
+from brorl_jax.loop.rollout_archive import RolloutArchive
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "tests/configs/tiny_multihost.py"
@@ -211,7 +211,8 @@ def test_failing_process_stops_everyone_quickly(tmp_path):
   script = tmp_path / "failing.py"
   script.write_text(
       "import jax\n"
-      "from brorl_jax import experiment, train\n"
+      "from brorl_jax import train\n"
+      "from brorl_jax.loop import experiment\n"
       "build = experiment.build\n"
       "def failing(cfg, workdir):\n"
       "  if jax.process_index() == 1:\n"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from brorl_jax import plot
-from brorl_jax.metrics import MetricsWriter, read_metrics
+from brorl_jax.loop.metrics import MetricsWriter, read_metrics
 
 MASS = ("p_pos", "p_neg", "unsampled_mass", "u2", "term1_lb", "term2_lb",
         "term3_bound", "margin", "frac_margin_positive", "d_correct_mass",

@@ -14,10 +14,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from brorl_jax import checkpointing, experiment, hf
+from brorl_jax import checkpointing, hf
 from brorl_jax import config as config_lib
 from brorl_jax import run_config
 from brorl_jax import sizing
+from brorl_jax.loop import experiment
 from brorl_jax.rl import update as update_lib
 from brorl_jax.rl.buckets import bucket_targets
 
@@ -66,7 +67,7 @@ def test_dry_run_prints_compiled_figures_and_the_row_limit(tiny_report):
   assert "memory per decoded row, per device" in compiled
   assert figures["temporaries (activations, gradients)"][0] > 0
   # The diagnostics' re-scoring is compiled too, and the update's peak no
-  # longer counts the sampling copy (train.py frees it first).
+  # longer counts the sampling copy (the loop frees it first).
   assert figures["re-scoring: temporaries"][0] > 0
   assert figures["re-scoring: temporaries"][1].startswith("compiled")
   assert result["peak_diagnostics_gib"] > 0
@@ -237,7 +238,6 @@ def test_the_qwen3_4b_recipe_is_the_brorl_arm_on_qwen3_4b():
 
 
 def test_the_init_path_placeholder_fails_clearly(tmp_path):
-  from brorl_jax import experiment
   cfg = run_config.load(brorl_qwen2_1p5b.get_config())
   with pytest.raises(config_lib.ConfigError, match="'init.path'.*SET-ME"):
     experiment.build(cfg, tmp_path / "run")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from brorl_jax import checkpointing, cli
-from brorl_jax.metrics import read_metrics
+from brorl_jax.loop.metrics import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -115,7 +115,7 @@ def test_sigterm_mid_decode_saves_within_the_grace_and_resumes_exactly(
   monkeypatch.setattr(Sampler, "segments", sigterm_mid_decode)
   grace = tiny_rl.get_config().checkpoint.preempt_grace_s
   workdir = tmp_path / "run"
-  with caplog.at_level("WARNING", logger="brorl_jax.train"):
+  with caplog.at_level("WARNING", logger="brorl_jax.loop.trainer"):
     _train(workdir, total_steps=4)
   # Honoured at the next segment boundary: no segment ran after it, and
   # the last completed step (1) was saved within the grace, which the loop
@@ -238,7 +238,7 @@ def test_restarts_after_sigterm_in_the_warm_start_and_kill9_before_the_first_che
   assert sum("eval/pass@1" in r for r in rows if r["step"] == 0) == 1
   assert sum("warmstart/loss" in r for r in rows) == 1
   # 4. A changed model is refused before anything runs, naming the key.
-  from brorl_jax.workdir import WorkdirError
+  from brorl_jax.loop.workdir import WorkdirError
   with pytest.raises(WorkdirError, match="model.preset 'tiny' -> 'demo'"):
     _train(workdir, **{"model.preset": "demo"})
   assert read_metrics(workdir) == rows

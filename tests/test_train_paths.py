@@ -22,10 +22,10 @@ import pytest
 from brorl_jax import checkpointing, cli
 from brorl_jax.data import tasks
 from brorl_jax.data.tokenizer_loader import load_tokenizer
-from brorl_jax.metrics import read_metrics
+from brorl_jax.loop.metrics import read_metrics
 from brorl_jax.rl import advantages as adv_lib
 from brorl_jax.rl.shaping import ShapingConfig, shape_rewards
-from brorl_jax.rollout_archive import RolloutArchive
+from brorl_jax.loop.rollout_archive import RolloutArchive
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -102,7 +102,7 @@ def test_kl_run_resumes_exactly_with_its_reference_and_async_saves(
   straight, resumed = base / "straight", base / "resumed"
   # The async save of the last step was complete when the run returned...
   assert saved_at_return == [1, 2]
-  with caplog.at_level(logging.INFO, logger="brorl_jax.train"):
+  with caplog.at_level(logging.INFO, logger="brorl_jax.loop.trainer"):
     run(resumed, {**KL, "total_steps": 4})
   # ...and the resumed run started from it.
   assert "resumed from step 2" in caplog.text

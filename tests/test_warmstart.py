@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from brorl_jax import run_config
-from brorl_jax import evaluate, experiment, warmstart
+from brorl_jax import warmstart
+from brorl_jax.loop import evaluator as evaluator_lib
+from brorl_jax.loop import experiment
 from brorl_jax.config import ConfigError
 from brorl_jax.data.prompts import DataConfig, PromptPipeline
 from brorl_jax.model import attention as attn_lib
@@ -134,9 +136,9 @@ def _full_forward_ce(exp, params, examples):
 
 
 def _greedy_pass1(exp, pool, params):
-  ev = evaluate.Evaluator(exp, pool, greedy=True)
+  ev = evaluator_lib.Evaluator(exp, pool, greedy=True)
   sampling = reshard(params, exp.param_shardings(sampling=True))
-  return ev.evaluate(sampling, 0, evaluate.eval_key(0))["eval/pass@1"]
+  return ev.evaluate(sampling, 0, evaluator_lib.eval_key(0))["eval/pass@1"]
 
 
 @pytest.mark.slow  # ~25 s on 2 shared cores

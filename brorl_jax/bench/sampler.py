@@ -49,7 +49,7 @@ from brorl_jax.model.transformer import Policy
 from brorl_jax.rollout import Sampler, SamplerConfig
 from brorl_jax.model.attention_kernels import resolve_attention_backend
 from brorl_jax.rollout.sampler import refill_plan
-from brorl_jax.rollout.slots import simulate_pools
+from brorl_jax.rollout.slots import simulate_pools, skewed_lengths
 
 NO_STOP = (2**30,)  # a stop id no model emits: every row runs to T tokens
 
@@ -172,17 +172,6 @@ def kv_bytes(cfg, prompts: int, group: int, prompt_len: int,
                                         prompts * group * response_len),
           "repeated": per_token * prompts * group * (prompt_len +
                                                      response_len)}
-
-
-def skewed_lengths(rng: np.random.Generator, shape: tuple[int, int],
-                   t_max: int, sigma: float = 0.8, mean_frac: float = 0.2,
-                   capped: float = 0.02) -> np.ndarray:
-  """Rollout lengths: lognormal(sigma) with mean mean_frac * T, a share
-  `capped` set to T (the long tail that runs to the limit), all in [1, T]."""
-  mu = np.log(mean_frac * t_max) - sigma**2 / 2
-  lengths = np.ceil(rng.lognormal(mu, sigma, shape))
-  lengths[rng.random(shape) < capped] = t_max
-  return np.clip(lengths, 1, t_max).astype(np.int32)
 
 
 def skewed(policy, params, rng, prompt_len: int, t_max: int = 1024,

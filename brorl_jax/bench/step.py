@@ -46,7 +46,7 @@ from brorl_jax import cli, run_config
 from brorl_jax.rl import update as update_lib
 from brorl_jax.rl.batch import RolloutBatch
 from brorl_jax.rl.train_state import TrainState
-from brorl_jax.train import Preemption, Trainer
+from brorl_jax.loop.trainer import Preemption, Trainer
 
 # The length-bucket case: [P, G] rows of up to TRIM_T response tokens.
 TRIM_P, TRIM_G, TRIM_T, TRIM_MICRO = 8, 8, 512, 8

@@ -312,13 +312,25 @@ def _rotate(x, shift):
       x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
+# cuDNN's training kernels take even lengths only: jax 0.10's
+# `check_is_flash_attention` rejects an odd T whenever there is a bias, and
+# its forward rule passes a placeholder bias even when none is given, so
+# every differentiated call at an odd length fails to lower ("Unsupported
+# sequence length Q 17407, KV 17407": the update's longest bucket is
+# Lp + T - 1). Rows are padded to a multiple of this, inside the backend.
+CUDNN_GRANULE = 2
+
+
 def cudnn_attention(q, k, v, valid, implementation: str | None = "cudnn"):
   """`jax.nn.dot_product_attention` on rows rotated to right padding.
 
   cuDNN's flash attention takes padding as per-row lengths at the end of
   the row. A row's real tokens are one span [start, start + length): rotate
-  it to [0, length), attend causally with those lengths, rotate back. cuDNN
-  has no float32 kernel: float32 compute takes the Pallas GPU kernel.
+  it to [0, length), zero what lies past the length (so padding positions
+  get exactly zero gradients, whatever the kernel does with masked keys),
+  pad the sequence to an even length (`CUDNN_GRANULE`), attend causally
+  with those lengths, rotate back. cuDNN has no float32 kernel: float32
+  compute takes the Pallas GPU kernel.
 
   Args:
     q, k, v, valid: as `attend`.
@@ -327,13 +339,21 @@ def cudnn_attention(q, k, v, valid, implementation: str | None = "cudnn"):
   if implementation == "cudnn" and q.dtype not in (jnp.bfloat16,
                                                    jnp.float16):
     return _pallas("pallas_gpu")(q, k, v, valid)
+  t = q.shape[1]
   start, length = _span(valid)
+  real = jnp.arange(t)[None, :] < length[:, None]             # [B, T]
+  tp = -(-t // CUDNN_GRANULE) * CUDNN_GRANULE
+
+  def right_padded(x):
+    x = jnp.where(real[:, :, None, None], _rotate(x, start), 0)
+    return jnp.pad(x, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
+
   # A zero length is no layout cuDNN promises to handle; the row's outputs
   # are zeroed below either way.
   lengths = jnp.maximum(length, 1)
   out = jax.nn.dot_product_attention(
-      _rotate(q, start), _rotate(k, start), _rotate(v, start),
+      right_padded(q), right_padded(k), right_padded(v),
       scale=q.shape[-1] ** -0.5, is_causal=True, query_seq_lengths=lengths,
       key_value_seq_lengths=lengths, implementation=implementation)
-  out = _rotate(out, -start)
+  out = _rotate(out[:, :t], -start)
   return jnp.where(valid[:, :, None, None], out, 0).astype(q.dtype)

@@ -27,6 +27,11 @@ from brorl_jax.model.sharding import active_mesh_rules, active_platform
 SPLASH_BLOCK = 512
 # The GPU kernel's default forward block (its backward blocks are 32).
 GPU_BLOCK = 128
+# Its forward blocks in float32. At 128 x 128 with head dim 128 the forward
+# asks for 262,656 bytes of shared memory, past an H100's 232,448 per block
+# (XLA:GPU, compiled for the H100: RESOURCE_EXHAUSTED); 64 x 64 fits, and
+# divides GPU_BLOCK, the length the rows are padded to.
+GPU_BLOCK_F32 = 64
 
 
 def _round_up(x: int, m: int) -> int:
@@ -115,9 +120,13 @@ def pallas_gpu_attention(q, k, v, valid):
     tp = _round_up(t, GPU_BLOCK)
     q, k, v, valid = (_pad_rows(x, tp) for x in (q, k, v, valid))
     reps = n // k.shape[2]
+    block = GPU_BLOCK if q.dtype.itemsize <= 2 else GPU_BLOCK_F32
     out = gpu_attention.mha(
         q, jnp.repeat(k, reps, axis=2), jnp.repeat(v, reps, axis=2),
         segment_ids=valid.astype(jnp.int32), sm_scale=h ** -0.5, causal=True,
+        block_sizes=gpu_attention.BlockSizes(
+            block_q=block, block_k=block, block_q_dkv=32, block_kv_dkv=32,
+            block_q_dq=32, block_kv_dq=32),
         interpret=interpret)
     return out[:, :t].astype(q.dtype)
 

@@ -182,8 +182,13 @@ def init_state(logits: jax.Array, prompt_keys: jax.Array, limits: jax.Array,
                            jnp.take_along_axis(queue, jnp.broadcast_to(
                                first_q, (p, slots)), 1), n)
   kv, hd, dtype = suffix_shape
-  suffix = [SharedPrefixAttention.empty_suffix(p, slots, width or t_max, kv,
-                                               hd, dtype, backend)
+  # Sharded over the slots like the segment keeps them: unconstrained, the
+  # zeros came out replicated (XLA:GPU, BroRL's 4,096 slots: 128 GiB per
+  # device at 2 layers), and the first segment would reshard them.
+  suffix = [tuple(constrain_merged(x, ("batch", "group"), (p, slots),
+                                   ("act_kv", None, None))
+                  for x in SharedPrefixAttention.empty_suffix(
+                      p, slots, width or t_max, kv, hd, dtype, backend))
             for _ in range(num_layers)]
   return RefillState(
       steps=jnp.int32(0), tokens=tokens, logprobs=logprobs,

@@ -410,6 +410,20 @@ class Sampler:
     """The decode program of one chunk, lowered for (abstract) arguments."""
     return self._decode.lower(params, prefill, keys, group=group)
 
+  def lower_refill_init(self, prefill: Prefill, prompt_keys, *, n: int,
+                        slots: int, width: int) -> jax.stages.Lowered:
+    """The refill decode's first program (first tokens, slots filled),
+    lowered for (abstract) arguments; `segments` runs it once per part."""
+    return self._refill_init.lower(prefill, prompt_keys, None, n=n,
+                                   slots=slots, width=width)
+
+  def lower_refill_segment(self, params, prefill: Prefill, prompt_keys,
+                           state: refill.RefillState) -> jax.stages.Lowered:
+    """One refill segment program (a state of one suffix width), lowered
+    for (abstract) arguments; `segments` runs it until every slot idles."""
+    return self._refill_segment.lower(params, prefill, prompt_keys, None,
+                                      state, jnp.int32(self.cfg.segment_steps))
+
   def chunks(self, params, prefill: Prefill, rng: jax.Array, *,
              n: int | None = None, prompt_offset: int = 0,
              steps: int | None = None, length_limits=None

@@ -52,3 +52,14 @@ def fixed_chunk_steps(lengths: np.ndarray, group: int) -> int:
   p, n = lengths.shape
   chunks = lengths.reshape(p, n // group, group).max(axis=2)
   return int(np.sum(chunks.max(axis=0) - 1))
+
+
+def skewed_lengths(rng: np.random.Generator, shape: tuple[int, int],
+                   t_max: int, sigma: float = 0.8, mean_frac: float = 0.2,
+                   capped: float = 0.02) -> np.ndarray:
+  """Rollout lengths: lognormal(sigma) with mean mean_frac * T, a share
+  `capped` set to T (the long tail that runs to the limit), all in [1, T]."""
+  mu = np.log(mean_frac * t_max) - sigma**2 / 2
+  lengths = np.ceil(rng.lognormal(mu, sigma, shape))
+  lengths[rng.random(shape) < capped] = t_max
+  return np.clip(lengths, 1, t_max).astype(np.int32)

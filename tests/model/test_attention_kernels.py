@@ -61,6 +61,21 @@ def test_cudnn_layout_matches_reference():
   _check(lambda *a: ak.cudnn_attention(*a, implementation="xla"), *_case())
 
 
+@pytest.mark.parametrize("t", [45, 46])   # odd: padded to even inside
+def test_cudnn_padding_gets_exactly_zero_gradients(t):
+  # The cotangent covers every position, padding included: what reaches
+  # the kernel past each row's length is zeroed, so padding's q/k/v
+  # gradients are exactly 0 (not merely small).
+  (q, k, v, valid), _ = _case(t=t)
+  ct = jax.random.normal(jax.random.key(1), q.shape)
+  grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(ak.cudnn_attention(
+      q, k, v, valid, implementation="xla") * ct), (0, 1, 2)))(q, k, v)
+  pad = ~valid[:, :, None, None]
+  for name, g in zip("qkv", grads):
+    assert bool(jnp.all(jnp.where(pad, g, 0) == 0)), name
+    assert bool(jnp.any(g != 0)), name
+
+
 @pytest.mark.slow  # interpret mode: ~15-30 s per kernel
 @pytest.mark.parametrize("kernel", ["splash", "pallas_gpu"])
 def test_pallas_kernels_match_reference_under_shard_map(kernel):
@@ -108,5 +123,7 @@ def test_length_granules_follow_the_kernels_blocks():
   assert [ak.length_granule("blockwise", t) for t in (63, 512, 513)] == [
       8, 8, ak.BLOCK]
   assert [ak.length_granule("splash", t) for t in (100, 4096)] == [128, 512]
+  # The float32 GPU blocks tile the bf16 block the rows are padded to.
+  assert ak.GPU_BLOCK % pallas_attention.GPU_BLOCK_F32 == 0
   with pytest.raises(ValueError, match="resolve_attention_backend"):
     ak.length_granule("auto", 64)

@@ -12,8 +12,8 @@ import pytest
 from tensorboardX import crc32c
 from tensorboardX.proto import event_pb2
 
-from brorl_jax import metrics as metrics_lib
-from brorl_jax.metrics import MetricsWriter, read_metrics
+from brorl_jax.loop import metrics as metrics_lib
+from brorl_jax.loop.metrics import MetricsWriter, read_metrics
 
 
 def _masked_crc(data: bytes) -> int:

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import pytest
 
-from brorl_jax import step_log
+from brorl_jax.loop import step_log
 
 
 def test_task_rewards_count_only_the_rollouts_that_exist():

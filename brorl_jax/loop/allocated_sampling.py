@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from brorl_jax import scoring
+from brorl_jax.loop import scoring
 from brorl_jax.rewards import RewardPool
 from brorl_jax.rl import allocation as alloc_lib
 from brorl_jax.rl import mass_balance

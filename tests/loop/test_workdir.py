@@ -8,10 +8,10 @@ import pathlib
 import numpy as np
 import pytest
 
-from brorl_jax import workdir as workdir_lib
+from brorl_jax.loop import workdir as workdir_lib
 from brorl_jax.config import ConfigError
-from brorl_jax.metrics import MetricsWriter, read_metrics
-from brorl_jax.rollout_archive import RolloutArchive
+from brorl_jax.loop.metrics import MetricsWriter, read_metrics
+from brorl_jax.loop.rollout_archive import RolloutArchive
 
 
 def test_a_file_or_unwritable_path_is_one_line(tmp_path):
@@ -43,7 +43,7 @@ def test_a_changed_model_is_refused_naming_the_keys(tmp_path, caplog):
   assert "init.tokenizer_vocab_size '(unset)' -> 320" in message
   assert "rollout.n" not in message and "\n" not in message
   # Other changes are applied and listed in the log.
-  with caplog.at_level(logging.WARNING, "brorl_jax.workdir"):
+  with caplog.at_level(logging.WARNING, "brorl_jax.loop.workdir"):
     workdir_lib.record_config(tmp_path, {**raw, "rollout": {"n": 16}})
   assert "rollout.n 8 -> 16" in caplog.text
   assert json.loads((tmp_path / workdir_lib.RUN_CONFIG_FILE).read_text())[

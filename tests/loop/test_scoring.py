@@ -6,7 +6,7 @@ import types
 import jax
 import numpy as np
 
-from brorl_jax import scoring
+from brorl_jax.loop import scoring
 from brorl_jax.rewards.registry import VerifyResult
 from brorl_jax.rollout import Sampler, SamplerConfig
 

@@ -41,7 +41,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import tensorstore as ts
 
-from brorl_jax import metrics as metrics_lib
+from brorl_jax.loop import metrics as metrics_lib
 from brorl_jax.rewards import STATUS_CODES
 
 SAMPLES_FILE = "samples.jsonl"

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from brorl_jax import rollout_archive as archive_lib
-from brorl_jax.rollout_archive import RolloutArchive
+from brorl_jax.loop import rollout_archive as archive_lib
+from brorl_jax.loop.rollout_archive import RolloutArchive
 
 
 def _step_data(seed: int, num_prompts: int = 3, group: int = 4,

@@ -16,8 +16,8 @@ import jax
 import numpy as np
 
 from brorl_jax import distributed
-from brorl_jax.rollout_archive import STATUS_NAMES, RolloutArchive
-from brorl_jax.scoring import Scored
+from brorl_jax.loop.rollout_archive import STATUS_NAMES, RolloutArchive
+from brorl_jax.loop.scoring import Scored
 
 # Loss-aux names (after the `loss/` prefix) that are documented elsewhere.
 _ROLLOUT_KEYS = ("loss/logp_diff_mean", "loss/logp_diff_max")
