@@ -6,7 +6,7 @@
 One table (`_MAPPING`) maps every Hugging Face tensor name to our parameter
 path and gives the layout transform both ways, for Qwen2, Qwen3 and Llama
 alike (they differ in which tensors exist: biases, q/k norms, lm_head);
-config.json is converted in `hf_config.py`. Import reads one tensor at a
+config.json is converted in `model/hf_config.py`. Import reads one tensor at a
 time (safetensors memory-maps the file) and writes it straight into its
 target sharding, so a checkpoint never needs twice its size in host RAM.
 """
@@ -29,11 +29,10 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from brorl_jax import checkpointing, cli
-# config.json <-> ModelConfig lives in hf_config; re-exported for callers.
-from brorl_jax.hf_config import (SUPPORTED_ARCHITECTURES,  # noqa: F401
-                                 CheckpointFormatError, architecture_of,
-                                 config_from_hf, config_to_hf,
-                                 generation_config)
+# config.json <-> ModelConfig lives in model/hf_config; re-exported here.
+from brorl_jax.model.hf_config import (  # noqa: F401
+    SUPPORTED_ARCHITECTURES, CheckpointFormatError, architecture_of,
+    config_from_hf, config_to_hf, generation_config)
 from brorl_jax.model.config import ModelConfig
 from brorl_jax.model.transformer import Policy
 from brorl_jax.progress import Progress

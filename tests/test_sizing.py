@@ -230,8 +230,10 @@ def test_the_qwen3_4b_recipe_is_the_brorl_arm_on_qwen3_4b():
   qwen3 = run_config.load(brorl_qwen3_4b.get_config())
   assert qwen3.model.num_params() == 4_022_468_096  # Qwen/Qwen3-4B: 4.02B
   assert qwen3.model.qk_norm and qwen3.model.head_dim == 128
-  assert qwen3.rollout.max_decode_rows == 1024
-  assert dataclasses.replace(qwen3.rollout, max_decode_rows=4096) == \
+  assert (qwen3.rollout.max_decode_rows, qwen3.eval.max_decode_rows) == (
+      1280, 512)
+  assert dataclasses.replace(
+      qwen3.rollout, max_decode_rows=brorl.rollout.max_decode_rows) == \
       brorl.rollout
   for section in ("loop", "loss", "advantage", "update", "optim", "mesh"):
     assert getattr(qwen3, section) == getattr(brorl, section), section

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from brorl_jax import hf, hf_config
+from brorl_jax import hf
+from brorl_jax.model import hf_config
 from brorl_jax.model.config import PRESETS, model_config
 
 NEW_PRESETS = ("qwen3_0p6b", "qwen3_1p7b", "qwen3_4b", "qwen3_8b",
