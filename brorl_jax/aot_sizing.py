@@ -11,8 +11,9 @@
     depth like the memory, and the step-time estimate built on them
     (`aot.estimate`).
 
-It takes sizing's program builder as an argument (it never imports
-`sizing`), so sizing keeps the memory report and calls in here.
+It takes the dry run's program builder (`loop/programs.StepPrograms`) as
+an argument (it never imports `sizing` or `loop/`): sizing keeps the memory
+report, and both call in here.
 """
 
 from __future__ import annotations
@@ -70,8 +71,9 @@ def refill_widths(sampler: Sampler) -> tuple[int, ...]:
 
 def refill_programs(b, sampler: Sampler | None = None, label: str = ""
                     ) -> dict[str, jax.stages.Lowered]:
-  """The refill decode's programs for builder `b` (sizing's `_Builder`):
-  its first program once, then a segment at every width."""
+  """The refill decode's programs for builder `b` (the dry run's
+  `loop/programs.StepPrograms`): its first program once, then a segment at
+  every width."""
   sampler = sampler or b.sampler
   c = sampler.cfg
   num_prompts = b.num_prompts

@@ -14,6 +14,15 @@ raised as one `CheckpointError` line naming the path and the OS error at the
 next step boundary at the latest (`TrainCheckpointer.check`), and a resume
 falls back from a checkpoint that cannot be read to the newest intact one
 (`TrainCheckpointer.restore_latest`), setting the damaged ones aside.
+
+Integrity: each step also holds `integrity` (JSON), two 32-bit sums per
+saved array computed on device at save (`integrity/checksums.py`) and a
+SHA-256 of each JSON item; a restore recomputes them and treats a mismatch
+as damage. A read that fails is retried (`READ_TRIES`) before its step is
+called damaged; an error that does not prove damage (I/O, permissions,
+timeouts) stops the start with nothing moved. With several processes,
+every outcome is gathered and process 0 decides which step to restore, for
+all.
 """
 
 from __future__ import annotations
@@ -23,13 +32,17 @@ import json
 import logging
 import os
 import pathlib
-import re
 import shutil
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
+from brorl_jax.integrity import checks as integrity
+from brorl_jax.integrity.checks import (ChecksumMismatch, array_checksums,
+                                        check_arrays, error_text, json_digest)
 from brorl_jax.model.config import ModelConfig
 from brorl_jax.model.transformer import Policy
 
@@ -37,6 +50,10 @@ log = logging.getLogger(__name__)
 MODEL_CONFIG_FILE = "model_config.json"
 # Damaged steps are moved here (beside `checkpoints/`), not deleted.
 DAMAGED_DIR = "checkpoints.damaged"
+# A step's read is tried this many times, with these pauses between tries,
+# before its error counts.
+READ_TRIES = 3
+RETRY_DELAYS_S = (1.0, 4.0)
 
 
 # ---- model config (model directories and workdirs) ------------------------
@@ -64,32 +81,6 @@ class CheckpointError(RuntimeError):
   """A checkpoint could not be written or read (one line: path and cause)."""
 
 
-def error_text(error: BaseException) -> str:
-  """The cause of a failed save or restore in one line.
-
-  OS errors (also those tensorstore reports as `os_error_code=N` inside a
-  long message) read `[Errno 28] No space left on device`; anything else is
-  the exception's first line, at most 300 characters.
-  """
-  chain, seen = [], error
-  while seen is not None and len(chain) < 20:
-    if isinstance(seen, OSError) and seen.errno:
-      return f"[Errno {seen.errno}] {seen.strerror or os.strerror(seen.errno)}"
-    chain.append(seen)
-    seen = seen.__cause__ or seen.__context__
-  texts = " ".join(str(e) for e in chain)
-  code = re.search(r"os_error_code='?(\d+)", texts)
-  if code:
-    return f"[Errno {code.group(1)}] {os.strerror(int(code.group(1)))}"
-  # tensorstore's status ("DATA_LOSS: Error reading ...") says the most.
-  status = re.search(r"\b([A-Z]+(?:_[A-Z]+)+): [^\n]+", texts)
-  if status:
-    return status.group(0)[:300]
-  first = (str(error).strip().splitlines() or [""])[0]
-  first = first.split(" See full TensorStore details")[0]
-  return f"{type(error).__name__}: {first[:300]}"
-
-
 class _DropTraceback(logging.Filter):
   """orbax logs a failed async save with tracebacks of hundreds of lines
   (from its commit, metadata and finalize threads); `CheckpointError`
@@ -108,12 +99,20 @@ _DROP_TRACEBACK = _DropTraceback()
 
 # ---- parameters ------------------------------------------------------------
 
+def _params_record(path: pathlib.Path) -> pathlib.Path:
+  return path.with_name(path.name + ".integrity.json")
+
+
 def save_params(path: str | pathlib.Path, params: Any) -> None:
-  """Saves a parameter tree (blocking; all processes call it)."""
+  """Saves a parameter tree (blocking; all processes call it), with its
+  checksums beside it (`<path>.integrity.json`)."""
   path = pathlib.Path(path).absolute()
+  record = array_checksums(params)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path, params, force=True)
     ckptr.wait_until_finished()
+  if jax.process_index() == 0:
+    _params_record(path).write_text(json.dumps(record))
 
 
 def restore_params(path: str | pathlib.Path, target: Any) -> Any:
@@ -125,7 +124,14 @@ def restore_params(path: str | pathlib.Path, target: Any) -> Any:
                                      sharding=getattr(x, "sharding", None)),
       target)
   with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(path, abstract)
+    params = ckptr.restore(path, abstract)
+  record = _params_record(path)
+  try:
+    check_arrays("", json.loads(record.read_text()) if record.exists()
+                 else {}, params)
+  except ChecksumMismatch as e:
+    raise CheckpointError(f"{path} cannot be used: {e}") from None
+  return params
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any | None) -> Any:
@@ -171,6 +177,7 @@ def load_policy_params(workdir: str | pathlib.Path, step: int | None = None,
 
 
 PARAMS, OPT, DATA, META = "params", "opt", "data", "meta"
+INTEGRITY = "integrity"
 
 
 def restore_train_params(checkpoint_dir: pathlib.Path, target: Any,
@@ -182,8 +189,17 @@ def restore_train_params(checkpoint_dir: pathlib.Path, target: Any,
       raise FileNotFoundError(
           f"no checkpoint for step {step} in {checkpoint_dir}; available: "
           f"{mngr.all_steps()}")
-    return mngr.restore(step, args=ocp.args.Composite(
-        **{PARAMS: ocp.args.StandardRestore(target)}))[PARAMS]
+    items = {PARAMS: ocp.args.StandardRestore(target)}
+    if (mngr.directory / str(step) / INTEGRITY).exists():
+      items[INTEGRITY] = ocp.args.JsonRestore()
+    out = mngr.restore(step, args=ocp.args.Composite(**items))
+  recorded = out[INTEGRITY]["arrays"] if INTEGRITY in items else {}
+  try:
+    check_arrays(PARAMS, recorded.get(PARAMS, {}), out[PARAMS])
+  except ChecksumMismatch as e:
+    raise CheckpointError(f"checkpoint step {step} in {checkpoint_dir} "
+                          f"cannot be used: {e}") from None
+  return out[PARAMS]
 
 
 class TrainCheckpointer:
@@ -231,8 +247,14 @@ class TrainCheckpointer:
     items = {PARAMS: ocp.args.StandardSave(state.params),
              OPT: ocp.args.StandardSave(rest),
              META: ocp.args.JsonSave(meta)}
+    record = {"arrays": {PARAMS: array_checksums(state.params),
+                         OPT: array_checksums(rest)},
+              "json": {META: json_digest(meta)}}
     if data_iterator is not None:
-      items[DATA] = ocp.args.JsonSave(data_iterator.get_state())
+      data_state = data_iterator.get_state()
+      items[DATA] = ocp.args.JsonSave(data_state)
+      record["json"][DATA] = json_digest(data_state)
+    items[INTEGRITY] = ocp.args.JsonSave(record)
     self.wait()                        # a failed earlier save stops here
     try:
       self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
@@ -269,39 +291,89 @@ class TrainCheckpointer:
 
   def restore_latest(self, abstract_state: Any, data_iterator: Any
                      ) -> tuple[int, Any, dict] | None:
-    """Restores the newest checkpoint that reads back.
+    """Restores the newest checkpoint that reads back intact.
 
-    A step that cannot be read (a truncated or missing file) is reported in
-    one warning line and moved to `checkpoints.damaged/`, so later saves of
-    that step number can happen; the next older step is tried.
+    Each step is read up to `READ_TRIES` times. A step whose reads fail
+    with an error that proves damage (a missing or truncated file, a
+    checksum mismatch) is reported in one warning line and, once an older
+    step restored, moved to `checkpoints.damaged/` (so that the step number
+    can be saved again); the next older step is tried. Any other error (I/O,
+    permissions, timeouts) stops here with nothing moved. With several
+    processes each outcome is gathered and process 0 decides, for all.
 
     Returns:
       (step, state, meta), or None when there is no checkpoint.
 
     Raises:
-      CheckpointError: there are checkpoints but none reads back.
+      CheckpointError: there are checkpoints but none reads back, or a read
+        failed with an error that does not prove damage.
     """
-    steps = sorted(self.all_steps(), reverse=True)
+    steps = integrity.shared_steps(self.all_steps())
     damaged, reason = [], ""
     for i, step in enumerate(steps):
-      try:
-        state, meta = self.restore(step, abstract_state, data_iterator)
-      except Exception as e:  # orbax and tensorstore raise many types
-        reason = error_text(e)
-        damaged.append(step)
-        log.warning("checkpoint step %d in %s cannot be read (%s); %s", step,
-                    self.directory, reason,
-                    f"falling back to step {steps[i + 1]}"
-                    if i + 1 < len(steps) else "no older checkpoint")
-        continue
-      self._set_aside(damaged)
-      return step, state, meta
+      outcome, out, why = self._read_agreed(step, abstract_state,
+                                            data_iterator)
+      if outcome == integrity.OK:
+        state, meta = self._assemble(out, abstract_state, data_iterator,
+                                     step)
+        self._set_aside(damaged)
+        return step, state, meta
+      if outcome == integrity.UNREACHABLE:
+        raise CheckpointError(
+            f"checkpoint step {step} in {self.directory} could not be read "
+            f"in {READ_TRIES} tries ({why}), an error that does not show "
+            "damage; nothing was moved or cut back. Rerun once the storage "
+            f"reads again (or, if step {step} is lost for good, move "
+            f"{self.directory}/{step} aside to resume from an older step)")
+      reason = why
+      damaged.append(step)
+      log.warning("checkpoint step %d in %s cannot be read (%s); %s", step,
+                  self.directory, reason,
+                  f"falling back to step {steps[i + 1]}"
+                  if i + 1 < len(steps) else "no older checkpoint")
     if damaged:
       raise CheckpointError(
           f"no checkpoint in {self.directory} can be read (steps "
           f"{sorted(damaged)}; step {damaged[-1]}: {reason}); restore them, "
           "or move that directory aside to start the run afresh")
     return None
+
+  def _read_agreed(self, step: int, abstract_state: Any, data_iterator: Any
+                   ) -> tuple[int, Any, str]:
+    """Reads and verifies `step` (retried); every process gets the same
+    outcome (`integrity.OK`, `DAMAGED` or `UNREACHABLE`), the restored
+    items, and this process's reason."""
+    code, error = integrity.OK, None
+    for attempt in range(READ_TRIES):
+      if attempt:
+        self._mngr.reload()
+      try:
+        out, error = self._read(step, abstract_state, data_iterator), None
+      except Exception as e:  # orbax and tensorstore raise many types
+        out, error = None, e
+      code = integrity.agree(
+          integrity.OK if error is None else integrity.DAMAGED
+          if integrity.proves_damage(error) else integrity.UNREACHABLE)
+      if code == integrity.OK:
+        try:  # a collective: only once every process holds the arrays
+          self._verify(out)
+        except ChecksumMismatch as e:
+          error = e
+        code = integrity.agree(integrity.OK if error is None
+                               else integrity.DAMAGED)
+      if code == integrity.OK:
+        if attempt:
+          log.info("checkpoint step %d read on try %d", step, attempt + 1)
+        return code, out, ""
+      if attempt + 1 < READ_TRIES:
+        delay = RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)]
+        log.info("checkpoint step %d in %s: read failed (%s); trying again "
+                 "in %g s", step, self.directory,
+                 error_text(error) if error else "on another process", delay)
+        time.sleep(delay)
+    why = error_text(error) if error is not None else (
+        "it cannot be read on another process")
+    return code, None, why
 
   def _set_aside(self, steps: list[int]) -> None:
     """Moves unreadable steps to `checkpoints.damaged/<step>` (process 0)."""
@@ -315,15 +387,13 @@ class TrainCheckpointer:
         if target.exists():
           shutil.rmtree(target)
         os.replace(self.directory / str(step), target)
-      log.warning("moved unreadable checkpoint steps %s to %s", steps, aside)
+      log.info("moved unreadable checkpoint steps %s to %s", steps, aside)
     if jax.process_count() > 1:
-      # Imported here: multihost_utils is only needed by multi-process runs.
-      from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("checkpoints set aside")
     self._mngr.reload()
 
-  def restore(self, step: int, abstract_state: Any, data_iterator: Any):
-    """Restores `(state, meta)`; `data_iterator` is set in place."""
+  def _read(self, step: int, abstract_state: Any, data_iterator: Any):
+    """The step's items as orbax restores them (not yet checked)."""
     rest = {"step": abstract_state.step, "updates": abstract_state.updates,
             "skipped": abstract_state.skipped,
             "opt_state": abstract_state.opt_state,
@@ -331,23 +401,62 @@ class TrainCheckpointer:
     items = {PARAMS: ocp.args.StandardRestore(abstract_state.params),
              OPT: ocp.args.StandardRestore(rest),
              META: ocp.args.JsonRestore()}
-    legacy = sorted((self.directory / str(step) / DATA).glob(
-        "process_*-of-*.json"))
+    step_dir = self.directory / str(step)
+    legacy = sorted((step_dir / DATA).glob("process_*-of-*.json"))
     if data_iterator is not None and not legacy:
       items[DATA] = ocp.args.JsonRestore()
-    out = self._mngr.restore(step, args=ocp.args.Composite(**items))
+    if (step_dir / INTEGRITY).exists():
+      items[INTEGRITY] = ocp.args.JsonRestore()
+    # The item handlers themselves, not the manager: its restore runs
+    # barriers, which a process whose read failed would not reach while
+    # the others wait in them. The outcome is agreed on afterwards instead.
+    handler = ocp.CompositeCheckpointHandler()
+    try:
+      restored = handler.restore(step_dir, ocp.args.Composite(**items))
+    finally:
+      handler.close()
+    out = {key: restored[key] for key in items}
     if data_iterator is not None:
       # Checkpoints written by grain's own handler hold one file per
       # process, all equal (a global iterator): any of them will do.
-      data_state = (json.loads(legacy[0].read_text()) if legacy
-                    else out[DATA])
-      data_iterator.set_state(data_state)
+      out[DATA] = (json.loads(legacy[0].read_text()) if legacy
+                   else out[DATA])
+    return out
+
+  def _verify(self, out: dict[str, Any]) -> None:
+    """Raises `ChecksumMismatch` if `out` differs from its integrity record
+    (every process computes the sums: call it on all of them)."""
+    record = out.get(INTEGRITY) or {"arrays": {}, "json": {}}
+    for item in (PARAMS, OPT):
+      check_arrays(item, record["arrays"].get(item, {}), out[item])
+    for item, digest in record["json"].items():
+      if item in out and json_digest(out[item]) != digest:
+        raise ChecksumMismatch(
+            f"the {item} item differs from the checksum recorded when it was "
+            "saved: its bytes changed on disk")
+
+  def _assemble(self, out: dict[str, Any], abstract_state: Any,
+                data_iterator: Any, step: int):
+    del step
+    if data_iterator is not None:
+      data_iterator.set_state(out[DATA])
     opt = out[OPT]
     state = abstract_state.replace(
         params=out[PARAMS], opt_state=opt["opt_state"],
         ref_params=opt["ref_params"], step=opt["step"],
         updates=opt["updates"], skipped=opt["skipped"])
     return state, out[META]
+
+  def restore(self, step: int, abstract_state: Any, data_iterator: Any):
+    """Restores `(state, meta)` of `step`, checked against its integrity
+    record; `data_iterator` is set in place.
+
+    Raises:
+      ChecksumMismatch: the restored data differ from what was saved.
+    """
+    out = self._read(step, abstract_state, data_iterator)
+    self._verify(out)
+    return self._assemble(out, abstract_state, data_iterator, step)
 
   def close(self) -> None:
     """Waits for the save in flight (raising if it failed), then closes.

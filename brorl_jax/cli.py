@@ -109,7 +109,7 @@ def set_keys(config: Any, overrides: Mapping[str, Any]) -> Any:
   return config
 
 
-def _bad_override(config: Any, key: str) -> ConfigError | None:
+def bad_override(config: Any, key: str) -> ConfigError | None:
   """The error for override `key` (dotted) if `config` has no such key."""
   node, parts = config, key.split(".")
   for i, part in enumerate(parts):
@@ -157,7 +157,7 @@ def parse_flags(fv: flags.FlagValues, argv: Sequence[str],
       config = fv[config_flag].parser.parse(value)
       for arg in argv:
         if arg.startswith(prefix):
-          error = _bad_override(config, arg[len(prefix):].split("=", 1)[0])
+          error = bad_override(config, arg[len(prefix):].split("=", 1)[0])
           if error is not None:
             fail(error)
     except (flags.Error, OSError) as e:

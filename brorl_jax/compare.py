@@ -14,11 +14,14 @@
    mixed_group_share, mass_u2, frac_margin_positive, ...}}}, and
    `W/compare.png` (`plot.plot_compare`: held-out pass@1 and the mass
    diagnostics against cumulative generated tokens, min-max over seeds).
+
+Also a console script, `brorl-compare`. Flags are absl's, as in the other
+entry points (`--flag=value` or `--flag value`, `--flagfile`); a bad flag
+or override key is one `error: ...` line and exit status 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import ast
 import importlib.util
 import json
@@ -30,12 +33,14 @@ import time
 from typing import Sequence
 
 import numpy as np
+from absl import app, flags
 
 from brorl_jax import checkpointing
 from brorl_jax import cli
 from brorl_jax.loop import experiment as exp_lib
 from brorl_jax import plot
 from brorl_jax import run_config
+from brorl_jax.config import ConfigError
 from brorl_jax.loop.metrics import read_metrics
 from brorl_jax.warmstart import run_warmstart
 
@@ -69,10 +74,17 @@ def load_config(path: str, arm: str):
 
 
 def apply_overrides(config, overrides: Sequence[str]):
-  """`--config.a.b=v` flags applied to a ConfigDict (values as literals)."""
+  """`--config.a.b=v` flags applied to a ConfigDict (values as literals).
+
+  Raises:
+    ConfigError: a key the config does not have (names the closest ones).
+  """
   parsed = {}
   for flag in overrides:
     key, _, value = flag[len("--config."):].partition("=")
+    error = cli.bad_override(config, key)
+    if error is not None:
+      raise error
     try:
       parsed[key] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
@@ -136,31 +148,56 @@ def table(results: dict) -> str:
   return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m brorl_jax.compare", description=__doc__.split("\n")[0])
-  parser.add_argument("--config", required=True,
-                      help="config file whose get_config(arm) builds an arm")
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--arms", required=True, help="comma-separated")
-  parser.add_argument("--seeds", default="0", help="comma-separated")
-  args, overrides = parser.parse_known_args(argv)
+def _flags() -> flags.FlagValues:
+  fv = flags.FlagValues()
+  flags.DEFINE_string("config", None, "Config file whose get_config(arm) "
+                      "builds an arm.", flag_values=fv)
+  flags.DEFINE_string("workdir", None, "Directory of the comparison (the "
+                      "warm start, one run per arm and seed, compare.json).",
+                      flag_values=fv)
+  flags.DEFINE_list("arms", None, "Arms, comma-separated (e.g. "
+                    "prorl,brorl,adaptive).", flag_values=fv)
+  flags.DEFINE_list("seeds", ["0"], "Seeds, comma-separated.", flag_values=fv)
+  return fv
+
+
+def main(argv: Sequence[str]) -> int:
+  """Parses `argv` (program name first), runs every arm and seed, reports.
+
+  `--config.KEY=VALUE` arguments are overrides that go on to every run;
+  absl parses the rest.
+  """
+  argv = list(argv)
+  fv = _flags()
+  if any(a in ("-h", "--help") for a in argv[1:]):
+    print(__doc__ + "\nflags:\n" + fv.get_help())
+    return 0
+  overrides = [a for a in argv[1:] if a.startswith("--config.")]
+  cli.parse_flags(fv, [a for a in argv if not a.startswith("--config.")])
+  for name in ("config", "workdir", "arms"):
+    if not fv[name].value:
+      raise app.UsageError(f"--{name} is required")
+  try:
+    seeds = [int(s) for s in fv.seeds if s]
+  except ValueError:
+    raise app.UsageError(f"--seeds must be integers, got {fv.seeds}"
+                         ) from None
   # The runs get the environment as it is before JAX starts here: a backend
   # may set variables (libtpu writes TPU_WORKER_HOSTNAMES) that would make
   # a child think it is one process of a pod.
   env = dict(os.environ)
-  bad = [o for o in overrides if not o.startswith("--config.")]
-  if bad:
-    parser.error(f"unrecognized arguments {bad}: only --config.KEY=VALUE "
-                 "overrides go on to the runs")
-  arms = [a for a in args.arms.split(",") if a]
-  seeds = [int(s) for s in args.seeds.split(",") if s]
-  workdir = pathlib.Path(args.workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
-  configs = {arm: apply_overrides(load_config(args.config, arm), overrides)
-             for arm in arms}
+  arms = [a for a in fv.arms if a]
+  workdir = pathlib.Path(fv.workdir).absolute()
+  try:
+    configs = {arm: apply_overrides(load_config(fv.config, arm), overrides)
+               for arm in arms}
+  except ValueError as e:            # an arm the config does not know
+    if isinstance(e, ConfigError):
+      raise
+    raise app.UsageError(f"--arms: {e}") from None
   for config in configs.values():    # a bad arm fails before anything runs
     run_config.load(config)
+  workdir.mkdir(parents=True, exist_ok=True)
 
   t0 = time.perf_counter()
   ws = warm_start(configs[arms[0]], workdir / WARMSTART)
@@ -172,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       if not (run / DONE).exists():
         t1 = time.perf_counter()
         cmd = [sys.executable, "-m", "brorl_jax.train", "--config",
-               f"{args.config}:{arm}", "--workdir", str(run), *overrides,
+               f"{fv.config}:{arm}", "--workdir", str(run), *overrides,
                f"--config.seed={seed}", f"--config.init.path={ws}",
                "--config.warmstart.steps=0", "--config.logging.progress=off"]
         print(" ".join(cmd), flush=True)
@@ -191,5 +228,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   return 0
 
 
+def run(argv: Sequence[str] | None = None) -> None:
+  """Console entry point (`brorl-compare`)."""
+  try:
+    with cli.input_errors(FileNotFoundError):
+      status = main(sys.argv if argv is None else argv)
+  except app.UsageError as e:
+    print(f"usage error: {e}\nusage:\n" + "\n".join(
+        __doc__.splitlines()[2:4]), file=sys.stderr)
+    sys.exit(cli.INPUT_ERROR)
+  sys.exit(status)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  run()

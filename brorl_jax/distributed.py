@@ -216,3 +216,10 @@ def sum_over_processes(values: dict[str, float], keys) -> dict[str, float]:
   total = np.asarray(multihost_utils.process_allgather(local)).sum(0)
   return {**values, **{k: (int(round(t)) if isinstance(values.get(k, 0), int)
                            else t) for k, t in zip(keys, total.tolist())}}
+
+
+def barrier(name: str) -> None:
+  """Every process waits here for the others (a no-op on one process):
+  one writes a file, the others read it after."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

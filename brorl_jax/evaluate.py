@@ -4,6 +4,8 @@
       [--n 16] [--k 1,4,16] [--json PATH] [--greedy] [--step S] \\
       [--hf_dir DIR] [--max_prompts M] [--config.eval.temperature=0.6 ...]
   python -m brorl_jax.evaluate --config C [--config.a.b=v ...] --print_config
+  python -m brorl_jax.evaluate --config C --workdir W --suite math \\
+      [--n 16] [--k 1,4,16] [--max_prompts M] [--json PATH]
 
 Every held-out prompt goes through the training stack's own sampler and
 verifiers with the config's `eval` sampling settings (`loop/evaluator.py`
@@ -13,6 +15,11 @@ The policy comes from the workdir's latest (or `--step`) checkpoint, or from
 a Hugging Face / `hf import` directory (`--hf_dir`, with its tokenizer).
 `--print_config` prints the resolved config and exits. Dashed spellings of
 the flags (`--hf-dir`, `--max-prompts`) are aliases.
+
+`--suite math` (or `math500,aime24,amc23,gsm8k`) evaluates the benchmark
+suite shipped with the package instead of the held-out set: per benchmark
+the problems, the accuracy over the n samples, pass@k and maj@k for each
+`--k`, with `--max_prompts` problems of each (`loop/suite.py`).
 """
 
 from __future__ import annotations
@@ -29,9 +36,11 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from brorl_jax import checkpointing, cli, hf, run_config
+from brorl_jax import checkpointing, cli, run_config
 from brorl_jax.hf import CheckpointFormatError
 from brorl_jax.loop import experiment
+from brorl_jax.loop import suite
+from brorl_jax.loop.build import PolicySource
 from brorl_jax.loop.evaluator import Evaluator, eval_key
 
 log = logging.getLogger(__name__)
@@ -61,6 +70,9 @@ def _flags(argv: Sequence[str]):
                       flag_values=fv)
   flags.DEFINE_integer("max_prompts", None, "Evaluate at most M held-out "
                        "prompts (eval.max_prompts).", flag_values=fv)
+  flags.DEFINE_string("suite", None, "Evaluate the benchmark suite: math, or "
+                      "a comma list of math500, aime24, amc23, gsm8k "
+                      "(--max_prompts: per benchmark).", flag_values=fv)
   flags.DEFINE_bool("print_config", False, "Print the resolved config "
                     "(after overrides, as the run would use it) and exit.",
                     flag_values=fv)
@@ -87,22 +99,6 @@ def _apply_overrides(config: Any, fv: Any) -> None:
       section.k = tuple(int(k) for k in fv.k)
     if fv.max_prompts is not None:
       section.max_prompts = fv.max_prompts
-
-
-def _load_policy(exp: Any, source: pathlib.Path, step: int | None,
-                 from_hf: bool) -> tuple[Any, int | None]:
-  """(params in the sampling layout, checkpoint step or None)."""
-  shardings = exp.param_shardings(sampling=True)
-  if from_hf and not (source / checkpointing.MODEL_CONFIG_FILE).exists():
-    return hf.load_hf_params(source, exp.model_cfg, shardings,
-                             progress=exp.cfg.logging.progress), None
-  if (source / "checkpoints").exists() and step is None:
-    ckpt = checkpointing.TrainCheckpointer(source / "checkpoints", keep=1,
-                                           async_save=False)
-    step = ckpt.latest_step()
-    ckpt.close()
-  _, params, _ = checkpointing.load_policy_params(source, step, shardings)
-  return params, step
 
 
 def main(argv: Sequence[str]) -> dict[str, Any]:
@@ -145,8 +141,16 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
             "workdir of a training run (or an `hf import` directory), or "
             "--hf_dir")
     exp = experiment.build(cfg, workdir)
-    params, step = _load_policy(exp, source, fv.step, hf_dir is not None)
+    # The HF directory is the run's `init.path` (resolved by the builder);
+    # a workdir's checkpoints (or `hf import` params) are read from it.
+    policy = exp.source if hf_dir is not None else PolicySource(
+        source, "brorl_jax")
+    params, step = policy.load_params(
+        exp.model_cfg, exp.param_shardings(sampling=True), step=fv.step,
+        progress=cfg.logging.progress)
     with exp.reward_pool() as pool:
+      if fv.suite is not None:
+        return _run_suite(exp, pool, params, step, fv)
       evaluator = Evaluator(exp, pool, greedy=fv.greedy)
       result = evaluator.run(params, step, eval_key(cfg.seed))
   sampling = ("greedy" if result.greedy else
@@ -164,11 +168,39 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
   return report
 
 
+def _run_suite(exp: Any, pool: Any, params: Any, step: int | None,
+               fv: Any) -> dict[str, Any]:
+  """`--suite`: evaluates, prints the table, writes `--json`."""
+  cfg = exp.cfg
+  evaluator = suite.SuiteEvaluator(exp, pool, fv.suite, key="--suite",
+                                   greedy=fv.greedy)
+  results, raw = evaluator.run(params, step, evaluator.key(cfg.seed))
+  sampling = ("greedy" if raw.greedy else
+              f"temperature {cfg.eval.temperature}, top-p {cfg.eval.top_p}")
+  which = f" (step {step})" if step is not None else ""
+  print(f"benchmark suite of {fv.hf_dir or fv.workdir}{which}: n={raw.n} "
+        f"samples per problem, {sampling}, {raw.seconds:.1f} s")
+  dropped = {k: v for k, v in evaluator.too_long().items() if v}
+  if dropped:
+    print(f"left out as longer than rollout.max_prompt_len="
+          f"{cfg.rollout.max_prompt_len}: " + ", ".join(
+              f"{k} {v}" for k, v in dropped.items()))
+  print(results.table())
+  report = {**results.report(), "step": step, "greedy": raw.greedy,
+            "too_long": evaluator.too_long(), "seconds": raw.seconds}
+  if fv.json:
+    path = pathlib.Path(fv.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+  return report
+
+
 def run(argv: Sequence[str] | None = None) -> None:
   """Console entry point (`brorl-evaluate`)."""
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   try:
-    with cli.input_errors(CheckpointFormatError, FileNotFoundError):
+    with cli.input_errors(CheckpointFormatError, FileNotFoundError,
+                          checkpointing.CheckpointError):
       main(sys.argv if argv is None else argv)
   except app.UsageError as e:
     print(f"usage error: {e}\nusage:\n" + "\n".join(

@@ -390,7 +390,8 @@ def run(argv: list[str] | None = None) -> None:
   exp.add_argument("--out", required=True)
   exp.add_argument("--dtype", choices=("float32", "bfloat16"))
   args = parser.parse_args(argv)
-  with cli.input_errors(CheckpointFormatError, FileNotFoundError):
+  with cli.input_errors(CheckpointFormatError, FileNotFoundError,
+                        checkpointing.CheckpointError):
     if args.command == "import":
       cfg = import_hf(args.hf_dir, args.out, param_dtype=args.param_dtype,
                       progress=args.progress)

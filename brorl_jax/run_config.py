@@ -19,6 +19,8 @@ from brorl_jax.config import (check, check_choice, config_fields,
 from brorl_jax.data.prompts import DataConfig
 from brorl_jax.distributed import MeshConfig
 from brorl_jax.model.config import DTYPES, ModelConfig, model_config
+from brorl_jax.rewards import plugins as plugins_lib
+from brorl_jax.rewards import registry
 from brorl_jax.rewards.config import RewardsConfig
 from brorl_jax.rl.advantages import AdvantageConfig
 from brorl_jax.rl.allocation import AllocationConfig
@@ -36,6 +38,7 @@ from brorl_jax.warmstart import WarmstartConfig
 # that uses them and assembled by `load`.
 
 ALLOCATIONS = ("fixed", "adaptive")
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +78,9 @@ class EvalConfig:
     max_prompts: evaluate at most this many held-out prompts (None = all).
     temperature / top_p / top_k / greedy / max_new_tokens / max_decode_rows:
       the evaluation's own sampling settings (the paper: T 0.6, top-p 0.95).
+    suite: also evaluate the benchmark suite at every evaluation: "math",
+      or a comma list of math500, aime24, amc23, gsm8k (`loop/suite.py`;
+      `max_prompts` then applies per benchmark); None = off.
   """
 
   every: int = 0
@@ -87,9 +93,13 @@ class EvalConfig:
   greedy: bool = False
   max_new_tokens: int | None = None
   max_decode_rows: int | None = None
+  suite: str | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "k", tuple(self.k))
+    check(self.suite is None or isinstance(self.suite, str), "eval.suite",
+          f"must be benchmark names (e.g. 'math') or None, got "
+          f"{self.suite!r}")
     check(self.every >= 0, "eval.every", "must be >= 0")
     check(self.n >= 1, "eval.n", "must be >= 1")
     check(all(1 <= k <= self.n for k in self.k), "eval.k",
@@ -150,6 +160,13 @@ class LoggingConfig:
     archive_every: archive every k-th step (a full BroRL step at 16k tokens
       is GBs).
     text_samples: decoded rollouts per step written to the JSONL sample.
+    wandb: also log every metrics row (and the config) to Weights & Biases
+      (`loop/wandb_writer.py`; the `[wandb]` extra). Process 0 only.
+    wandb_project / wandb_entity / wandb_group / wandb_tags: the W&B run's
+      project, team or user, group and tags (None / (): W&B's defaults).
+    wandb_name: the run's display name; None = the workdir's name.
+    wandb_mode: "online", "offline" (files under `W/wandb/`, `wandb sync`
+      uploads them) or "disabled".
   """
 
   tensorboard: bool = True
@@ -158,6 +175,13 @@ class LoggingConfig:
   archive_rollouts: bool = True
   archive_every: int = 1
   text_samples: int = 4
+  wandb: bool = False
+  wandb_project: str | None = None
+  wandb_entity: str | None = None
+  wandb_name: str | None = None
+  wandb_group: str | None = None
+  wandb_tags: tuple[str, ...] = ()
+  wandb_mode: str = "online"
 
   def __post_init__(self):
     check(self.archive_every >= 1, "logging.archive_every", "must be >= 1")
@@ -174,6 +198,14 @@ class LoggingConfig:
           "set only logging.progress")
     if self.progress is None:
       object.__setattr__(self, "progress", alias)
+    # `--config.logging.wandb_tags=a,b` arrives as ("a,b",): split on commas.
+    tags = ((self.wandb_tags,) if isinstance(self.wandb_tags, str)
+            else tuple(self.wandb_tags))
+    check(all(isinstance(t, str) for t in tags), "logging.wandb_tags",
+          f"must be strings, got {self.wandb_tags!r}")
+    object.__setattr__(self, "wandb_tags", tuple(
+        t.strip() for tag in tags for t in tag.split(",") if t.strip()))
+    check_choice(self.wandb_mode, "logging.wandb_mode", WANDB_MODES)
 
   def progress_mode(self) -> str:
     """"bar", "lines" or "off" (None resolved on stdout's terminal-ness)."""
@@ -342,12 +374,32 @@ def load(config: Any) -> RunConfig:
       init=from_mapping(InitConfig, raw.get("init"), "init"),
       logging=from_mapping(LoggingConfig, raw.get("logging"), "logging"),
       raw=raw)
+  # Reward plugins register their verifiers before any verifier name is
+  # checked: below, in the data files' rows and in the pool's workers.
+  plugins_lib.load(cfg.rewards.plugins)
+  _check_verifiers(cfg.data)
   if cfg.allocation() is not None:       # validates the adaptive sizes
     check(cfg.rollout.refill, "rollout.refill",
           "must be True with rollout.allocation='adaptive': unequal groups "
           "are decoded from per-prompt queues (fixed chunks cannot hold "
           "them)")
   return cfg
+
+
+def _check_verifiers(data: DataConfig) -> None:
+  """The verifier names the config gives are registered ones."""
+  known = sorted(registry.VERIFIERS)
+  check(data.default_verifier is None
+        or data.default_verifier in registry.VERIFIERS,
+        "data.default_verifier", f"unknown verifier "
+        f"{data.default_verifier!r}; registered: {', '.join(known)} (a "
+        "plugin in rewards.plugins may register more)")
+  for split in ("train_files", "eval_files"):
+    for spec in getattr(data, split):
+      check(spec.verifier is None or spec.verifier in registry.VERIFIERS,
+            f"data.{split}", f"{spec.path}: unknown verifier "
+            f"{spec.verifier!r}; registered: {', '.join(known)} (a plugin "
+            "in rewards.plugins may register more)")
 
 
 def _keys(section: Any) -> dict[str, Any]:

@@ -24,8 +24,9 @@ import numpy as np
 
 from brorl_jax import checkpointing, cli, hf
 from brorl_jax.data import tokenizer_loader
+from brorl_jax.loop.build import PolicySource, mesh_rules as make_rules
 from brorl_jax.model.config import ATTENTION_BACKENDS
-from brorl_jax.model.sharding import SAMPLE_RULES, MeshRules, make_mesh
+from brorl_jax.model.sharding import MeshRules, make_mesh
 from brorl_jax.model.transformer import Policy
 from brorl_jax.rollout import Sampler, SamplerConfig
 
@@ -33,24 +34,24 @@ from brorl_jax.rollout import Sampler, SamplerConfig
 def load_policy(workdir: str | None, hf_dir: str | None,
                 step: int | None, mesh_rules: MeshRules,
                 attention_backend: str = "auto"):
-  """(Policy, params in the sampling layout, tokenizer) from either source."""
-  backend = dict(attention_backend=attention_backend)
-  if hf_dir is not None:
-    path = pathlib.Path(hf_dir)
-    cfg = hf.config_from_hf(json.loads(
-        (path / "config.json").read_text())).replace(**backend)
-    policy = Policy.create(cfg)
-    params = hf.load_hf_params(path, cfg, policy.shardings(mesh_rules))
-    return policy, params, tokenizer_loader.load_tokenizer(path)
-  path = pathlib.Path(workdir)
-  cfg = checkpointing.load_model_config(path).replace(**backend)
+  """(Policy, params in the sampling layout, tokenizer) from either source
+  (`build.PolicySource`: a workdir, an `hf import` output or an HF
+  directory)."""
+  path = pathlib.Path(hf_dir if hf_dir is not None else workdir)
+  source = PolicySource.find(path)
+  if source is None:
+    raise FileNotFoundError(
+        f"{path} holds no model: neither {checkpointing.MODEL_CONFIG_FILE} "
+        "(a training workdir or `hf import` output) nor config.json (a "
+        "Hugging Face directory)")
+  cfg = source.model_config(attention_backend=attention_backend)
   policy = Policy.create(cfg)
-  _, params, tok_dir = checkpointing.load_policy_params(
-      path, step, shardings=policy.shardings(mesh_rules))
-  if tok_dir is None:
+  params, _ = source.load_params(cfg, policy.shardings(mesh_rules),
+                                 step=step)
+  if source.kind == "brorl_jax" and source.tokenizer_dir == path:
     raise FileNotFoundError(f"{path}/tokenizer is missing: the workdir has "
                             "no tokenizer to decode with")
-  return policy, params, tokenizer_loader.load_tokenizer(tok_dir)
+  return policy, params, tokenizer_loader.load_tokenizer(source.tokenizer_dir)
 
 
 def sample(policy, params, tokenizer, prompts: list[str], *, chat: bool,
@@ -119,7 +120,7 @@ def run(argv: list[str] | None = None) -> None:
                       help="prefill attention (model.attention_backend)")
   args = parser.parse_args(argv)
   jax.config.update("jax_threefry_partitionable", True)
-  mesh_rules = MeshRules(make_mesh((-1, 1, 1)), SAMPLE_RULES)
+  _, mesh_rules = make_rules(make_mesh((-1, 1, 1)))  # the sampling rules
   try:
     policy, params, tokenizer = load_policy(args.workdir, args.hf_dir,
                                             args.step, mesh_rules,

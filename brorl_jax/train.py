@@ -25,6 +25,7 @@ from brorl_jax import distributed
 from brorl_jax import run_config
 from brorl_jax import sizing
 from brorl_jax.loop.trainer import Trainer
+from brorl_jax.rl import nonfinite
 
 
 def train(config: Any, workdir: str) -> dict[str, float]:
@@ -93,6 +94,8 @@ def run(argv: list[str] | None = None) -> None:
       try:
         Trainer(cfg, fl.workdir).run()
       except checkpointing.CheckpointError as e:  # a save or restore failed
+        cli.fail(e, status=1)
+      except nonfinite.NonFiniteRun as e:    # the first steps trained nothing
         cli.fail(e, status=1)
 
   app.run(main, argv=argv,

@@ -67,6 +67,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.train_files = ()
   c.data.eval_files = ()
+  # Column names of the prompt, the reference answer and the verifier in
+  # every file (e.g. "question" / "solution"); dotted for nested columns.
+  c.data.prompt_key = "prompt"
+  c.data.answer_key = "answer"
+  c.data.verifier_key = "verifier"
+  c.data.default_verifier = ml_collections.FieldReference(None, str)
   c.data.skip_bad_rows = False
   c.data.shuffle = True
   c.data.seed = 0
@@ -117,6 +123,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.rewards.worker_memory_mb = 4096
   c.rewards.chunk_size = 8
   c.rewards.kill_grace_s = 1.0
+  # Modules (or .py paths) that register verifiers, imported in the trainer
+  # and in every verifier worker: ("my_rewards",) (rewards/plugins.py).
+  c.rewards.plugins = ()
   c.rewards.format = ml_collections.ConfigDict()
   c.rewards.format.require = ()     # e.g. ("boxed",) or ("answer_tag",)
   c.rewards.format.after_think = False
@@ -132,6 +141,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.rewards.numeric.rel_tol = 1e-6
   c.rewards.numeric.abs_tol = 1e-9
   c.rewards.numeric.last_number_fallback = True
+  c.rewards.numeric.max_answer_chars = 1000
   c.rewards.choice = ml_collections.ConfigDict()
   c.rewards.choice.answer_pattern = ml_collections.FieldReference(None, str)
   c.rewards.choice.letters = "ABCDEFGHIJ"
@@ -180,6 +190,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.algo.loss.ratio_cap_mode = "truncate"
   c.algo.loss.ratio_cap_low = 0.0
   c.algo.loss.entropy_coef = 0.0
+  c.algo.loss.ratio = "token"       # "sequence": GSPO's sequence ratio
+  c.algo.loss.mask_truncated = False  # DAPO overlong filtering: no loss
   c.algo.shaping = ml_collections.ConfigDict()  # all off
   c.algo.shaping.truncation_reward = ml_collections.FieldReference(None, float)
   c.algo.shaping.truncation_penalty = 0.0
@@ -228,6 +240,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.greedy = False
   c.eval.max_new_tokens = ml_collections.FieldReference(None, int)
   c.eval.max_decode_rows = ml_collections.FieldReference(None, int)
+  # "math": MATH-500, AIME 2024, AMC 2023, GSM8K at every evaluation too.
+  c.eval.suite = ml_collections.FieldReference(None, str)
 
   c.diagnostics = ml_collections.ConfigDict()
   c.diagnostics.every = 1
@@ -259,4 +273,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.logging.archive_rollouts = True
   c.logging.archive_every = 1
   c.logging.text_samples = 4
+  # Weights & Biases (the [wandb] extra): every metrics row and the config.
+  c.logging.wandb = False
+  c.logging.wandb_project = ml_collections.FieldReference(None, str)
+  c.logging.wandb_entity = ml_collections.FieldReference(None, str)
+  c.logging.wandb_name = ml_collections.FieldReference(None, str)  # workdir's
+  c.logging.wandb_group = ml_collections.FieldReference(None, str)
+  c.logging.wandb_tags = ()
+  c.logging.wandb_mode = "online"   # "offline": W/wandb/, `wandb sync` later
   return c

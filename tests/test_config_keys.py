@@ -17,7 +17,7 @@ from brorl_jax.rl.losses import LossConfig
 from brorl_jax.rl.shaping import ShapingConfig
 from brorl_jax.rl.train_state import OptimConfig
 from brorl_jax.rl.update import UpdateConfig
-from brorl_jax.rollout.sampler import SamplerConfig
+from brorl_jax.rollout.config import SamplerConfig
 from brorl_jax.warmstart import WarmstartConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -18,7 +18,8 @@ from brorl_jax import checkpointing, hf
 from brorl_jax import config as config_lib
 from brorl_jax import run_config
 from brorl_jax import sizing
-from brorl_jax.loop import experiment
+from brorl_jax.loop import experiment, programs
+from brorl_jax.model.sharding import make_mesh
 from brorl_jax.rl import update as update_lib
 from brorl_jax.rl.buckets import bucket_targets
 
@@ -129,19 +130,19 @@ def test_deep_models_extrapolate_from_two_depths():
 
 def test_the_longest_bucket_bounds_the_whole_switch():
   # The dry run compiles the update at its longest length bucket alone
-  # (`_Builder.update`); the loop's update holds every bucket as a branch
+  # (`StepPrograms.update`); the loop's update holds every bucket as a branch
   # of one lax.switch, which runs one branch at a time.
   cfg = _tiny(**{"rollout.max_prompt_len": 8, "rollout.max_new_tokens": 32,
                  "algo.length_buckets": 3, "mesh.shape": (1, 1, 1),
                  "algo.loss.kl_coef": 0.0})
-  mesh = sizing.make_mesh(cfg.mesh.shape, jax.devices()[:1])
-  b = sizing._Builder(cfg, cfg.model, mesh, 1)
+  mesh = make_mesh(cfg.mesh.shape, jax.devices()[:1])
+  b = programs.StepPrograms(cfg, cfg.model, mesh, 1)
   assert bucket_targets(8, 32, 3, "blockwise") == (9, 17, 32)
   switch = update_lib.compile_update(
-      b.policy, cfg.update, cfg.loss, b.optimizer,
+      b.policy, cfg.update, cfg.loss, b.build.optimizer,
       temperature=cfg.rollout.logprob_temperature,
       mesh_rules=b.train_rules, state=b.state, batch=b.batch())
-  whole, longest = sizing.Mem.of(switch), sizing.Mem.of(b.update().compile())
+  whole, longest = programs.Mem.of(switch), programs.Mem.of(b.update().compile())
   assert longest.args == whole.args
   assert longest.temp == pytest.approx(whole.temp, rel=0.01)
 
@@ -151,15 +152,15 @@ def _figure(result, name):
 
 
 def test_mem_lerp_and_peak():
-  a = sizing.Mem(args=10, out=4, alias=4, temp=6)
-  b = sizing.Mem(args=20, out=8, alias=8, temp=7)
+  a = programs.Mem(args=10, out=4, alias=4, temp=6)
+  b = programs.Mem(args=20, out=8, alias=8, temp=7)
   assert a.peak == 16
   c = a.lerp(b, 1, 2, 28)
   assert (c.args, c.temp, c.peak) == (280, 33, 313)
   # A figure that shrinks at the deeper compile (another schedule) keeps the
   # larger compiled value instead of extrapolating below zero.
-  shrinks = sizing.Mem(args=10, out=0, alias=0, temp=30).lerp(
-      sizing.Mem(args=10, out=0, alias=0, temp=20), 2, 4, 28)
+  shrinks = programs.Mem(args=10, out=0, alias=0, temp=30).lerp(
+      programs.Mem(args=10, out=0, alias=0, temp=20), 2, 4, 28)
   assert (shrinks.args, shrinks.temp) == (10, 30)
 
 
@@ -172,8 +173,8 @@ def test_per_device_bytes_follows_shardings():
 
 
 def test_row_plans():
-  assert sizing._row_plans(128, 512, 4096) == ((128, 32), (128, 16))
-  assert sizing._row_plans(4, 8, 16) == ((4, 4), (4, 2))
+  assert programs.row_plans(128, 512, 4096) == ((128, 32), (128, 16))
+  assert programs.row_plans(4, 8, 16) == ((4, 4), (4, 2))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None,
@@ -252,7 +253,7 @@ def test_imported_model_keeps_the_runs_attention_backend(tmp_path, tiny_cfg,
   hf.save_hf(tiny_params, tiny_cfg, tmp_path / "hf")
   cfg = _tiny(**{"init.path": str(tmp_path / "hf"),
                  "model.attention_backend": "reference"})
-  assert sizing._model_config(cfg)[0].attention_backend == "reference"
+  assert programs.model_config(cfg)[0].attention_backend == "reference"
   tokenizer = types.SimpleNamespace(vocab_size=tiny_cfg.vocab_size)
   checkpointing.save_model_config(tiny_cfg, tmp_path / "resumed")   # saved with "auto"
   for workdir in (tmp_path / "fresh", tmp_path / "resumed"):

@@ -1,11 +1,11 @@
-"""python -m brorl_jax.bench sampler|step|verifiers|attention [--json PATH] [...]"""
+"""python -m brorl_jax.bench sampler|step|verifiers|attention|gpu [--json PATH] [...]"""
 
 import importlib
 import sys
 
 from brorl_jax import cli
 
-BENCHES = ("sampler", "step", "verifiers", "attention")
+BENCHES = ("sampler", "step", "verifiers", "attention", "gpu")
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -47,6 +47,7 @@ from brorl_jax import config as config_lib
 from brorl_jax.data import records as records_lib
 from brorl_jax.data import tasks
 from brorl_jax.data import tokenizer as tokenizer_lib
+from brorl_jax.data.columns import Columns
 
 _log = logging.getLogger(__name__)
 FileSpec = records_lib.FileSpec
@@ -65,6 +66,9 @@ def _file_specs(value, key: str) -> tuple[FileSpec, ...]:
       config_lib.check(False, key, str(e))
     config_lib.check(specs[-1].weight is None or specs[-1].weight > 0, key,
                      f"weight of {specs[-1].path} must be > 0")
+    config_lib.check(specs[-1].max_prompts is None
+                     or specs[-1].max_prompts >= 1, key,
+                     f"max_prompts of {specs[-1].path} must be >= 1")
   return tuple(specs)
 
 
@@ -74,8 +78,16 @@ class DataConfig:
 
   Attributes:
     train_files: training files: paths, or `{"path", "weight"?, "task"?,
-      "verifier"?}` mappings (`records.FileSpec`).
+      "verifier"?}` mappings (`records.FileSpec`). A path may be a JSONL
+      or Parquet file, a `datasets` `save_to_disk` directory (`DIR:SPLIT`
+      for a DatasetDict) or `hf:NAME[:CONFIG]@SPLIT` (`hf_datasets.py`).
     eval_files: evaluation files, same form (weights unused).
+    prompt_key: the column holding the prompt (text, or a list of
+      messages) in every file (`columns.py`; dotted for nested columns).
+    answer_key: the column holding the reference answer.
+    verifier_key: the column naming a row's verifier.
+    default_verifier: the verifier of rows that name none (after the
+      file entry's own `verifier`); None: every row must name one.
     skip_bad_rows: skip and count malformed rows instead of stopping.
     shuffle: shuffle training prompts (per file, reshuffled each epoch).
     seed: shuffle seed, in [0, 2**32).
@@ -98,6 +110,10 @@ class DataConfig:
 
   train_files: tuple[FileSpec, ...] = ()
   eval_files: tuple[FileSpec, ...] = ()
+  prompt_key: str = "prompt"
+  answer_key: str = "answer"
+  verifier_key: str = "verifier"
+  default_verifier: str | None = None
   skip_bad_rows: bool = False
   shuffle: bool = True
   seed: int = 0
@@ -110,10 +126,24 @@ class DataConfig:
   synthetic: Mapping[str, Any] | None = None
 
   def __post_init__(self):
-    object.__setattr__(self, "train_files",
-                       _file_specs(self.train_files, "data.train_files"))
-    object.__setattr__(self, "eval_files",
-                       _file_specs(self.eval_files, "data.eval_files"))
+    try:
+      columns = Columns(self.prompt_key, self.answer_key, self.verifier_key)
+    except ValueError as e:
+      config_lib.check(False, "data.prompt_key", str(e))
+    config_lib.check(
+        self.default_verifier is None or (isinstance(
+            self.default_verifier, str) and self.default_verifier),
+        "data.default_verifier",
+        f"must be a verifier name or None, got {self.default_verifier!r}")
+    # Every file entry carries the column mapping (None: the field names)
+    # and the default verifier, so each reader of a FileSpec applies them.
+    columns = None if columns.identity else columns
+    for split in ("train_files", "eval_files"):
+      specs = _file_specs(getattr(self, split), f"data.{split}")
+      # An entry that brings its own mapping (the benchmark suite's) keeps it.
+      object.__setattr__(self, split, tuple(dataclasses.replace(
+          s, columns=s.columns or columns,
+          verifier=s.verifier or self.default_verifier) for s in specs))
     config_lib.check(0 <= self.seed < 2**32, "data.seed",
                      f"must be in [0, 2**32), got {self.seed}")
     config_lib.check(self.num_epochs is None or self.num_epochs >= 1,
@@ -318,11 +348,12 @@ class PromptPipeline:
         raise records_lib.DataError(result.path, None, None, str(e)) from e
       ids = self.tokenizer.encode_batch(texts, add_bos=self.config.add_bos)
       lengths = [len(x) for x in ids]
-      kept = [i for i, n in enumerate(lengths)
+      fits = [i for i, n in enumerate(lengths)
               if 1 <= n <= self.max_prompt_len]
+      kept = fits[:spec.max_prompts]
       stat = FileStats(
           path=result.path, task=result.task, rows=result.rows,
-          bad_rows=result.bad_rows, too_long=len(result.records) - len(kept),
+          bad_rows=result.bad_rows, too_long=len(result.records) - len(fits),
           kept=len(kept), longest=max(lengths))
       stats.append(stat)
       if stat.too_long:

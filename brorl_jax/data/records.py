@@ -8,8 +8,10 @@ One row is one prompt with its reference (DESIGN.md §5):
 
 * `prompt` (raw user text) or `messages` (a conversation): exactly one.
 * `answer`: the reference the verifier compares against; numbers are read as
-  their decimal string (`27` -> "27"). It may be omitted when `tests` is
-  given (code tasks), and is then "".
+  their shortest decimal string (`27` -> "27", `0.5` -> "0.5", and an
+  integral float `69.0` -> "69", the form `\\boxed{69}` and the `exact`
+  verifier use); NaN and infinities are refused. It may be omitted when
+  `tests` is given (code tasks), and is then "".
 * `verifier`: a verifier name (`math`, `numeric`, `exact`, `choice`, `code`,
   `reasoning_gym`, `countdown`, ...); a file spec may give a default.
 * `task`: the task family for per-task metrics; default: the file spec's
@@ -20,9 +22,18 @@ One row is one prompt with its reference (DESIGN.md §5):
   top-level keys are moved into `meta` under their own name (an error if
   `meta` already has that key), so nothing is dropped.
 
+Every string of a row (keys and values, nested ones included) must be valid
+UTF-8 text: a lone surrogate (`"\\ud800"` in JSON) cannot be tokenized or
+written back out, so it makes the row malformed.
+
 A malformed row raises `DataError` naming the file, the line (JSONL, 1-based)
 or row (Parquet, 1-based) and the field, or with `skip_bad_rows` is skipped
 and counted in `ReadResult.bad_rows`.
+
+A file spec may also name a Hugging Face `datasets` source (a `save_to_disk`
+directory, `DIR:SPLIT`, or `hf:NAME[:CONFIG]@SPLIT`: `hf_datasets.py`), and
+carries the `data` section's column mapping (`columns.py`), applied to every
+kind of file before a row is parsed.
 """
 
 from __future__ import annotations
@@ -30,10 +41,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import pathlib
 from collections.abc import Collection, Iterator, Mapping
 from typing import Any
+
+from brorl_jax.data import hf_datasets
+from brorl_jax.data.columns import ColumnError, Columns
 
 _log = logging.getLogger(__name__)
 
@@ -107,12 +122,18 @@ class FileSpec:
       size (after filtering), i.e. sampling proportional to size.
     task: default `task` of its rows; None means the file name's stem.
     verifier: default `verifier` for rows without one; None requires it.
+    max_prompts: use only the file's first this many prompts (those that
+      fit `rollout.max_prompt_len`); None = all.
+    columns: the column mapping (set from the `data` section, not by the
+      entry); None = the record field names.
   """
 
   path: str
   weight: float | None = None
   task: str | None = None
   verifier: str | None = None
+  max_prompts: int | None = None
+  columns: Columns | None = None
 
   @classmethod
   def parse(cls, spec: str | os.PathLike | Mapping[str, Any]) -> FileSpec:
@@ -123,15 +144,17 @@ class FileSpec:
       spec = spec.to_dict()
     if isinstance(spec, (str, os.PathLike)):
       return cls(path=os.fspath(spec))
-    unknown = sorted(set(spec) - {f.name for f in dataclasses.fields(cls)})
+    unknown = sorted(set(spec) - {"path", "weight", "task", "verifier",
+                                  "max_prompts"})
     if unknown or "path" not in spec:
       raise ValueError(
           f"a data file entry needs 'path' and may have 'weight', 'task', "
-          f"'verifier'; got keys {sorted(spec)}")
-    weight = spec.get("weight")
+          f"'verifier', 'max_prompts'; got keys {sorted(spec)}")
+    weight, limit = spec.get("weight"), spec.get("max_prompts")
     return cls(path=os.fspath(spec["path"]),
                weight=None if weight is None else float(weight),
-               task=spec.get("task"), verifier=spec.get("verifier"))
+               task=spec.get("task"), verifier=spec.get("verifier"),
+               max_prompts=None if limit is None else int(limit))
 
 
 @dataclasses.dataclass
@@ -164,6 +187,43 @@ def _string(row, field: str, required: bool, default=None) -> str | None:
   if not isinstance(value, str):
     raise _FieldError(field, f"must be a string, got {type(value).__name__}")
   return value
+
+
+def answer_text(value: str | int | float) -> str:
+  """A reference answer as text: strings as they are, numbers in their
+  shortest form (`69.0` -> "69").
+
+  Raises:
+    ValueError: a NaN or infinite number.
+  """
+  if isinstance(value, float):
+    if not math.isfinite(value):
+      raise ValueError(f"must be a finite number, got {value}")
+    if value.is_integer() and abs(value) < 2 ** 53:
+      return str(int(value))
+  return str(value)
+
+
+def text_problem(value: Any) -> str | None:
+  """Why `value` (a string, or the strings nested in its lists and objects,
+  keys included) is not valid UTF-8 text, or None when it is."""
+  if isinstance(value, str):
+    try:
+      value.encode("utf-8")
+    except UnicodeEncodeError as e:
+      return (f"is not valid UTF-8 text: {value[e.start]!a} at character "
+              f"{e.start} (a lone surrogate)")
+  elif isinstance(value, Mapping):
+    for key, item in value.items():
+      problem = text_problem(key) or text_problem(item)
+      if problem:
+        return problem
+  elif isinstance(value, (list, tuple)):
+    for item in value:
+      problem = text_problem(item)
+      if problem:
+        return problem
+  return None
 
 
 def _messages(value) -> tuple[dict[str, str], ...]:
@@ -217,6 +277,11 @@ def parse_record(row: Any, *, task: str, verifier: str | None = None,
   if not isinstance(row, Mapping):
     raise _FieldError(None, f"a row must be a JSON object, got "
                       f"{type(row).__name__}")
+  for key, value in row.items():
+    if text_problem(key):
+      raise _FieldError(None, f"a field name {text_problem(key)}")
+    if text_problem(value):
+      raise _FieldError(key, text_problem(value))
   prompt, messages = row.get("prompt"), row.get("messages")
   if (prompt is None) == (messages is None):
     raise _FieldError("prompt", "give exactly one of 'prompt' and 'messages'")
@@ -236,7 +301,11 @@ def parse_record(row: Any, *, task: str, verifier: str | None = None,
   elif isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
     raise _FieldError("answer", "must be a string or a number, got "
                       f"{type(answer).__name__}")
-  answer = str(answer)
+  else:
+    try:
+      answer = answer_text(answer)
+    except ValueError as e:
+      raise _FieldError("answer", str(e)) from None
   meta = row.get("meta")
   if meta is None:
     meta = {}
@@ -304,10 +373,11 @@ def read_records(spec: FileSpec | str | os.PathLike, *,
                  skip_bad_rows: bool = False,
                  known_verifiers: Collection[str] | None = None,
                  max_errors_kept: int = 5) -> ReadResult:
-  """Reads and validates all records of one JSONL or Parquet file.
+  """Reads and validates all records of one file or `datasets` source.
 
   Args:
-    spec: the file (a FileSpec gives default task and verifier).
+    spec: the file (a FileSpec gives default task and verifier, and the
+      column mapping).
     skip_bad_rows: skip and count malformed rows instead of raising.
     known_verifiers: allowed verifier names; None allows any.
     max_errors_kept: how many skip messages `ReadResult.errors` keeps.
@@ -321,28 +391,35 @@ def read_records(spec: FileSpec | str | os.PathLike, *,
   """
   spec = FileSpec.parse(spec)
   path = pathlib.Path(spec.path)
-  if not path.is_file():
+  task = spec.task or path.name.split(".")[0]
+  if not path.is_file() and hf_datasets.is_source(spec.path):
+    path, task = spec.path, spec.task or hf_datasets.default_task(spec.path)
+    try:
+      rows = hf_datasets.iter_rows(hf_datasets.open_dataset(spec.path))
+    except hf_datasets.SourceError as e:
+      raise DataError(path, None, None, str(e)) from None
+  elif not path.is_file():
     raise DataError(path, None, None, "file not found")
-  suffix = path.suffix.lower()
-  if suffix == ".parquet":
+  elif path.suffix.lower() == ".parquet":
     rows = _parquet_rows(path)
-  elif suffix in (".jsonl", ".json", ".ndjson"):
+  elif path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
     rows = _jsonl_rows(path)
   else:
     raise DataError(path, None, None,
-                    "unknown format: use .jsonl (one JSON object per line) "
-                    "or .parquet")
-  task = spec.task or path.name.split(".")[0]
+                    "unknown format: use .jsonl (one JSON object per line), "
+                    ".parquet, or a Hugging Face datasets directory or "
+                    "hf:NAME@SPLIT")
   result = ReadResult(path=str(path), task=task, records=[])
+  columns = spec.columns or Columns()
   for line, row in rows:
     result.rows += 1
     try:
       if isinstance(row, _FieldError):
         raise row
       result.records.append(
-          parse_record(row, task=task, verifier=spec.verifier,
+          parse_record(columns.remap(row), task=task, verifier=spec.verifier,
                        known_verifiers=known_verifiers))
-    except _FieldError as e:
+    except (_FieldError, ColumnError) as e:
       error = DataError(path, line, e.field, str(e))
       if not skip_bad_rows:
         raise DataError(path, line, e.field, f"{e}; {_FIX}") from None

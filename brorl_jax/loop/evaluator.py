@@ -101,6 +101,9 @@ class EvalResult:
     reward_sum / length_sum / truncated: sums over all N * n samples of the
       reward, the response length and "hit max_new_tokens".
     seconds: wall time of the evaluation.
+    samples: [N, n] bool, each sample's correctness.
+    answers: [N, n] int64 answer ids of the samples (`Evaluator`'s
+      `answer_fn`; 0 = no answer), or None when not asked for.
   """
 
   n: int
@@ -113,6 +116,8 @@ class EvalResult:
   length_sum: float
   truncated: float
   seconds: float
+  samples: np.ndarray | None = None
+  answers: np.ndarray | None = None
 
   def summary(self, task: str | None = None) -> dict[str, Any]:
     """`{"pass@1", "pass@k": {k: v}, "n_prompts"}` of one task or all."""
@@ -184,7 +189,8 @@ class Evaluator:
                ks: Sequence[int] | None = None,
                max_prompts: int | None = None, greedy: bool = False,
                pipeline: Any = None, batch_size: int | None = None,
-               progress: str | None = None):
+               progress: str | None = None,
+               answer_fn: Callable[[str], int] | None = None):
     """Builds the eval sampler and the held-out prompt set.
 
     Args:
@@ -200,6 +206,8 @@ class Evaluator:
       batch_size: prompts per sampler call (default: the training step's).
       progress: "bar", "lines", "off" or None (default
         `exp.cfg.logging.progress`): problems done and the running pass@1.
+      answer_fn: completion text -> answer id (an int, 0 = no answer), for
+        majority voting (`suite.answer_fn`); None: no answers kept.
     """
     sampler_cfg = sampler_cfg or exp.cfg.eval_sampler()
     ks = tuple(exp.cfg.eval.k if ks is None else ks)
@@ -231,6 +239,11 @@ class Evaluator:
         known_verifiers=set(rewards.VERIFIERS))
     self.progress = (exp.cfg.logging.progress if progress is None
                      else progress)
+    self.answer_fn = answer_fn
+
+  def file_stats(self) -> tuple[Any, ...]:
+    """Per-file counts of the evaluated set (`prompts.FileStats`)."""
+    return self._view.file_stats("eval")
 
   def data_metrics(self) -> dict[str, int]:
     """The held-out set's counts (`data/eval/rows`, `.../too_long`, ...),
@@ -294,7 +307,7 @@ class Evaluator:
     """
     t0 = time.perf_counter()
     limit = self.max_prompts
-    correct, tasks = [], []
+    correct, tasks, samples, answers = [], [], [], []
     sums = np.zeros(3)  # reward, response length, truncated
     total = sum(s.kept for s in self._view.file_stats("eval"))
     total = total if limit is None else min(total, limit)
@@ -315,14 +328,18 @@ class Evaluator:
                                              batch.lengths)
       scored = sample_and_score(
           self.sampler, self.pool, self.exp.tokenizer, params, tokens,
-          lengths, batch.records, rng, n=self.n, keep_texts=False,
-          prompt_offset=first, should_stop=should_stop)
+          lengths, batch.records, rng, n=self.n,
+          keep_texts=self.answer_fn is not None, prompt_offset=first,
+          should_stop=should_stop)
       if scored is None:
         return None
       rewards = _to_host(scored.rewards)[keep]                 # [B', n]
       resp_len = _to_host(scored.rollouts.lengths)[keep]       # [B', n]
       stopped = _to_host(scored.rollouts.stopped)[keep]        # [B', n]
-      correct.append(is_correct(rewards, self.threshold).sum(-1))
+      samples.append(is_correct(rewards, self.threshold))    # [B', n]
+      correct.append(samples[-1].sum(-1))
+      if self.answer_fn is not None:
+        answers.append(self._answers(scored.texts)[keep])       # [B', n]
       tasks += [r.task for r, k in zip(batch.records, keep) if k]
       sums += (rewards.sum(), resp_len.sum(), (~stopped).sum())
       done, num_correct = done + len(rewards), num_correct + correct[-1].sum()
@@ -333,4 +350,19 @@ class Evaluator:
         n=self.n, ks=self.ks, step=step, greedy=self.greedy,
         correct=np.concatenate(correct) if correct else np.zeros(0, int),
         tasks=tasks, reward_sum=float(sums[0]), length_sum=float(sums[1]),
-        truncated=float(sums[2]), seconds=time.perf_counter() - t0)
+        truncated=float(sums[2]), seconds=time.perf_counter() - t0,
+        samples=(np.concatenate(samples) if samples
+                 else np.zeros((0, self.n), bool)),
+        answers=(None if self.answer_fn is None else np.concatenate(answers)
+                 if answers else np.zeros((0, self.n), np.int64)))
+
+  def _answers(self, texts: dict[tuple[int, int], str]) -> np.ndarray:
+    """[B, n] answer ids of a batch on every process: each host maps the
+    texts it decoded ({(p, g): text}; -1 elsewhere), then the max over
+    processes fills in the rest."""
+    ids = np.full((self.batch_size, self.n), -1, np.int64)
+    for (p, g), text in texts.items():
+      ids[p, g] = self.answer_fn(text)
+    if jax.process_count() > 1:
+      ids = np.asarray(multihost_utils.process_allgather(ids)).max(0)
+    return ids

@@ -1,16 +1,16 @@
-"""Assembles the parts of a run from a validated `RunConfig`.
+"""Assembles the parts of a run in its workdir from a validated `RunConfig`.
 
 The entry points (`train`, `evaluate`, `sample`) read the ConfigDict once,
-turn it into a `RunConfig` (run_config.load), and build what they need here: the
-mesh and its two rule tables, the tokenizer (copied into, or trained for, the
-workdir), the policy, its initial parameters, the prompt pipeline, the reward
-pool and samplers. Library code below this module only sees typed configs.
+turn it into a `RunConfig` (run_config.load), and build what they need here:
+the builder's parts (`build.RunBuild`: mesh rules, policy, optimizer, state
+layout, sampler) plus what needs the workdir: the tokenizer (copied into, or
+trained for, it), the initial parameters, the prompt pipeline and the reward
+pool. Library code below this package only sees typed configs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import pathlib
@@ -18,24 +18,22 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
-from brorl_jax import checkpointing, distributed, hf, rewards
-from brorl_jax.config import ConfigError, check
+from brorl_jax import checkpointing, distributed, rewards
+from brorl_jax.config import check
 from brorl_jax.data import records as records_lib
 from brorl_jax.data import tasks
 from brorl_jax.data import tokenizer as tokenizer_lib
 from brorl_jax.data import tokenizer_loader
 from brorl_jax.data.prompts import PromptPipeline
+from brorl_jax.loop import build as build_lib
+from brorl_jax.loop.build import TOKENIZER_DIR, PolicySource, RunBuild
 from brorl_jax.model.config import ModelConfig
-from brorl_jax.model.sharding import (SAMPLE_RULES, TRAIN_RULES, MeshRules,
-                                      make_mesh)
-from brorl_jax.model.transformer import Policy
+from brorl_jax.model.sharding import make_mesh
 from brorl_jax.rollout import Sampler, SamplerConfig
 from brorl_jax.run_config import RunConfig
 
 log = logging.getLogger(__name__)
-TOKENIZER_DIR = "tokenizer"
 DATA_DIR = "data"
 
 
@@ -50,27 +48,22 @@ def setup_jax(cfg: RunConfig) -> None:
 
 
 @dataclasses.dataclass
-class Experiment:
-  """The built parts shared by the entry points.
+class Experiment(RunBuild):
+  """The builder's parts (`RunBuild`) and the workdir's, shared by the
+  entry points.
 
   Attributes:
-    cfg: the run config.
     workdir: the run's directory.
-    mesh_train / mesh_sample: the mesh with the training (FSDP) and
-      sampling (no FSDP) rule tables.
     tokenizer: the run's tokenizer (saved under `workdir/tokenizer`).
-    model_cfg: the policy's model config (from the checkpoint when one is
-      imported; written to `workdir/model_config.json`).
-    policy: the model definition.
+    source: where the initial policy comes from (`init.path`); None: a
+      fresh model. The policy's config (`model_cfg`) is the workdir's on
+      resume, else the source's (with the run's dtype/remat choices), else
+      the config's `model` section; written to `workdir/model_config.json`.
   """
 
-  cfg: RunConfig
   workdir: pathlib.Path
-  mesh_train: MeshRules
-  mesh_sample: MeshRules
   tokenizer: tokenizer_lib.Tokenizer
-  model_cfg: ModelConfig
-  policy: Policy
+  source: PolicySource | None = None
 
   @property
   def is_main(self) -> bool:
@@ -78,28 +71,19 @@ class Experiment:
 
   # ---- parameters ----------------------------------------------------------
 
-  def param_shardings(self, sampling: bool = False) -> Any:
-    return self.policy.shardings(self.mesh_sample if sampling
-                                 else self.mesh_train)
-
   def initial_params(self) -> Any:
     """Fresh, imported (model dir) or HF parameters, in the train layout."""
-    shardings = self.param_shardings()
-    path = self.cfg.init.path
-    if path is None:
+    if self.source is None:
       # A fresh model the warm start trains takes the warm start's seed.
       seed = self.cfg.seed
       if self.cfg.warmstart.steps:
         seed = self.cfg.warmstart.resolved_seed(seed)
       rng = jax.random.fold_in(jax.random.key(seed), 0)
       return self.policy.init(rng, self.mesh_train)
-    path = pathlib.Path(path)
-    if (path / checkpointing.MODEL_CONFIG_FILE).exists():
-      _, params, _ = checkpointing.load_policy_params(path,
-                                                      shardings=shardings)
-      return params
-    return hf.load_hf_params(path, self.model_cfg, shardings,
-                             progress=self.cfg.logging.progress)
+    params, _ = self.source.load_params(self.model_cfg,
+                                        self.param_shardings(),
+                                        progress=self.cfg.logging.progress)
+    return params
 
   # ---- parts ---------------------------------------------------------------
 
@@ -114,7 +98,7 @@ class Experiment:
                           eval=int(spec.get("eval", 0)),
                           seed=int(spec.get("seed", 0)),
                           difficulty=tuple(spec.get("difficulty", (1,))))
-      _barrier("synthetic data")
+      distributed.barrier("synthetic data")
       train, held_out = tasks.materialize(
           directory, task=spec["task"], train=int(spec["train"]),
           eval=int(spec.get("eval", 0)), seed=int(spec.get("seed", 0)),
@@ -134,23 +118,13 @@ class Experiment:
         process_index=0, process_count=1,
         known_verifiers=set(rewards.VERIFIERS))
 
-  def prompts_to_sample(self) -> int:
-    """Prompts sampled per step (P, times the oversampling factor)."""
-    return self.cfg.advantage.prompts_to_sample(
-        self.cfg.loop.prompts_per_step)
-
   def reward_pool(self):
     return rewards.RewardPool(self.cfg.rewards)
 
   def sampler(self, sampler_cfg: SamplerConfig | None = None) -> Sampler:
-    return Sampler(self.policy, sampler_cfg or self.cfg.rollout,
-                   stop_ids=self.tokenizer.stop_ids,
-                   pad_id=self.tokenizer.pad_id, mesh_rules=self.mesh_sample)
-
-
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
+    """The sampler (default settings: `rollout`) with the run's stop ids."""
+    return self.make_sampler(sampler_cfg, stop_ids=self.tokenizer.stop_ids,
+                             pad_id=self.tokenizer.pad_id)
 
 
 def _training_lines(cfg: RunConfig, workdir: pathlib.Path) -> list[str]:
@@ -176,60 +150,45 @@ def _training_lines(cfg: RunConfig, workdir: pathlib.Path) -> list[str]:
   return [x for x in lines if x]
 
 
-def prepare_tokenizer(cfg: RunConfig, workdir: pathlib.Path
+def prepare_tokenizer(cfg: RunConfig, workdir: pathlib.Path,
+                      source: PolicySource | None = None
                       ) -> tokenizer_lib.Tokenizer:
   """The run's tokenizer, copied into (or trained for) `workdir/tokenizer`.
 
   Order: an existing `workdir/tokenizer` (resume); `init.tokenizer`; the
-  tokenizer of `init.path`; else a SentencePiece model trained on the
+  tokenizer of `source` (`init.path`); else a SentencePiece model trained on the
   training prompts and solutions (the CPU demo). Process 0 writes it; the
   others wait and load the same files.
   """
   target = workdir / TOKENIZER_DIR
   if jax.process_index() == 0 and not target.exists():
-    source = cfg.init.tokenizer
-    if source is None and cfg.init.path is not None:
-      path = pathlib.Path(cfg.init.path)
-      source = path / TOKENIZER_DIR if (path / TOKENIZER_DIR).exists() \
-          else path
+    files = cfg.init.tokenizer
+    if files is None and source is not None:
+      files = source.tokenizer_dir
     tmp = workdir / (TOKENIZER_DIR + ".tmp")
-    if source is not None:
-      tokenizer_loader.load_tokenizer(source).save(tmp)
+    if files is not None:
+      tokenizer_loader.load_tokenizer(files).save(tmp)
     else:
       tokenizer_lib.train_sentencepiece(
           _training_lines(cfg, workdir), cfg.init.tokenizer_vocab_size, tmp)
     os.replace(tmp, target)
-  _barrier("tokenizer")
+  distributed.barrier("tokenizer")
   return tokenizer_loader.load_tokenizer(target)
 
 
 def model_config_for(cfg: RunConfig, workdir: pathlib.Path,
-                     tokenizer: tokenizer_lib.Tokenizer) -> ModelConfig:
-  """The policy's config: the workdir's (resume), the imported checkpoint's
-  (with the run's dtype/remat choices), or the config's `model` section;
-  the attention backend is always the run's (it depends on the platform)."""
-  backend = dict(attention_backend=cfg.model.attention_backend)
+                     tokenizer: tokenizer_lib.Tokenizer,
+                     source: PolicySource | None = None) -> ModelConfig:
+  """The policy's config: the workdir's (resume), else `source`'s (default:
+  `init.path`'s) with the run's dtype/remat choices, else the config's
+  `model` section; the attention backend is always the run's (it depends on
+  the platform)."""
   if (workdir / checkpointing.MODEL_CONFIG_FILE).exists():
-    return checkpointing.load_model_config(workdir).replace(**backend)
-  numerics = dict(param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
-                  remat=cfg.model.remat, **backend)
-  path = cfg.init.path
-  if path is not None:
-    path = pathlib.Path(path)
-    if (path / checkpointing.MODEL_CONFIG_FILE).exists():
-      model_cfg = checkpointing.load_model_config(path).replace(**numerics)
-    elif (path / "config.json").exists():
-      model_cfg = hf.config_from_hf(json.loads(
-          (path / "config.json").read_text()), **{
-              k: numerics[k] for k in ("param_dtype", "dtype")}).replace(
-                  remat=cfg.model.remat, **backend)
-    else:
-      raise ConfigError(
-          f"config key 'init.path': {path} is neither a brorl_jax model "
-          "directory (model_config.json) nor a Hugging Face directory "
-          "(config.json)")
-  else:
-    model_cfg = cfg.model
+    return PolicySource(workdir, "brorl_jax").model_config(
+        attention_backend=cfg.model.attention_backend)
+  if source is None and cfg.init.path is not None:
+    source = PolicySource.at(cfg.init.path)
+  model_cfg = build_lib.model_config(cfg, source)
   check(tokenizer.vocab_size <= model_cfg.vocab_size, "model.vocab_size",
         f"{model_cfg.vocab_size} is smaller than the tokenizer's "
         f"{tokenizer.vocab_size} ids")
@@ -244,23 +203,24 @@ def build(cfg: RunConfig, workdir: str | os.PathLike) -> Experiment:
         "Hugging Face directory (config.json + *.safetensors) or an "
         "`hf import` output, e.g. --config.init.path=/models/"
         "Nemotron-Research-Reasoning-Qwen-1.5B")
+  # `init.path` resolved once: its tokenizer, model config and parameters.
+  source = None if path is None else PolicySource.at(path)
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = make_mesh(cfg.mesh.shape)
-  tokenizer = prepare_tokenizer(cfg, workdir)
-  model_cfg = model_config_for(cfg, workdir, tokenizer)
+  tokenizer = prepare_tokenizer(cfg, workdir, source)
+  model_cfg = model_config_for(cfg, workdir, tokenizer, source)
   # Every process has read (or not found) the workdir's model config before
   # process 0 writes it: nobody reads a half-written file.
-  _barrier("model config")
+  distributed.barrier("model config")
   if jax.process_index() == 0:
     checkpointing.save_model_config(model_cfg, workdir)
   log.info("model: %s parameters, mesh %s", f"{model_cfg.num_params():,}",
            dict(mesh.shape))
-  return Experiment(cfg=cfg, workdir=workdir,
-                    mesh_train=MeshRules(mesh, TRAIN_RULES),
-                    mesh_sample=MeshRules(mesh, SAMPLE_RULES),
-                    tokenizer=tokenizer, model_cfg=model_cfg,
-                    policy=Policy.create(model_cfg))
+  parts = RunBuild.create(cfg, model_cfg, mesh=mesh)
+  return Experiment(cfg=cfg, policy=parts.policy,
+                    mesh_train=parts.mesh_train, mesh_sample=parts.mesh_sample,
+                    workdir=workdir, tokenizer=tokenizer, source=source)
 
 
 def global_prompt_arrays(exp: Experiment, tokens: np.ndarray,

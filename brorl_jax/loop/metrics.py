@@ -15,7 +15,8 @@ resumed run equals that of an uninterrupted one (timing metrics aside), and
 TensorBoard is told to purge events after s (`purge_step`).
 
 TensorBoard events come from tensorboardX: `flax.metrics.tensorboard` would
-import TensorFlow.
+import TensorFlow. A W&B run (`wandb_writer.py`), when given, gets every row
+too.
 """
 
 from __future__ import annotations
@@ -216,13 +217,15 @@ class MetricsWriter:
   """
 
   def __init__(self, workdir: str | pathlib.Path, *, tensorboard: bool = True,
-               enabled: bool = True):
+               enabled: bool = True, wandb: Any = None):
     """Opens (appends to) the workdir's metrics.
 
     Args:
       workdir: the run's workdir; created if missing.
       tensorboard: also write TensorBoard event files into `workdir`.
       enabled: False makes every call a no-op.
+      wandb: a `wandb_writer.WandbWriter` (`log(step, values)`, `close()`)
+        that gets every row written, or None.
     """
     self.workdir = pathlib.Path(workdir)
     self.path = self.workdir / METRICS_FILE
@@ -230,6 +233,7 @@ class MetricsWriter:
     self._tensorboard = tensorboard
     self._tb = None
     self._purge_step: int | None = None
+    self._wandb = wandb if enabled else None
     if enabled:
       self.workdir.mkdir(parents=True, exist_ok=True)
       repair_jsonl_tail(self.path)
@@ -278,6 +282,8 @@ class MetricsWriter:
       for name, value in values.items():
         tb.add_scalar(name, value, global_step=step)
       tb.flush()
+    if self._wandb is not None:
+      self._wandb.log(step, values)
     return record
 
   def truncate_after(self, step: int) -> int:
@@ -307,10 +313,14 @@ class MetricsWriter:
       self._tb.flush()
 
   def close(self) -> None:
-    """Closes the TensorBoard writer; further writes reopen it."""
+    """Closes the TensorBoard writer (further writes reopen it) and finishes
+    the W&B run (further writes skip it)."""
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+    if self._wandb is not None:
+      self._wandb.close()
+      self._wandb = None
 
   def __enter__(self) -> MetricsWriter:
     return self

@@ -45,6 +45,14 @@ from brorl_jax.loop import metrics as metrics_lib
 from brorl_jax.rewards import STATUS_CODES
 
 SAMPLES_FILE = "samples.jsonl"
+
+
+def _writable(text: str) -> str:
+  """`text` with what UTF-8 cannot encode (lone surrogates, e.g. from a data
+  row) spelled as `\\udXXX`, so that any text can be written."""
+  return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 # Verifier status as stored (uint8): the reward pool's status strings.
 STATUS_NAMES = {code: name for name, code in STATUS_CODES.items()}
 
@@ -392,20 +400,21 @@ class RolloutArchive:
       if missing:
         raise ValueError(f"text sample lacks {sorted(missing)}: "
                          f"{sorted(sample)}")
-      record = {"step": int(step), "prompt": str(sample["prompt"]),
-                "completion": str(sample["completion"]), "reward": None,
-                "status": None}
+      record = {"step": int(step),
+                "prompt": _writable(str(sample["prompt"])),
+                "completion": _writable(str(sample["completion"])),
+                "reward": None, "status": None}
       for key, value in sample.items():
         if key in ("prompt", "completion", "step"):
           continue
         if value is None or isinstance(value, str):
-          record[key] = value
+          record[key] = value if value is None else _writable(value)
         else:
           try:
             record[key] = metrics_lib.json_value(
                 metrics_lib.scalar(key, value))
           except TypeError:
-            record[key] = str(value)
+            record[key] = _writable(str(value))
       records.append(record)
     metrics_lib.append_jsonl(self.directory / SAMPLES_FILE, records)
 

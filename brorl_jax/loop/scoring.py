@@ -85,7 +85,6 @@ class Scored:
       is the scoring time not hidden behind decoding; with the refill
       decode also "segment_max", the longest segment (a preemption waits
       at most this long for the decode).
-    pool_stats: the pool's counters for these items.
   """
 
   rollouts: Rollouts
@@ -95,20 +94,24 @@ class Scored:
   seconds: dict[str, float]
 
 
+def _verify_item(record, completion: str) -> VerifyItem:
+  """What the reward pool scores: a completion against its record."""
+  return VerifyItem(completion=completion, answer=record.answer,
+                    verifier=record.verifier, tests=record.tests,
+                    meta=record.meta)
+
+
 def _items(tokens: np.ndarray, lengths: np.ndarray, p0: int, g0: int,
            records, tokenizer
            ) -> tuple[list[tuple[int, int]], list[VerifyItem]]:
   """VerifyItems for one host shard [p, g, T] starting at (p0, g0)."""
   keys, items = [], []
   for i in range(tokens.shape[0]):
-    record = records[p0 + i]
     texts = tokenizer.decode_batch(
         [tokens[i, j, :lengths[i, j]].tolist() for j in range(tokens.shape[1])])
     for j, text in enumerate(texts):
       keys.append((p0 + i, g0 + j))
-      items.append(VerifyItem(completion=text, answer=record.answer,
-                              verifier=record.verifier, tests=record.tests,
-                              meta=record.meta))
+      items.append(_verify_item(records[p0 + i], text))
   return keys, items
 
 
@@ -232,11 +235,8 @@ def _submit_finished(pool: RewardPool, state, p_start: int, seen: np.ndarray,
                                     for k in range(ii.size)])
     keys, items = [], []
     for i, j, text in zip(ii, jj, texts):
-      record = records[p_start + p0 + int(i)]
       keys.append((p_start + p0 + int(i), g0 + int(j)))
-      items.append(VerifyItem(completion=text, answer=record.answer,
-                              verifier=record.verifier, tests=record.tests,
-                              meta=record.meta))
+      items.append(_verify_item(records[p_start + p0 + int(i)], text))
     futures.append((keys, items, pool.submit(items)))
   return futures
 

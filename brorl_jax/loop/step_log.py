@@ -1,10 +1,10 @@
 """What one RL step logs, on the host: its metrics row and its rollouts.
 
-The train loop gathers the step's device scalars in one transfer
-(`to_host`), renames the update's aux to the documented metric names
-(`rename`), adds the per-task rewards (`task_rewards`) and the reward pool's
-counters summed over processes (`global_verify_stats`), and archives the
-rollouts with a few decoded texts (`log_rollouts`). In a multi-process run
+The train loop gathers the step's device scalars (already under their
+logged names) in one transfer (`to_host`), adds the per-task rewards
+(`task_rewards`) and the reward pool's counters summed over processes
+(`global_verify_stats`), and archives the rollouts with a few decoded texts
+(`log_rollouts`). In a multi-process run
 every function here that gathers is a collective: every process calls it.
 """
 
@@ -19,30 +19,11 @@ from brorl_jax import distributed
 from brorl_jax.loop.rollout_archive import STATUS_NAMES, RolloutArchive
 from brorl_jax.loop.scoring import Scored
 
-# Loss-aux names (after the `loss/` prefix) that are documented elsewhere.
-_ROLLOUT_KEYS = ("loss/logp_diff_mean", "loss/logp_diff_max")
-_OPTIM_KEYS = ("loss/grad_norm", "loss/update_norm", "loss/param_norm",
-               "loss/skipped")
-
-
 def to_host(metrics: dict[str, Any]) -> dict[str, float]:
   """Device scalars -> Python numbers (one explicit transfer)."""
   values = jax.device_get(metrics)
   return {k: (v.item() if hasattr(v, "item") else v)
           for k, v in values.items()}
-
-
-def rename(host: dict) -> dict:
-  """Loss-aux names -> the documented metric names (`rollout/logp_diff_*`,
-  `optim/grad_norm`, ...); the other keys pass through."""
-  out = {}
-  for k, v in host.items():
-    if k in _ROLLOUT_KEYS:
-      k = "rollout/" + k.split("/", 1)[1]
-    elif k in _OPTIM_KEYS:
-      k = "optim/" + k.split("/", 1)[1]
-    out[k] = v
-  return out
 
 
 def task_rewards(records: Sequence[Any], rewards: jax.Array,

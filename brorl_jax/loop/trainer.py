@@ -29,6 +29,8 @@ from brorl_jax.loop import allocated_sampling
 from brorl_jax.loop import experiment as exp_lib
 from brorl_jax.loop import scoring
 from brorl_jax.loop import step_log
+from brorl_jax.loop import suite as suite_lib
+from brorl_jax.loop import wandb_writer
 from brorl_jax.loop import workdir as workdir_lib
 from brorl_jax.loop.evaluator import Evaluator
 from brorl_jax.loop.metrics import MetricsWriter
@@ -37,6 +39,7 @@ from brorl_jax.model.sharding import reshard
 from brorl_jax.progress import Progress, print_summary
 from brorl_jax.rl import batch as batch_lib
 from brorl_jax.rl import diagnostics as diag_lib
+from brorl_jax.rl import nonfinite
 from brorl_jax.rl import reference as reference_lib
 from brorl_jax.rl import train_state as ts_lib
 from brorl_jax.rl import update as update_lib
@@ -45,7 +48,7 @@ from brorl_jax.warmstart import run_warmstart
 log = logging.getLogger(__name__)
 
 # Purposes folded into the step's key (STYLE.md §13).
-ROLLOUT, UPDATE, EVAL, DIAG = 1, 2, 3, 4
+ROLLOUT, UPDATE, DIAG = 1, 2, 4
 
 
 class Preemption:
@@ -91,31 +94,22 @@ class Trainer:
     self.pool = exp.reward_pool()
     self.sampler = exp.sampler()
     self.num_groups = cfg.loop.prompts_per_step
-    self.group = cfg.rollout.n
     self.allocation = cfg.allocation()       # None: fixed N
-    samples = (self.num_groups * self.group if self.allocation is None
-               else self.allocation.budget)
-    self.optimizer = ts_lib.make_optimizer(cfg.optim, samples)
-    self.lr_schedule = cfg.optim.schedule_fn(samples)
+    # The optimizer, its lr schedule and the state's layout: the builder's
+    # (the dry run sizes the same ones).
+    self.optimizer = exp.optimizer
     self.sample_shardings = exp.param_shardings(sampling=True)
-    self.sample_dtype = cfg.loop.sample_dtype(exp.policy.cfg)
     self.batch_cfg = batch_lib.BatchConfig(
         num_groups=self.num_groups, max_new_tokens=cfg.rollout.max_new_tokens,
         correct_threshold=cfg.rewards.correct_threshold,
-        advantage=cfg.advantage, shaping=cfg.shaping)
+        advantage=cfg.advantage, shaping=cfg.shaping,
+        mask_truncated=cfg.loss.mask_truncated)
     self._prepare = jax.jit(batch_lib.prepare, static_argnums=0)
-    self.state_sh = ts_lib.state_shardings(
-        self.policy.abstract_params(), exp.param_shardings(), self.optimizer,
-        with_reference=cfg.loss.kl_coef > 0,
-        replicated=exp.mesh_train.replicated())
-    self._make_state = jax.jit(lambda p: ts_lib.TrainState.create(
-        p, self.optimizer, with_reference=cfg.loss.kl_coef > 0),
-                               out_shardings=self.state_sh)
     self._reset_ref = jax.jit(
         lambda s: ts_lib.reset_reference(
             s, self.optimizer,
             reset_optimizer=cfg.reference.reset_optimizer), donate_argnums=0,
-        out_shardings=self.state_sh)
+        out_shardings=exp.state_shardings)
     self._update = None
     u = cfg.update
     self.diagnostics = diag_lib.StepDiagnostics(
@@ -124,9 +118,13 @@ class Trainer:
         rescore_rollouts=cfg.diagnostics.rescore_rollouts,
         correct_threshold=cfg.rewards.correct_threshold,
         mesh_rules=exp.mesh_train)
+    # W&B, like the metrics files, from process 0 only.
+    wandb = (wandb_writer.from_logging(cfg.logging, self.workdir,
+                                       run_config.resolved(cfg))
+             if exp.is_main else None)
     self.writer = MetricsWriter(self.workdir,
                                 tensorboard=cfg.logging.tensorboard,
-                                enabled=exp.is_main)
+                                enabled=exp.is_main, wandb=wandb)
     self.archive = RolloutArchive(self.workdir / "rollouts", enabled=(
         exp.is_main and cfg.logging.archive_rollouts))
     self.checkpointer = checkpointing.TrainCheckpointer(
@@ -135,6 +133,8 @@ class Trainer:
     self.evaluator = None
     if self.pipeline.config.eval_files:
       self.evaluator = Evaluator(exp, self.pool)
+    self.suite = (suite_lib.SuiteEvaluator(exp, self.pool, cfg.eval.suite)
+                  if cfg.eval.suite else None)
 
   # ---- state ---------------------------------------------------------------
 
@@ -146,13 +146,8 @@ class Trainer:
       (state, data iterator, loop meta), or None when SIGTERM abandoned the
       warm start (nothing saved: the next start redoes it).
     """
-    shardings = self.exp.param_shardings()
-    abstract_params = checkpointing.abstract_with_shardings(
-        self.policy.abstract_params(), shardings)
     train_iter = self.pipeline.train_iterator()
-    abstract = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        jax.eval_shape(self._make_state, abstract_params), self.state_sh)
+    abstract = self.exp.abstract_state
     restored = self.checkpointer.restore_latest(abstract, train_iter)
     workdir_lib.cut_back(restored and restored[0], self.writer, self.archive)
     if restored is not None:
@@ -178,7 +173,7 @@ class Trainer:
         return None
       params, ws_metrics = out
       self.writer.write(0, ws_metrics)
-    return self._make_state(params), train_iter, meta
+    return self.exp.make_state(params), train_iter, meta
 
   def compile_update(self, state, rollout_batch_abstract):
     """AOT-compiles the update for the configured shapes; logs its memory."""
@@ -279,25 +274,19 @@ class Trainer:
     if do_diag:
       mass_after = jax.block_until_ready(self.diagnostics.after_update(
           self.sampler, new_state.params,
-          self._sampling_copy(new_state.params), before, prep,
-          tokens, lengths, ro.first_probs, scored.rewards))
+          self._sampling_copy(new_state.params), before, prep))
     times["diag_s"] = time.perf_counter() - t2
 
     # ---- 6. Metrics (one explicit device -> host transfer) -----------------
-    host = step_log.to_host({
-        **prep.stats, **alloc_metrics, **{f"loss/{k}": v for k, v in upd.items()},
-        **mass_after,
-        "rollout/finished_slot_frac": ro.finished_slots /
-        jnp.maximum(ro.total_slots, 1),
-        # Share of decode slot-steps that produced a token.
-        "rollout/slot_utilization": 1 - ro.finished_slots /
-        jnp.maximum(ro.total_slots, 1),
+    # Every device metric already carries its logged name (`prepare`'s
+    # stats, the update's `loss/` / `optim/` / `rollout/` metrics, `mass/`).
+    metrics = step_log.to_host({
+        **prep.stats, **alloc_metrics, **upd, **mass_after,
         "optim/skipped_total": new_state.skipped,
         "optim/updates_total": new_state.updates})
-    meta["generated_tokens_total"] += int(host["rollout/generated_tokens"])
-    metrics = step_log.rename(host)
+    meta["generated_tokens_total"] += int(metrics["rollout/generated_tokens"])
     metrics["rollout/generated_tokens_total"] = meta["generated_tokens_total"]
-    metrics["optim/lr"] = float(self.lr_schedule(int(new_state.updates)))
+    metrics["optim/lr"] = float(exp.lr_schedule(int(new_state.updates)))
     metrics.update(step_log.task_rewards(prompts.records, scored.rewards,
                                          self.exp.mesh_sample.replicated(),
                                          valid))
@@ -325,17 +314,22 @@ class Trainer:
   def _sampling_copy(self, params):
     """The sampler's parameters: the sampling layout, cast once to
     `rollout.param_dtype` (default: the compute dtype)."""
-    return reshard(params, self.sample_shardings, dtype=self.sample_dtype)
+    return reshard(params, self.sample_shardings, dtype=self.exp.sample_dtype)
 
   # ---- evaluation ----------------------------------------------------------
 
   def evaluate(self, state, step: int, preempt) -> dict[str, float] | None:
-    """The `eval/*` metrics; None when SIGTERM cut the evaluation short."""
-    if self.evaluator is None:
-      return {}
-    return self.evaluator.loop_metrics(
-        self._sampling_copy(state.params), step, self.cfg.seed,
-        should_stop=preempt.requested)
+    """The `eval/*` (and `suite/*`) metrics; None when SIGTERM cut the
+    evaluation short."""
+    params, out = self._sampling_copy(state.params), {}
+    for evaluator in (self.evaluator, self.suite):
+      if evaluator is not None:
+        got = evaluator.loop_metrics(params, step, self.cfg.seed,
+                                     should_stop=preempt.requested)
+        if got is None:
+          return None
+        out.update(got)
+    return out
 
   # ---- the loop ------------------------------------------------------------
 
@@ -357,7 +351,7 @@ class Trainer:
     last: dict[str, float] = {}
     # Older checkpoints lack `eval_due`: their step-0 evaluation is redone.
     due = meta.get("eval_due", 0 if start == 0 else None)
-    if due == start and self.evaluator is not None:
+    if due == start and (self.evaluator or self.suite) is not None:
       # Held-out pass@1 before any RL update (or the one SIGTERM cut short).
       out = self.evaluate(state, start, preempt)
       if out is not None:
@@ -367,6 +361,10 @@ class Trainer:
           meta["best_eval"] = last.get("eval/pass@1")
         self.writer.write(start, last)
     t_start = time.perf_counter()
+    # Stops a run whose first steps skip every mini-batch (non-finite).
+    watch = nonfinite.SkipWatch(
+        cfg.update.num_minibatches, backend=self.sampler.decode_backend,
+        platform=jax.default_backend(), dtype=self.exp.model_cfg.dtype)
     bar = self._progress("RL step", cfg.total_steps, initial=start)
     step = start
     budget = cfg.max_generated_tokens
@@ -392,7 +390,7 @@ class Trainer:
         step += 1
         last_step = finished(step)
         # ---- Evaluation (held-out pass@k) --------------------------------
-        if self.evaluator is not None and (
+        if (self.evaluator or self.suite) is not None and (
             last_step or (cfg.eval.every and step % cfg.eval.every == 0)):
           out = self.evaluate(state, step, preempt)
           if out is None:               # preempted: evaluated on resume
@@ -413,6 +411,7 @@ class Trainer:
           state = self._reset_ref(state)
         # ---- Log ---------------------------------------------------------
         self.writer.write(step, metrics)
+        watch.check(metrics)
         last = metrics
         bar.update(step, {
             "reward": metrics["reward/mean"],

@@ -30,6 +30,7 @@ from typing import Any, Mapping
 
 import jax
 
+from brorl_jax import distributed
 from brorl_jax.config import ConfigError
 from brorl_jax.model.sharding import make_mesh
 from brorl_jax.run_config import RunConfig
@@ -152,7 +153,7 @@ def record_config(workdir: pathlib.Path, raw: Mapping[str, Any]) -> None:
       log.warning("config changed since the last start of %s (applied): %s",
                   workdir, _describe(changes))
   # Every process has read the record before process 0 replaces it.
-  _barrier("run config")
+  distributed.barrier("run config")
   if jax.process_index() == 0:
     fd, tmp = tempfile.mkstemp(dir=workdir, prefix=RUN_CONFIG_FILE + ".")
     with os.fdopen(fd, "w") as f:
@@ -180,10 +181,3 @@ def cut_back(step: int | None, writer: Any, archive: Any) -> None:
                 "archived steps %s", "the last checkpoint (step %d)" % step
                 if step is not None else "the start (no checkpoint yet)",
                 lines, steps)
-
-
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    # Imported here: multihost_utils is only needed by multi-process runs.
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)

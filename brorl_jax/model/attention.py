@@ -25,10 +25,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from brorl_jax.model import attention_kernels
-
-# Finite, so a fully masked row gives exp(0) instead of nan; masked
-# probabilities are zeroed explicitly.
-NEG_INF = -1e30
+from brorl_jax.model.attention_kernels import NEG_INF
 
 
 class AttentionFn(Protocol):
@@ -36,12 +33,6 @@ class AttentionFn(Protocol):
   def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array,
                cache: Any) -> tuple[jax.Array, Any]:
     """Attends; returns `(out [B, T, N, H], new layer cache)`."""
-
-
-def _group(q: jax.Array, num_kv_heads: int) -> jax.Array:
-  """[..., T, N, H] -> [..., T, K, Q, H]."""
-  *lead, t, n, h = q.shape
-  return q.reshape(*lead, t, num_kv_heads, n // num_kv_heads, h)
 
 
 def masked_softmax_lse(scores: jax.Array, mask: jax.Array
@@ -63,33 +54,6 @@ def masked_softmax_lse(scores: jax.Array, mask: jax.Array
   safe = jnp.maximum(denom, 1e-30)
   lse = jnp.where(denom > 0, m + jnp.log(safe), NEG_INF)[..., 0]
   return p / safe, lse
-
-
-def attend_lse(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
-               ) -> tuple[jax.Array, jax.Array]:
-  """Softmax attention that also returns the log-sum-exp of the scores.
-
-  Args:
-    q: [B, T, N, H] queries.
-    k: [B, S, K, H] keys.
-    v: [B, S, K, H] values.
-    mask: [B, T, S] bool, True where a query may attend to a key.
-
-  Returns:
-    out: [B, T, N, H] normalized attention output, in q's dtype (rows with no
-      visible key give 0).
-    lse: [B, T, N] float32 log-sum-exp of the scaled scores (NEG_INF where no
-      key is visible), for merging with attention over other keys.
-  """
-  b, t, n, h = q.shape
-  qg = _group(q, k.shape[-2])                               # [B, T, K, Q, H]
-  scores = jnp.einsum("btkqh,bskh->bkqts", qg, k,
-                      preferred_element_type=jnp.float32) * h ** -0.5
-  probs, lse = masked_softmax_lse(scores, mask[:, None, None, :, :])
-  out = jnp.einsum("bkqts,bskh->btkqh", probs.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
-  lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(b, t, n)
-  return out.reshape(b, t, n, h).astype(q.dtype), lse
 
 
 def merge_lse(out_a: jax.Array, lse_a: jax.Array, out_b: jax.Array,

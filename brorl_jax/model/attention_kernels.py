@@ -28,21 +28,35 @@ resolves by platform (`resolve_attention_backend`).
 
 from __future__ import annotations
 
+import importlib.util
+
 import jax
 import jax.numpy as jnp
 
-from brorl_jax.model.config import ATTENTION_BACKENDS
+from brorl_jax.model.config import ATTENTION_BACKENDS, GPU_BLOCK, SPLASH_BLOCK
 from brorl_jax.model.sharding import active_platform
 
-# Finite, so a fully masked row gives exp(0) instead of nan (as attention.py).
+# Finite, so a fully masked row gives exp(0) instead of nan; masked
+# probabilities are zeroed explicitly (attention.py and the decode use it).
 NEG_INF = -1e30
 # Key block of `blockwise`: scores of [B, K, Q, T, 512] f32 at a time.
 BLOCK = 512
-# The Pallas kernels' blocks (`pallas_attention`, whose Mosaic/Triton imports
-# this module defers; tests/model/test_attention_kernels.py checks they agree).
-SPLASH_BLOCK = 512
-GPU_BLOCK = 128
 _AUTO = {"cpu": "blockwise", "gpu": "cudnn", "tpu": "splash"}
+
+
+def triton_kernels_available() -> bool:
+  """Whether this JAX has the Pallas Triton kernels `pallas_gpu` runs on.
+
+  `jax.experimental.pallas.ops.gpu.attention` (flash attention with segment
+  ids) and `.decode_attention` (decode with per-row lengths and log-sum-exp
+  residuals) are in JAX 0.10 and 0.11; JAX 0.12 removed them (their
+  successor is the separate tokamax package, not used here).
+  """
+  try:
+    return importlib.util.find_spec(
+        "jax.experimental.pallas.ops.gpu.decode_attention") is not None
+  except ImportError:
+    return False
 
 
 def resolve_attention_backend(name: str, platform: str) -> str:
@@ -58,6 +72,13 @@ def resolve_attention_backend(name: str, platform: str) -> str:
   if name not in ATTENTION_BACKENDS:
     raise ValueError(f"model.attention_backend: got {name!r}; allowed values: "
                      f"{', '.join(map(repr, ATTENTION_BACKENDS))}")
+  if name == "pallas_gpu" and not triton_kernels_available():
+    raise ValueError(
+        f"model.attention_backend: 'pallas_gpu' needs the Pallas Triton "
+        f"kernels (jax.experimental.pallas.ops.gpu.attention and "
+        f".decode_attention) that JAX {jax.__version__} no longer ships "
+        f"(removed in 0.12); use 'cudnn' (or 'auto'), or install "
+        f"'jax>=0.10.2,<0.12'")
   if name != "auto":
     return name
   platform = "gpu" if platform in ("cuda", "rocm") else platform
@@ -338,6 +359,8 @@ def cudnn_attention(q, k, v, valid, implementation: str | None = "cudnn"):
   """
   if implementation == "cudnn" and q.dtype not in (jnp.bfloat16,
                                                    jnp.float16):
+    if not triton_kernels_available():   # JAX >= 0.12: the XLA loop
+      return blockwise_attention(q, k, v, valid)
     return _pallas("pallas_gpu")(q, k, v, valid)
   t = q.shape[1]
   start, length = _span(valid)

@@ -35,6 +35,13 @@ ATTENTION_BACKENDS = ("auto", "reference", "blockwise", "splash", "cudnn",
 ROPE_TYPES = ("default", "llama3")
 _LLAMA3_KEYS = ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
                 "rope_original_max_position_embeddings")
+# The Pallas kernels' blocks (model/pallas_attention.py runs them; the
+# update's length buckets round to them through attention_kernels, which
+# defers importing the kernels). Splash: 512 (ENV.md §12's measured AOT
+# compile), multiples of 128. The GPU kernel's default forward block (its
+# backward blocks are 32).
+SPLASH_BLOCK = 512
+GPU_BLOCK = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,11 +153,6 @@ class ModelConfig:
             "model.rope_original_max_position_embeddings",
             "must be a positive integer, got "
             f"{self.rope_original_max_position_embeddings!r}")
-
-  @property
-  def queries_per_kv(self) -> int:
-    """Q = N / K."""
-    return self.num_heads // self.num_kv_heads
 
   def num_params(self) -> int:
     """Number of parameters (embedding counted once when tied)."""

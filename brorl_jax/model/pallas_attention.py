@@ -14,23 +14,26 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.gpu import attention as gpu_attention
+try:
+  # JAX 0.12 removed its Triton kernels: there `pallas_gpu` is refused by
+  # attention_kernels.resolve_attention_backend before this is reached.
+  from jax.experimental.pallas.ops.gpu import attention as gpu_attention
+except ImportError:
+  gpu_attention = None
 from jax.experimental.pallas.ops.tpu.splash_attention import (
     splash_attention_kernel as splash)
 from jax.experimental.pallas.ops.tpu.splash_attention import (
     splash_attention_mask as splash_mask)
 from jax.sharding import PartitionSpec
 
+from brorl_jax.model.config import GPU_BLOCK, SPLASH_BLOCK
 from brorl_jax.model.sharding import active_mesh_rules, active_platform
 
-# Splash blocks: 512 (ENV.md §12's measured AOT compile); multiples of 128.
-SPLASH_BLOCK = 512
-# The GPU kernel's default forward block (its backward blocks are 32).
-GPU_BLOCK = 128
-# Its forward blocks in float32. At 128 x 128 with head dim 128 the forward
-# asks for 262,656 bytes of shared memory, past an H100's 232,448 per block
-# (XLA:GPU, compiled for the H100: RESOURCE_EXHAUSTED); 64 x 64 fits, and
-# divides GPU_BLOCK, the length the rows are padded to.
+# The GPU kernel's forward blocks in float32 (GPU_BLOCK in model/config.py:
+# bfloat16). At 128 x 128 with head dim 128 the forward asks for 262,656
+# bytes of shared memory, past an H100's 232,448 per block (XLA:GPU,
+# compiled for the H100: RESOURCE_EXHAUSTED); 64 x 64 fits, and divides
+# GPU_BLOCK, the length the rows are padded to.
 GPU_BLOCK_F32 = 64
 
 

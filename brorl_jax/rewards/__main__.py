@@ -5,11 +5,16 @@ meta?}`; each output line is the same object plus `reward`, `status` (`ok` |
 `timeout` | `error`), `seconds`, and `error` when not ok. A summary (count,
 mean reward, timeouts and errors per verifier) is printed at the end.
 
-A malformed line (invalid UTF-8 or JSON, a missing or mistyped field, an
-unknown verifier) stops the run before anything is scored, naming the file
-and line; with `--skip_bad_lines` such lines are left out and counted.
+A malformed line (invalid UTF-8 or JSON, a lone surrogate in a string, a
+missing or mistyped field, a NaN or infinite answer, an unknown verifier)
+stops the run before anything is scored, naming the file and line; with
+`--skip_bad_lines` such lines are left out and counted. Numeric answers are
+read as their shortest text (`69.0` -> "69").
 Verifier options: `--set math.answer_pattern='####\\s*(.+)' --set
-format.after_think=true` (values are JSON, else strings).
+format.after_think=true` (values are JSON, else strings). `--plugins
+my_rewards[,other]` imports modules (or `.py` files) that register more
+verifiers (`rewards.registry.register`), here and in every worker, before
+any line is read (`rewards.plugins` in a training config).
 
 `--timeout S` sets the per-item timeout (`rewards.timeout_s`); the code
 verifier's budget for a program's tests is derived from it (5 s, or what S
@@ -25,7 +30,8 @@ import sys
 from typing import Any, Sequence
 
 from brorl_jax.config import ConfigError
-from brorl_jax.rewards import registry
+from brorl_jax.data import records
+from brorl_jax.rewards import plugins, registry
 from brorl_jax.rewards.config import RewardsConfig
 from brorl_jax.rewards.pool import RewardPool
 from brorl_jax.rewards.registry import VerifyItem
@@ -53,6 +59,10 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
                       help="skip and count malformed lines instead of failing")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VAL",
                       help="a rewards option, e.g. math.allow_unboxed=true")
+  parser.add_argument("--plugins", action="append", default=[],
+                      metavar="MODULES",
+                      help="comma-separated modules or .py files that "
+                      "register verifiers (rewards.plugins)")
   return parser.parse_args(argv)
 
 
@@ -75,6 +85,9 @@ def _config(args: argparse.Namespace) -> RewardsConfig:
     section["timeout_s"] = args.timeout
   if args.workers is not None:
     section["num_workers"] = args.workers
+  named = [p for flag in args.plugins for p in flag.split(",") if p]
+  if named:
+    section["plugins"] = tuple(section.get("plugins", ())) + tuple(named)
   return RewardsConfig.from_mapping(section)
 
 
@@ -115,6 +128,10 @@ def _check(raw: bytes, verifiers: Sequence[str]) -> dict[str, Any]:
     raise ValueError(f"invalid JSON ({e})") from None
   if not isinstance(record, dict):
     raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+  for key, value in record.items():
+    problem = records.text_problem(key) or records.text_problem(value)
+    if problem:
+      raise ValueError(f"field {key!a} {problem}")
   record = dict(record)
   if not isinstance(record.get("completion"), str):
     raise ValueError("field 'completion' must be a string")
@@ -122,11 +139,15 @@ def _check(raw: bytes, verifiers: Sequence[str]) -> dict[str, Any]:
     raise ValueError("field 'verifier' must be a string")
   if record["verifier"] not in verifiers:
     raise ValueError(f"unknown verifier {record['verifier']!r}; registered: "
-                     f"{', '.join(sorted(verifiers))}")
+                     f"{', '.join(sorted(verifiers))}; --plugins MODULE "
+                     "imports a module that registers more")
   answer = record.get("answer", "" if record["verifier"] == "code" else None)
   if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
     raise ValueError("field 'answer' must be a string (or a number)")
-  record["answer"] = str(answer)
+  try:
+    record["answer"] = records.answer_text(answer)
+  except ValueError as e:
+    raise ValueError(f"field 'answer' {e}") from None
   if record.get("meta") is not None and not isinstance(record["meta"], dict):
     raise ValueError("field 'meta' must be an object")
   return record
@@ -166,6 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = _parse_args(sys.argv[1:] if argv is None else argv)
   try:
     config = _config(args)
+    plugins.load(config.plugins,
+                 key="--plugins" if args.plugins else "rewards.plugins")
     records, items, skipped = read_items(args.input, list(registry.VERIFIERS),
                                          args.skip_bad_lines)
   except (BadLine, ConfigError, OSError) as e:

@@ -18,30 +18,40 @@ from brorl_jax.rewards.config import RewardsConfig
 
 _DEFAULT = RewardsConfig()
 _TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
+# No two quantifiers compete for the same digits (the old `\d*\.?\d+` did,
+# so a failed match on a long digit run took quadratic time).
 _NUMBER = re.compile(
-    r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?|[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?")
+    r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?"
+    r"|[-+]?(?:\d+(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?")
 _FRACTION = re.compile(r"([-+]?)\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}")
 _SLASH = re.compile(r"([-+]?[\d.]+)\s*/\s*([\d.]+)")
 _SCIENTIFIC = re.compile(
     r"([-+]?[\d.]+)\s*(?:\*|\\times|\\cdot|x)\s*10\^\{?([-+]?\d+)\}?")
+# The longest answer text `parse_number` reads (a number, not an essay).
+MAX_NUMBER_CHARS = 1000
 _NUMBER_NOISE = ("\\left", "\\right", "\\!", "\\,", "\\;", "\\ ", "\\$", "$",
                  "\\%", "%", "^\\circ", "^{\\circ}")
 
 
-def parse_number(text: str) -> float | None:
+def parse_number(text: str, max_chars: int = MAX_NUMBER_CHARS
+                 ) -> float | None:
   """Reads a number written as a model or a dataset would write it.
 
   Accepts integers and decimals, thousands separators (`1,234.5`), a sign
   or a Unicode minus, `\\frac{a}{b}` / `\\dfrac`, `a/b`, scientific forms
   (`1.5e-3`, `1.5 \\times 10^{-3}`), and ignores `$`, `\\%`, degrees and
   `\\text{...}` units around a single number (`18 \\text{ dollars}` -> 18).
+  Linear in the length of `text`; texts longer than `max_chars` are not read.
 
   Args:
     text: the answer string.
+    max_chars: the longest text read (`numeric.max_answer_chars`).
 
   Returns:
-    The value, or None when the text is not one number.
+    The value, or None when the text is not one number (or is too long).
   """
+  if len(text) > max_chars:
+    return None
   s = _TEXT_WRAPPER.sub(r" \1 ", text.replace("\u2212", "-")).strip()
   for token in _NUMBER_NOISE:
     s = s.replace(token, "")
@@ -104,10 +114,11 @@ def verify_numeric(completion: str, answer: str, *,
   """
   del meta
   config = config or _DEFAULT
-  gold = parse_number(str(answer))
-  if gold is None:
-    raise ValueError(f"numeric verifier: reference answer {answer!r} is not "
-                     "a number; use the 'math' or 'exact' verifier for it")
+  gold = parse_number(str(answer), max_chars=len(str(answer)))
+  if gold is None or not math.isfinite(gold):
+    raise ValueError(f"numeric verifier: reference answer {answer!r:.80} is "
+                     f"not a {'number' if gold is None else 'finite number'}; "
+                     "use the 'math' or 'exact' verifier for it")
   options = config.numeric
   found = formatting.find_answer(completion, config.format,
                                  options.answer_pattern)
@@ -117,7 +128,8 @@ def verify_numeric(completion: str, answer: str, *,
   if candidate is None and options.last_number_fallback:
     found = _NUMBER.findall(text)
     candidate = found[-1] if found else None
-  value = parse_number(candidate) if candidate is not None else None
+  value = (parse_number(candidate, options.max_answer_chars)
+           if candidate is not None else None)
   if value is None or not math.isfinite(value):
     return 0.0
   return float(math.isclose(value, gold, rel_tol=options.rel_tol,
@@ -188,7 +200,9 @@ def verify_exact(completion: str, answer: str, *,
   """Scores an exact string answer (whitespace-collapsed comparison).
 
   The final answer is the configured pattern, the last box or the last
-  `<answer>` tag; with none, the whole scored text.
+  `<answer>` tag; with none, the whole scored text. Nothing is numeric
+  here: `69` and `69.0` differ (the data readers read a JSON *number*
+  answer in its shortest form, `69.0` -> "69"; use `numeric` for values).
 
   Examples (gold -> completion -> reward):
     `Paris` -> "<answer> Paris </answer>" -> 1.0;  `Paris` -> "paris" -> 0.0

@@ -101,11 +101,14 @@ class NumericConfig:
     abs_tol: absolute tolerance of `math.isclose`.
     last_number_fallback: with no pattern match, box or tag, take the last
       number in the text (GSM8K style); False scores such completions 0.
+    max_answer_chars: extracted answers longer than this score 0 without
+      being parsed (a number, not an essay).
   """
   answer_pattern: str | None = None
   rel_tol: float = 1e-6
   abs_tol: float = 1e-9
   last_number_fallback: bool = True
+  max_answer_chars: int = 1000
 
   def __post_init__(self):
     _check_pattern(self.answer_pattern, "rewards.numeric.answer_pattern")
@@ -113,6 +116,8 @@ class NumericConfig:
           f"must be >= 0, got {self.rel_tol}")
     check(self.abs_tol >= 0, "rewards.numeric.abs_tol",
           f"must be >= 0, got {self.abs_tol}")
+    check(self.max_answer_chars > 0, "rewards.numeric.max_answer_chars",
+          f"must be > 0, got {self.max_answer_chars}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,6 +268,8 @@ class RewardsConfig:
     kill_grace_s: time between SIGTERM and SIGKILL of a worker.
     format: format requirements applied by every verifier.
     math, numeric, choice, exact, code, reasoning_gym: per-verifier options.
+    plugins: modules (or `.py` paths) that register more verifiers, imported
+      before any verifier name is checked and in every worker (`plugins.py`).
   """
   correct_threshold: float = 0.5
   num_workers: int = 0
@@ -280,6 +287,7 @@ class RewardsConfig:
   exact: ExactConfig = ExactConfig()
   code: CodeConfig = CodeConfig()
   reasoning_gym: ReasoningGymConfig = ReasoningGymConfig()
+  plugins: tuple[str, ...] = ()
 
   def __post_init__(self):
     check(self.num_workers >= 0, "rewards.num_workers",
@@ -299,6 +307,14 @@ class RewardsConfig:
           f"must be >= 1, got {self.chunk_size}")
     check(self.kill_grace_s > 0, "rewards.kill_grace_s",
           f"must be > 0, got {self.kill_grace_s}")
+    # `--config.rewards.plugins=a,b` arrives as ("a,b",): split on commas.
+    entries = ((self.plugins,) if isinstance(self.plugins, str)
+               else tuple(self.plugins))
+    check(all(isinstance(p, str) for p in entries), "rewards.plugins",
+          f"must be module names or .py paths, got {self.plugins!r}")
+    object.__setattr__(self, "plugins", tuple(
+        p.strip() for entry in entries for p in entry.split(",")
+        if p.strip()))
     for name, cls in _SECTIONS.items():
       check(isinstance(getattr(self, name), cls), f"rewards.{name}",
             f"must be a {cls.__name__} (use RewardsConfig.from_mapping)")

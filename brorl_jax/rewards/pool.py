@@ -81,9 +81,11 @@ class _Worker:
     self.since = time.monotonic()  # state change / current item start
     self.done = 0
     self.kill_at = math.inf
+    self.told_sandbox = False      # sent the parent's sandbox decision
     self.info: dict[str, Any] = {}
     self.send.send({"sys_path": list(sys.path), "cpus": pool.cpus,
-                    "memory_mb": pool.config.worker_memory_mb})
+                    "memory_mb": pool.config.worker_memory_mb,
+                    "plugins": pool.config.plugins})
     self.send.send((pool.config, pool.verifiers))
 
   def stop(self, now: float, grace: float, terminate: bool) -> None:
@@ -146,6 +148,14 @@ class RewardPool:
     self._start_failures = 0
     self._wake_r, self._wake_w = os.pipe()
     os.set_blocking(self._wake_w, False)
+    # The sandbox's self-test runs once, here, while the workers start; code
+    # items wait for it in `submit` and the workers take its decision.
+    self._sandbox: str | None = None
+    self._code = [n for n, fn in self.verifiers.items()
+                  if fn is code_verifier.verify_code]
+    if self._code:
+      threading.Thread(target=self._self_test, daemon=True,
+                       name="sandbox-self-test").start()
     with self._lock:
       for _ in range(self.num_workers):
         self._workers.append(_Worker(self))
@@ -169,8 +179,10 @@ class RewardPool:
     if unknown:
       raise KeyError(f"unknown verifier {unknown[0]!r}; registered verifiers:"
                      f" {', '.join(sorted(self.verifiers))}")
-    if any(self.verifiers[n] is code_verifier.verify_code for n in names):
-      sandbox.backend_for(self.config.code)  # fail fast, with the fix
+    if names.intersection(self._code):
+      backend = sandbox.backend_for(self.config.code)  # refused: the fix
+      with self._lock:
+        self._sandbox = backend
     job = _Job(len(items))
     if not items:
       job.future.set_result([])
@@ -238,6 +250,12 @@ class RewardPool:
     self.close()
 
   # ------------------------------------------------------------ dispatcher
+
+  def _self_test(self) -> None:
+    try:
+      sandbox.backend_for(self.config.code)
+    except sandbox.SandboxUnavailable:
+      pass  # `submit` raises it for the first code item
 
   def _wake(self) -> None:
     # Under the lock: the dispatcher closes the pipe when it stops, and a
@@ -366,6 +384,7 @@ class RewardPool:
                          f"worker died (exit code {code})")
     self._give_back(worker)
     worker.close_pipes()
+    sandbox.remove_scratch(worker.proc.pid)
     self._workers.remove(worker)
 
   def _step(self) -> None:
@@ -392,6 +411,7 @@ class RewardPool:
       if worker.state == "dying":
         if worker.proc.poll() is not None:
           worker.close_pipes()
+          sandbox.remove_scratch(worker.proc.pid)
           self._workers.remove(worker)
         elif now >= worker.kill_at:
           worker.proc.kill()
@@ -420,6 +440,9 @@ class RewardPool:
       worker.inflight.extend(chunk)
       worker.state, worker.since = "busy", time.monotonic()
       try:
+        if self._sandbox is not None and not worker.told_sandbox:
+          worker.send.send(("sandbox", self.config.code, self._sandbox))
+          worker.told_sandbox = True
         worker.send.send([(i, item) for i, (_, _, item) in enumerate(chunk)])
       except (OSError, ValueError):
         self._died(worker)
@@ -448,6 +471,7 @@ class RewardPool:
         worker.proc.kill()
         worker.proc.wait()
       worker.close_pipes()
+      sandbox.remove_scratch(worker.proc.pid)
     self._workers.clear()
     os.close(self._wake_w)
     self._wake_w = None

@@ -2,22 +2,34 @@
 
 Model-written code runs in `sandbox_harness.py` inside (DESIGN.md §4):
 
-* bubblewrap (`bwrap`): new user, network, PID, mount, IPC, UTS and cgroup
-  namespaces (`--unshare-all`), no capabilities, a root that holds only
-  `/usr`, the interpreter's prefix (read-only), a minimal `/dev`, `/proc`
-  and a size-capped private tmpfs `/tmp` as the working directory; no home,
-  no `/etc`, an empty environment; `--die-with-parent` kills it all when
-  the worker dies.
-* util-linux `unshare` (fallback): the same namespaces and mounts, set up by
-  a small shell script inside a private mount namespace, then `chroot` and
-  `setpriv` to drop every capability.
+* bubblewrap (`bwrap`): new PID, network, mount, IPC, UTS and cgroup
+  namespaces, a root that holds only `/usr`, the interpreter's prefix
+  (read-only), a minimal `/dev`, a `/proc` whose `/proc/sys` and
+  `/proc/sysrq-trigger` are read-only, and a size-capped private tmpfs
+  `/tmp` as the working directory; no home, no `/etc`, an empty
+  environment; `--die-with-parent` kills it all when the worker dies. Run
+  by an ordinary user, bubblewrap also makes a user namespace
+  (`--unshare-all`) and the code runs as that user.
+* util-linux `unshare` (fallback, root only): the same namespaces and
+  mounts, set up by a small shell script inside a private mount namespace,
+  then `chroot`.
+
+Run by root (uid 0 of its user namespace), either backend sets up the
+namespaces as root and then, as the last step before the harness starts,
+`setpriv` switches to uid/gid 65534 (nobody/nogroup) with no supplementary
+groups, an empty capability bounding set and `no_new_privs`: model code
+never runs as the host's root. (A user namespace mapping root to 65534
+would need `newuidmap` or a bubblewrap that can be run as nobody, and
+nobody may not reach the interpreter, e.g. under a 0700 `/root`; the
+switch works wherever root may create the namespaces at all, including
+hosts with user namespaces disabled.)
 
 Either way: rlimits (CPU time, address space, file size, open files) are set
 in the launched process before exec and again, per test, by the harness;
 the output read back is capped; the whole PID namespace dies with its first
 process, which the worker kills (SIGKILL to the process group) at the end.
-As root, process-count rlimits and file permissions do not bind, so the
-namespaces are what isolates.
+Before a backend is used, `sandbox_selftest` checks that a hostile probe
+program gets nowhere in it.
 """
 
 from __future__ import annotations
@@ -35,9 +47,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Any, Sequence
 
+from brorl_jax.rewards import sandbox_selftest
 from brorl_jax.rewards.config import CodeConfig
 
 _HARNESS = pathlib.Path(__file__).with_name("sandbox_harness.py")
@@ -49,6 +63,11 @@ _DEVICES = ("null", "zero", "random", "urandom")
 # child can deadlock.
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _PR_SET_PDEATHSIG = 1
+# Whom model code runs as when the sandbox is started by root: nobody /
+# nogroup, the conventional unprivileged ids (mapped in common containers).
+SANDBOX_UID = SANDBOX_GID = 65534
+# Host-global files of the sandbox's /proc made read-only (where present).
+_PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus")
 
 
 class SandboxUnavailable(RuntimeError):
@@ -92,20 +111,60 @@ def _interpreter(python: str | None) -> tuple[str, tuple[str, ...]]:
   return exe, binds
 
 
+def _as_root() -> bool:
+  return os.geteuid() == 0
+
+
+def _drop_to_nobody() -> list[str]:
+  """`setpriv` arguments that leave root for nobody, for good."""
+  return ["/usr/bin/setpriv", f"--reuid={SANDBOX_UID}",
+          f"--regid={SANDBOX_GID}", "--clear-groups", "--no-new-privs",
+          "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all",
+          "--"]
+
+
+def _parents(path: str) -> list[str]:
+  """The ancestors of `path` below `/`, outermost first."""
+  parts = pathlib.PurePosixPath(path).parents
+  return [str(p) for p in reversed(parts) if str(p) != "/"]
+
+
 def _bwrap_command(config: CodeConfig, exe: str,
                    binds: Sequence[str]) -> list[str]:
-  cmd = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session",
-         "--cap-drop", "ALL", "--clearenv", "--setenv", "PATH", "/usr/bin",
-         "--hostname", "sandbox", "--ro-bind", "/usr", "/usr"]
+  if _as_root():
+    # No user namespace: one made by root would map its root to the host's
+    # root. The namespaces are made as root, setpriv then becomes nobody.
+    cmd = ["bwrap", "--unshare-ipc", "--unshare-pid", "--unshare-net",
+           "--unshare-uts", "--unshare-cgroup-try", "--cap-drop", "ALL"]
+    cmd += [x for cap in ("SETUID", "SETGID", "SETPCAP")
+            for x in ("--cap-add", f"CAP_{cap}")]
+  else:
+    cmd = ["bwrap", "--unshare-all", "--cap-drop", "ALL"]
+  cmd += ["--die-with-parent", "--new-session", "--clearenv",
+          "--setenv", "PATH", "/usr/bin", "--hostname", "sandbox",
+          "--ro-bind", "/usr", "/usr"]
+  made = set()
   for path in binds:
+    # bwrap would make the parents 0700 (unreachable once nobody).
+    for parent in _parents(path):
+      if parent not in made and not parent.startswith("/usr/"):
+        cmd += ["--dir", parent]
+        made.add(parent)
     cmd += ["--ro-bind", path, path]
   for link in ("lib", "lib64", "bin", "sbin"):
     if os.path.islink(f"/{link}") or os.path.isdir(f"/usr/{link}"):
       cmd += ["--symlink", f"usr/{link}", f"/{link}"]
-  cmd += ["--proc", "/proc", "--dev", "/dev",
-          "--size", str(config.tmpfs_mb * _MB), "--tmpfs", "/tmp",
-          "--remount-ro", "/", "--chdir", "/tmp"]
-  return cmd + [exe, "-I", "-S", "-c", _HARNESS.read_text()]
+  cmd += ["--proc", "/proc"]
+  for name in _PROC_READ_ONLY:
+    cmd += ["--ro-bind-try", f"/proc/{name}", f"/proc/{name}"]
+  cmd += ["--dev", "/dev", "--size", str(config.tmpfs_mb * _MB),
+          "--tmpfs", "/tmp", "--remount-ro", "/", "--chdir", "/tmp"]
+  harness = [exe, "-I", "-S", "-c", _HARNESS.read_text()]
+  if not _as_root():
+    return cmd + harness
+  # bwrap makes /tmp 0755 for root; nobody needs to write there.
+  return cmd + ["/bin/sh", "-c", "chmod 1777 /tmp && exec \"$0\" \"$@\"",
+                *_drop_to_nobody(), *harness]
 
 
 @functools.lru_cache(maxsize=1)
@@ -126,26 +185,32 @@ def _mount_point() -> str:
 def _unshare_command(config: CodeConfig, exe: str,
                      binds: Sequence[str]) -> list[str]:
   root = _mount_point()
-  lines = ["set -e", f'R="{root}"', 'mount -t tmpfs -o size=16m tmpfs "$R"',
+  lines = ["set -e", "umask 022", f'R="{root}"',
+           'mount -t tmpfs -o size=16m,mode=0755 tmpfs "$R"',
            'mkdir -p "$R/usr" "$R/proc" "$R/dev" "$R/tmp"']
   for path in ("/usr",) + tuple(binds):
     lines += [f'mkdir -p "$R{path}"', f'mount --bind "{path}" "$R{path}"',
-              f'mount -o remount,bind,ro "$R{path}"']
+              f'mount -o remount,bind,ro,nosuid,nodev "$R{path}"']
   for link in ("lib", "lib64", "bin", "sbin"):
     if os.path.islink(f"/{link}") or os.path.isdir(f"/usr/{link}"):
       lines.append(f'ln -s "usr/{link}" "$R/{link}"')
   for dev in _DEVICES:
     lines += [f'touch "$R/dev/{dev}"',
               f'mount --bind /dev/{dev} "$R/dev/{dev}"']
-  lines += ["mount -t proc proc \"$R/proc\"",
-            f'mount -t tmpfs -o size={config.tmpfs_mb}m tmpfs "$R/tmp"',
+  lines.append('mount -t proc -o nosuid,nodev,noexec proc "$R/proc"')
+  for name in _PROC_READ_ONLY:
+    target = f'"$R/proc/{name}"'
+    lines.append(f"if [ -e {target} ]; then mount --bind {target} {target};"
+                 f" mount -o remount,bind,ro {target}; fi")
+  lines += [f'mount -t tmpfs -o size={config.tmpfs_mb}m,mode=1777 tmpfs '
+            '"$R/tmp"',
             'mount -o remount,ro "$R"',
-            'exec chroot "$R" /usr/bin/env -i PATH=/usr/bin /usr/bin/setpriv '
-            "--no-new-privs --inh-caps=-all --ambient-caps=-all "
-            '--bounding-set=-all /bin/sh -c \'cd /tmp && exec "$0" "$@"\' '
+            'exec chroot "$R" /usr/bin/env -i PATH=/usr/bin '
+            + " ".join(_drop_to_nobody()) +
+            ' /bin/sh -c \'cd /tmp && exec "$0" "$@"\' '
             f'"{exe}" -I -S -c "$HARNESS"']
   return ["unshare", "--mount", "--net", "--pid", "--ipc", "--uts",
-          "--fork", "--kill-child", "--propagation", "private",
+          "--cgroup", "--fork", "--kill-child", "--propagation", "private",
           "sh", "-c", "\n".join(lines)]
 
 
@@ -200,9 +265,27 @@ def _launch(config: CodeConfig, backend: str, request: dict[str, Any],
   data = json.dumps(request).encode()
   limit = (len(request["inputs"]) + 1) * (2 * config.max_output_bytes + 4096)
   prefix, preexec = _launcher(config, timeout_s)
-  with tempfile.TemporaryDirectory(prefix="brorl_code_") as workdir:
-    return _run_harness(prefix + _command(config, backend), data, env,
-                        workdir, preexec, timeout_s, limit)
+  cmd = prefix + _command(config, backend)
+  if backend != "none":
+    # The sandbox works in its own /tmp; nothing of the host is needed (and
+    # nothing is left behind when the worker is killed mid-item).
+    return _run_harness(cmd, data, env, "/", preexec, timeout_s, limit)
+  with tempfile.TemporaryDirectory(prefix=scratch_prefix(os.getpid())) as cwd:
+    return _run_harness(cmd, data, env, cwd, preexec, timeout_s, limit)
+
+
+def scratch_prefix(pid: int) -> str:
+  """The name prefix of the scratch directories an unsandboxed run of
+  process `pid` makes in the temporary directory."""
+  return f"brorl_code_{pid}_"
+
+
+def remove_scratch(pid: int) -> None:
+  """Removes the scratch directories process `pid` left (it was killed
+  before it could: the reward pool calls this for each dead worker)."""
+  root = pathlib.Path(tempfile.gettempdir())
+  for path in root.glob(scratch_prefix(pid) + "*"):
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _run_harness(cmd, data, env, cwd, preexec, timeout_s, limit):
@@ -256,21 +339,47 @@ def _run_harness(cmd, data, env, cwd, preexec, timeout_s, limit):
   return records, bytes(err[:4096]).decode("utf-8", "replace")
 
 
+def _one_line(text: str) -> str:
+  return " ".join(text.split())
+
+
 @functools.lru_cache(maxsize=8)
 def _probe(backend: str, config: CodeConfig) -> str | None:
-  """Runs a trivial program in `backend`; returns None or the failure."""
+  """Runs the self-test in `backend`; returns None or why it is unusable."""
   if backend != "none" and shutil.which(backend) is None:
     return f"'{backend}' is not installed"
-  request = {"program": "print(6 * 7)", "mode": "stdin", "fn_name": None,
-             "inputs": [""], "budget_s": 10.0, "pid_namespace": False,
-             "limits": _limits(config)}
-  try:
-    records, err = _launch(config, backend, request, 20.0)
-  except OSError as e:
-    return f"'{backend}' failed to start: {e}"
-  if records and records[0].get("stdout", "").strip() == "42":
-    return None
-  return f"'{backend}' failed: {err.strip()[-500:] or 'no output'}"
+  if backend == "unshare" and not _as_root():
+    return "'unshare' needs root (it makes namespaces without a user one)"
+  outcome = self_test(backend, config)
+  if isinstance(outcome, str):
+    return f"'{backend}' failed: {_one_line(outcome)}"
+  if outcome:
+    return f"'{backend}' failed its self-test: {'; '.join(outcome)}"
+  return None
+
+
+def self_test(backend: str, config: CodeConfig) -> list[str] | str:
+  """Runs `sandbox_selftest`'s probe program in `backend`.
+
+  Returns:
+    What the probe managed (empty: the sandbox holds), or a string: the
+    sandbox did not run it (its error).
+  """
+  exe, binds = _interpreter(config.python)
+
+  def launch(program: str, budget_s: float):
+    request = {"program": program, "mode": "stdin", "fn_name": None,
+               "inputs": [""], "budget_s": budget_s,
+               "pid_namespace": backend != "none", "limits": _limits(config)}
+    start = time.monotonic()
+    try:
+      records, err = _launch(config, backend, request,
+                             budget_s + STARTUP_SLACK_S)
+    except OSError as e:
+      return [], f"failed to start: {e}", time.monotonic() - start
+    return records, err, time.monotonic() - start
+  return sandbox_selftest.run(
+      launch, sandbox_selftest.python_prefixes(exe, binds))
 
 
 def _limits(config: CodeConfig) -> dict[str, int]:
@@ -279,19 +388,19 @@ def _limits(config: CodeConfig) -> dict[str, int]:
           "max_output_bytes": config.max_output_bytes}
 
 
-def backend_for(config: CodeConfig) -> str:
-  """The isolation backend to use: "bwrap", "unshare" or "none".
+# The backend chosen per config in this process (or the refusal); a lock
+# makes concurrent callers (the pool's start-up thread and `submit`) wait
+# for one self-test instead of running several.
+_CHOSEN: dict[CodeConfig, str | SandboxUnavailable] = {}
+_CHOSEN_LOCK = threading.Lock()
 
-  Args:
-    config: the `rewards.code` options.
 
-  Returns:
-    The first working backend ("none" only when `allow_unsandboxed`).
+def _key(config: CodeConfig) -> CodeConfig:
+  # The tests' budget does not change what the sandbox lets through.
+  return dataclasses.replace(config, time_budget_s=None)
 
-  Raises:
-    SandboxUnavailable: no namespace backend works and unsandboxed runs are
-      not allowed; the message says how to enable one.
-  """
+
+def _choose(config: CodeConfig) -> str | SandboxUnavailable:
   candidates = (("bwrap", "unshare") if config.sandbox == "auto"
                 else (config.sandbox,))
   failures = []
@@ -302,12 +411,55 @@ def backend_for(config: CodeConfig) -> str:
     failures.append(failure)
   if config.allow_unsandboxed:
     return "none"
-  raise SandboxUnavailable(
-      "the code verifier runs model-written code only inside a sandbox, and "
-      f"none works here ({'; '.join(failures)}). Install bubblewrap "
-      "(e.g. `apt-get install bubblewrap`, which provides /usr/bin/bwrap) or "
-      "util-linux `unshare` with permission to create namespaces, or, in a "
-      "trusted setting only, set rewards.code.allow_unsandboxed=True.")
+  return SandboxUnavailable(
+      "the code verifier runs model-written code only inside a sandbox that "
+      f"passes its self-test, and none does here ({'; '.join(failures)}). "
+      "Fix: install bubblewrap (e.g. `apt-get install bubblewrap`, which "
+      "provides /usr/bin/bwrap) and util-linux (setpriv, unshare), and run "
+      "where namespaces may be made (as root, or with unprivileged user "
+      "namespaces enabled); or, in a trusted setting only, set "
+      "rewards.code.allow_unsandboxed=True.")
+
+
+def backend_for(config: CodeConfig) -> str:
+  """The isolation backend to use: "bwrap", "unshare" or "none".
+
+  The first candidate ("auto": bubblewrap, then unshare) that runs the
+  self-test's probe program without a finding; decided once per process and
+  config.
+
+  Args:
+    config: the `rewards.code` options.
+
+  Returns:
+    The backend ("none" only when `allow_unsandboxed`).
+
+  Raises:
+    SandboxUnavailable: no namespace backend passes and unsandboxed runs
+      are not allowed; the one-line message says why and how to fix it.
+  """
+  key = _key(config)
+  with _CHOSEN_LOCK:
+    if key not in _CHOSEN:
+      _CHOSEN[key] = _choose(key)
+    chosen = _CHOSEN[key]
+  if isinstance(chosen, SandboxUnavailable):
+    raise SandboxUnavailable(str(chosen))
+  return chosen
+
+
+def use_tested_backend(config: CodeConfig, backend: str) -> None:
+  """Takes `backend` as chosen for `config` (the reward pool's workers: their
+  parent ran the self-test)."""
+  with _CHOSEN_LOCK:
+    _CHOSEN[_key(config)] = backend
+
+
+def forget_choices() -> None:
+  """Drops every decision and probe result (tests that change the host)."""
+  with _CHOSEN_LOCK:
+    _CHOSEN.clear()
+    _probe.cache_clear()
 
 
 def run_program(program: str, inputs: Sequence[Any], *, mode: str,

@@ -3,9 +3,12 @@
 Started by `RewardPool` as a fresh interpreter running `main(read_fd,
 write_fd, parent_pid)`; it talks over two pipes with pickled messages:
 
-  parent -> worker: setup dict (sys.path, memory limit, cpus), then
-    (config, verifiers); then chunks [(key, VerifyItem), ...], or None
-    (exit).
+  parent -> worker: setup dict (sys.path, memory limit, cpus, reward
+    plugins), then (config, verifiers); then chunks [(key, VerifyItem),
+    ...], or None (exit); before its first code item, ("sandbox", code
+    config, backend): the sandbox the parent's self-test chose. Plugins are
+    imported before the verifier table is unpickled: it refers to their
+    functions by module name.
   worker -> parent: ("ready", info); ("result", key, reward, status,
     seconds, error) per item, in order; ("exiting",) when it quits
     mid-chunk (after a MemoryError): the parent requeues the rest.
@@ -71,6 +74,12 @@ def _warm_up(config, verifiers) -> None:
       pass  # a broken verifier reports itself on the first real item
 
 
+def _load_plugins(entries) -> None:
+  # Imported here, once `setup` has been applied (as the verifiers are).
+  from brorl_jax.rewards import plugins  # pylint: disable=g-import-not-at-top
+  plugins.load(entries)
+
+
 def _score_one(item, config, verifiers):
   # Imported here, once `setup` (the parent's sys.path, the memory limit)
   # has been applied: the verifiers load under the worker's limits.
@@ -90,7 +99,9 @@ def main(read_fd: int, write_fd: int, parent_pid: int) -> None:
   """The worker loop (see the module doc for the protocol)."""
   receiver = Connection(read_fd, writable=False)
   sender = Connection(write_fd, readable=False)
-  _setup(receiver.recv(), parent_pid)
+  setup = receiver.recv()
+  _setup(setup, parent_pid)
+  _load_plugins(setup.get("plugins", ()))
   config, verifiers = receiver.recv()
   _warm_up(config, verifiers)
   sender.send(("ready", info()))
@@ -101,6 +112,12 @@ def main(read_fd: int, write_fd: int, parent_pid: int) -> None:
       return
     if message is None:
       return
+    if isinstance(message, tuple) and message[0] == "sandbox":
+      # Imported here, once `setup` has been applied (as the verifiers).
+      # pylint: disable-next=g-import-not-at-top
+      from brorl_jax.rewards import sandbox
+      sandbox.use_tested_backend(message[1], message[2])
+      continue
     for key, item in message:
       try:
         result = _score_one(item, config, verifiers)

@@ -103,6 +103,9 @@ class BatchConfig:
     correct_threshold: `rewards.correct_threshold`.
     advantage: the advantage settings.
     shaping: the reward-shaping settings.
+    mask_truncated: `algo.loss.mask_truncated`: rollouts that did not stop
+      (cut at `max_new_tokens`) leave the loss mask; they still count in
+      the advantages' baselines.
   """
 
   num_groups: int
@@ -110,6 +113,7 @@ class BatchConfig:
   correct_threshold: float
   advantage: adv_lib.AdvantageConfig
   shaping: ShapingConfig
+  mask_truncated: bool = False
 
 
 @struct.dataclass
@@ -118,18 +122,25 @@ class Prepared:
 
   Attributes:
     batch: the update's RolloutBatch, [P, G].
-    stats: the step's scalar metrics (rewards, groups, advantages, the
-      pre-update mass balance).
+    stats: the step's scalar metrics (rewards, groups, advantages, decode
+      slots, the pre-update mass balance).
     selected: [P] int32, the kept groups' indices among the P_over sampled.
-    correct_mask / incorrect_mask: the first-token masks of the kept groups
-      (`mass_balance.first_token_masks`), for the post-update diagnostics.
+    The kept groups' inputs of the post-update diagnostics (their prompts
+    are `batch.prompt_tokens` / `batch.prompt_lengths`):
+    first_probs: [P, V] f32 the sampler's pre-update first-token
+      distribution.
+    rewards: [P, G] f32 the verifier's rewards.
+    correct_mask / incorrect_mask: the first-token masks
+      (`mass_balance.first_token_masks`).
     group_mask: [P] bool, groups that enter the update.
-    valid: [P, G] bool, the kept groups' rollouts that exist.
+    valid: [P, G] bool, the rollouts that exist.
   """
 
   batch: RolloutBatch
   stats: dict
   selected: jax.Array
+  first_probs: jax.Array
+  rewards: jax.Array
   correct_mask: jax.Array
   incorrect_mask: jax.Array
   group_mask: jax.Array
@@ -150,7 +161,8 @@ def prepare(cfg: BatchConfig, prompt_tokens, prompt_lengths,
       all of them.
 
   Returns:
-    The batch, its statistics, and what the diagnostics need.
+    The batch, its statistics, and what the diagnostics need: nothing of
+    the step's rollouts goes back to the loop for them.
   """
   tokens, logprobs, lengths, stopped, first_probs = (
       rollouts.tokens, rollouts.logprobs, rollouts.lengths, rollouts.stopped,
@@ -176,6 +188,11 @@ def prepare(cfg: BatchConfig, prompt_tokens, prompt_lengths,
       sel_rewards, sel_valid, prompt_ok, cfg.advantage, correct_threshold=thr,
       shaped_rewards=shaped)
   mask = group_mask[:, None] & sel_valid
+  if cfg.mask_truncated:
+    # DAPO's overlong filtering: a truncated rollout keeps its reward in the
+    # baseline above but trains no token (nor counts in the normalizer).
+    truncated_masked = mask & ~sel_stopped                  # [P, G]
+    mask = mask & sel_stopped
   batch = RolloutBatch(
       prompt_tokens=take(prompt_tokens), prompt_lengths=take(prompt_lengths),
       tokens=take(tokens), logprobs=take(logprobs), lengths=sel_lengths,
@@ -195,6 +212,7 @@ def prepare(cfg: BatchConfig, prompt_tokens, prompt_lengths,
   vmean = lambda x: jnp.where(valid, x, 0).sum() / num_rows  # noqa: E731
   sizes = valid.sum(-1)                                     # [P_over]
   reward_mean = vmean(rewards)
+  slot_frac = rollouts.finished_slots / jnp.maximum(rollouts.total_slots, 1)
   stats = {
       "reward/mean": reward_mean,
       "reward/std": jnp.sqrt(vmean(jnp.square(rewards - reward_mean))),
@@ -214,15 +232,22 @@ def prepare(cfg: BatchConfig, prompt_tokens, prompt_lengths,
       "rollout/response_len_max": jnp.where(valid, lengths, 0).max(),
       "rollout/truncated_frac": 1.0 - vmean(stopped),
       "rollout/generated_tokens": jnp.where(valid, lengths, 0).sum(),
+      # Share of decode slot-steps spent on rows already done, and its
+      # complement, the share that produced a token.
+      "rollout/finished_slot_frac": slot_frac,
+      "rollout/slot_utilization": 1 - slot_frac,
       "advantage/mean": jnp.where(mask, adv, 0).sum() / jnp.maximum(
           mask.sum(), 1),
       "advantage/abs_mean": jnp.where(mask, jnp.abs(adv), 0).sum() /
           jnp.maximum(mask.sum(), 1),
   }
+  if cfg.mask_truncated:
+    stats["rollout/truncated_masked"] = truncated_masked.sum()
   if shaped is not None:
     stats["reward/shaped_mean"] = jnp.where(mask, shaped, 0).sum() / \
         jnp.maximum(mask.sum(), 1)
   stats.update({f"mass/{k}": v for k, v in mass.items()})
   return Prepared(batch=batch, stats=stats, selected=idx,
+                  first_probs=sel_probs, rewards=sel_rewards,
                   correct_mask=correct_mask, incorrect_mask=incorrect_mask,
                   group_mask=group_mask, valid=sel_valid)

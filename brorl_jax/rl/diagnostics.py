@@ -128,8 +128,7 @@ class StepDiagnostics:
     return rows, self._seq(params, rb, rows)
 
   def after(self, params: Any, first_probs_after: jax.Array, before,
-            prepared: Any, first_probs_before: jax.Array,
-            rewards: jax.Array) -> dict[str, jax.Array]:
+            prepared: Any) -> dict[str, jax.Array]:
     """The `mass/*` metrics of the realized change (device scalars).
 
     Args:
@@ -137,30 +136,25 @@ class StepDiagnostics:
       first_probs_after: [P, V] the kept prompts' first-token distribution
         under the updated policy.
       before: what `before` returned.
-      prepared: the step's `batch.Prepared`.
-      first_probs_before: [P_over, V] the sampler's, before the update.
-      rewards: [P_over, G] the verifier's rewards.
+      prepared: the step's `batch.Prepared` (the kept groups' pre-update
+        first-token distribution, rewards, masks and rows).
     """
     if before is None:
       return {}
-    sel = prepared.selected
-    probs_before = jnp.take(first_probs_before, sel, 0)
     rows, logp_before = before
     logp_after = self._seq(params, prepared.batch, rows)
-    row_rewards = jnp.take(jnp.take(rewards, sel, 0).reshape(-1), rows)
-    row_correct = row_rewards >= self.correct_threshold
+    row_correct = jnp.take(prepared.rewards.reshape(-1), rows) >= \
+        self.correct_threshold
     # Padding rows of unequal groups (adaptive allocation) count nowhere.
     row_valid = jnp.take(prepared.valid.reshape(-1), rows)
-    out = self._realized(probs_before, first_probs_after,
+    out = self._realized(prepared.first_probs, first_probs_after,
                          prepared.correct_mask, prepared.incorrect_mask,
                          prepared.group_mask, logp_before, logp_after,
                          row_correct, row_valid)
     return {f"mass/{k}": v for k, v in out.items()}
 
   def after_update(self, sampler: Any, params: Any, sample_params: Any,
-                   before, prepared: Any, tokens: jax.Array,
-                   lengths: jax.Array, first_probs_before: jax.Array,
-                   rewards: jax.Array) -> dict[str, jax.Array]:
+                   before, prepared: Any) -> dict[str, jax.Array]:
     """`after`, with the kept prompts' first token re-scored by the sampler's
     prefill under the updated parameters.
 
@@ -168,13 +162,11 @@ class StepDiagnostics:
       sampler: the run's `rollout.Sampler` (`prefill`, `first_probs`).
       params: the updated parameters (training layout).
       sample_params: the sampler's copy of `params` (its layout and dtype).
-      before, prepared, first_probs_before, rewards: as `after`.
-      tokens, lengths: [P_over, Lp], [P_over] the step's prompts.
+      before, prepared: as `after`.
     """
     if before is None:
       return {}
-    sel = prepared.selected
-    pre = sampler.prefill(sample_params,
-                          jnp.take(tokens, sel, 0), jnp.take(lengths, sel, 0))
-    return self.after(params, sampler.first_probs(pre), before, prepared,
-                      first_probs_before, rewards)
+    batch = prepared.batch
+    pre = sampler.prefill(sample_params, batch.prompt_tokens,
+                          batch.prompt_lengths)
+    return self.after(params, sampler.first_probs(pre), before, prepared)

@@ -26,6 +26,36 @@ acts on this r, per token:
     i.e. for A < 0 (and for A > 0 when C < 1 + eps_high).
   mask (ICE-POP): tokens with r outside [`ratio_cap_low`, C] contribute
     nothing to the loss (they still count in the normalizer).
+
+Sequence-level ratio (`ratio = "sequence"`, GSPO: Zheng et al. 2025, Group
+Sequence Policy Optimization, eqs. 5-7 and 13-14). Rollout i with response
+tokens y_i (|y_i| of them, the mask's) gets the length-normalised sequence
+ratio
+
+  s_i = (pi_theta(y_i | x) / pi_old(y_i | x))^(1 / |y_i|)
+      = exp( (1/|y_i|) sum_t log(pi_theta(y_i,t) / pi_old(y_i,t)) ),
+
+its log clamped to +-`log_ratio_clamp`, and every token of i is clipped on
+s_i, i.e. per sequence. It enters in GSPO-token's form (eq. 13),
+
+  s_i,t = sg[s_i] * pi_theta(y_i,t) / sg[pi_theta(y_i,t)],
+
+whose value is s_i at every token and whose gradient is s_i grad log
+pi_theta(y_i,t) (sg = stop-gradient), so that
+
+  pg_i,t = -min(s_i,t A_i, clip(s_i,t, 1 - eps_low, 1 + eps_high) A_i).
+
+With one advantage per rollout (this project's case) and `aggregation =
+"sequence_mean"` this is GSPO's objective, value and gradient:
+(1/G) sum_i -min(s_i A_i, clip(s_i) A_i), gradient (1/G) sum_i s_i A_i
+(1/|y_i|) sum_t grad log pi (unclipped i). `token_mean` weights sequence i
+by |y_i| instead (veRL's GSPO takes either). The GSPO paper clips far
+tighter than token-level PPO (eps_low 3e-4, eps_high 4e-4). The ratio cap
+then acts on s_i (a whole sequence is capped or masked), and the clip /
+ratio metrics describe s_i; `approx_kl` and `logp_diff_*` stay per token.
+Masking truncated rollouts (`mask_truncated`, DAPO's overlong filtering)
+happens where the batch is built (`batch.prepare`): their tokens leave the
+mask, hence the loss and its normalizer.
 """
 
 from __future__ import annotations
@@ -43,6 +73,7 @@ SECTION = "algo.loss"
 AGGREGATIONS = ("token_mean", "sequence_mean")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 RATIO_CAP_MODES = ("truncate", "mask")
+RATIOS = ("token", "sequence")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +102,13 @@ class LossConfig:
       (ICE-POP: 0.5); unused in "truncate" mode.
     entropy_coef: weight of the entropy bonus (the loss subtracts
       entropy_coef * H); 0 = entropy is only a metric.
+    ratio: "token" (PPO: r per token) or "sequence" (GSPO: the
+      length-normalised sequence ratio s_i, clipped per sequence; see the
+      module docstring).
+    mask_truncated: rollouts that hit `max_new_tokens` without a stop
+      token contribute no loss (DAPO's overlong filtering); their rewards
+      still count in the group baseline and the advantage normalization.
+      Applied by `batch.prepare` (the batch knows who stopped).
   """
   eps_low: float = 0.2
   eps_high: float = 0.28
@@ -83,6 +121,8 @@ class LossConfig:
   ratio_cap_mode: str = "truncate"
   ratio_cap_low: float = 0.0
   entropy_coef: float = 0.0
+  ratio: str = "token"
+  mask_truncated: bool = False
 
   def __post_init__(self):
     check = config_lib.check
@@ -109,6 +149,9 @@ class LossConfig:
           f"must be in [0, 1), got {self.ratio_cap_low}")
     check(self.entropy_coef >= 0.0, f"{SECTION}.entropy_coef",
           f"must be >= 0, got {self.entropy_coef}")
+    config_lib.check_choice(self.ratio, f"{SECTION}.ratio", RATIOS)
+    check(isinstance(self.mask_truncated, bool), f"{SECTION}.mask_truncated",
+          f"must be True or False, got {self.mask_truncated!r}")
 
 
 def loss_normalizer(mask: jax.Array, aggregation: str) -> jax.Array:
@@ -210,7 +253,16 @@ def policy_loss(
 
   log_ratio = jnp.clip(logp - old_logp, -cfg.log_ratio_clamp,
                        cfg.log_ratio_clamp)
-  ratio = jnp.exp(log_ratio)  # [B, T]
+  tok_count = m.sum(-1)  # [B]
+  token_ratio = jnp.exp(log_ratio)  # [B, T]
+  ratio = token_ratio
+  if cfg.ratio == "sequence":
+    seq_log_ratio = jnp.clip(
+        (logp - old_logp).sum(-1) / jnp.maximum(tok_count, 1),
+        -cfg.log_ratio_clamp, cfg.log_ratio_clamp)              # [B] log s_i
+    # GSPO-token: value s_i at every token, gradient s_i * d log pi.
+    sg = jax.lax.stop_gradient
+    ratio = jnp.exp(sg(seq_log_ratio)[:, None] + logp - sg(logp))  # [B, T]
   clipped = jnp.clip(ratio, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
   ratio_is = ratio
   keep = m
@@ -234,7 +286,6 @@ def policy_loss(
                                      cfg.kl_log_ratio_clamp), 0.0)
   ent_tok = zeros if entropy is None else clean(entropy)
 
-  tok_count = m.sum(-1)  # [B]
   if normalizer is None:
     normalizer = loss_normalizer(m, cfg.aggregation)
   normalizer = jnp.asarray(normalizer, jnp.float32)
@@ -261,7 +312,7 @@ def policy_loss(
     return jnp.where(some, fn(jnp.where(m, x, fill)), 0.0)
 
   # Schulman's k3 of KL(pi_old || pi_theta) on tokens from pi_old.
-  approx_kl = ratio - 1.0 - log_ratio
+  approx_kl = token_ratio - 1.0 - log_ratio
   logp_diff = jnp.abs(logp - old_logp)
   aux = {
       "pg_loss": pg_loss,

@@ -83,6 +83,22 @@ def _tree_where(ok, new, old):
   return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
+# The update's metrics outside the loss's namespace (`loss/...`): the
+# optimizer's, and the sampler/trainer log-prob gap of the step's rollouts.
+OPTIM_KEYS = ("grad_norm", "update_norm", "param_norm", "skipped")
+ROLLOUT_KEYS = ("logp_diff_mean", "logp_diff_max")
+
+
+def metric_name(key: str) -> str:
+  """The logged name of one of the update's metrics: `optim/<key>`,
+  `rollout/<key>` or `loss/<key>`."""
+  if key in OPTIM_KEYS:
+    return f"optim/{key}"
+  if key in ROLLOUT_KEYS:
+    return f"rollout/{key}"
+  return f"loss/{key}"
+
+
 def _combine_minibatches(stacked: dict[str, jax.Array]) -> dict[str, Any]:
   """Mini-batch metrics [M] -> step metrics."""
   out = {}
@@ -108,7 +124,8 @@ def make_update_fn(policy: Policy, cfg: UpdateConfig,
                    temperature: float, mesh_rules: MeshRules | None = None
                    ) -> Callable[[TrainState, RolloutBatch, jax.Array],
                                  tuple[TrainState, dict]]:
-  """The (un-jitted) update: `(state, batch, rng) -> (state, metrics)`."""
+  """The (un-jitted) update: `(state, batch, rng) -> (state, metrics)`,
+  the metrics under their logged names (`metric_name`)."""
 
   def loss_fn(params, micro: Rows, normalizer, ref_params):
     logp, entropy = response_logprobs(
@@ -208,7 +225,8 @@ def make_update_fn(policy: Policy, cfg: UpdateConfig,
           order.reshape(m, k, cfg.micro_batch_size))
       metrics = _combine_minibatches(stacked)
       metrics["param_norm"] = optax.tree.norm(state.params)
-      return state.replace(step=state.step + 1), metrics
+      return (state.replace(step=state.step + 1),
+              {metric_name(k): v for k, v in metrics.items()})
 
   return update
 

@@ -39,13 +39,18 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas.ops.gpu import decode_attention
 from jax.sharding import NamedSharding, PartitionSpec as P
+try:
+  # JAX 0.12 removed its Triton kernels: there `cudnn` decodes with the
+  # blockwise loop (`_GPU_KERNEL` is empty) and `pallas_gpu` is refused.
+  from jax.experimental.pallas.ops.gpu import decode_attention
+except ImportError:
+  decode_attention = None
 
 from brorl_jax.model.attention import NEG_INF, masked_softmax_lse
 from brorl_jax.model.config import ATTENTION_BACKENDS
 
-_GPU_KERNEL = ("cudnn", "pallas_gpu")
+_GPU_KERNEL = ("cudnn", "pallas_gpu") if decode_attention else ()
 _KERNELS = _GPU_KERNEL + ("splash",)
 # Key block of the pure-JAX loop. XLA:CPU copies each block out of the buffer
 # before its products, so a step reads whole blocks: at 64 rows of the demo
@@ -112,6 +117,8 @@ def attend_suffix(q: jax.Array, k: jax.Array, v: jax.Array,
     return _blockwise(q, k, v, length, BLOCKWISE_BLOCK)
   if backend in _GPU_KERNEL:
     return _gpu_decode(q, k, v, length, interpret)
+  if backend == "cudnn":           # no Triton decode kernel in this JAX
+    return attend_suffix(q, k, v, length, "blockwise")
   if backend == "splash":
     return _tpu_decode(q, k, v, length, interpret)
   raise ValueError(f"model.attention_backend: unknown decode backend "

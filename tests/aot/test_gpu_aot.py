@@ -16,6 +16,8 @@ import pytest
 
 from brorl_jax import run_config, sizing
 from brorl_jax.aot import topology
+from brorl_jax.loop import programs
+from brorl_jax.model.sharding import make_mesh
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -70,8 +72,8 @@ def test_pallas_gpu_update_compiles_in_float32_at_head_dim_128():
   # float32 blocks of 128 asked more shared memory than an H100 has.
   c = _config("pallas_gpu", "float32")
   devices = topology.devices(topology.parse("h100:1x1x2"))
-  model_cfg, _ = sizing._model_config(c)  # noqa: SLF001
-  builder = sizing._Builder(c, model_cfg,  # noqa: SLF001
-                            sizing.make_mesh(c.mesh.shape, devices), 2)
+  model_cfg, _ = programs.model_config(c)
+  builder = programs.StepPrograms(c, model_cfg,
+                                  make_mesh(c.mesh.shape, devices), 2)
   text = builder.update().compile().as_text()
   assert "__gpu$xla.gpu.triton" in text

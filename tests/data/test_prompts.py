@@ -233,6 +233,24 @@ def test_bad_rows_in_pipeline(spm_tokenizer, tmp_path):
   assert pipe.metrics()["data/train/kept"] == 8
 
 
+def test_a_lone_surrogate_is_a_bad_row_not_a_crash(spm_tokenizer, tmp_path):
+  # Before: the prompt reached sentencepiece (TypeError, no file or line)
+  # and the answer crashed step 1 writing samples.jsonl (issue 35.3).
+  path = tmp_path / "a.jsonl"
+  _task_file(path, 8)
+  with open(path, "a", encoding="utf-8") as f:
+    f.write('{"prompt": "1+\\ud800", "answer": "2", "verifier": "numeric"}\n')
+    f.write('{"prompt": "1+1", "answer": "69\\ud800", "verifier": "exact"}\n')
+  with pytest.raises(records.DataError,
+                     match=r"a.jsonl:9: field 'prompt': is not valid UTF-8"):
+    _pipeline(spm_tokenizer, [str(path)]).file_stats()
+  pipe = _pipeline(spm_tokenizer, [str(path)], skip_bad_rows=True)
+  assert pipe.file_stats()[0].bad_rows == 2
+  assert pipe.metrics()["data/train/kept"] == 8
+  batch = next(iter(pipe.train_iterator()))
+  assert all("\ud800" not in r.answer for r in batch.records)
+
+
 def test_config_validation(spm_tokenizer):
   cfg = config_lib.from_mapping(prompts.DataConfig, {
       "train_files": ["a.jsonl", {"path": "b.parquet", "weight": 2}],

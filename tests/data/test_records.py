@@ -66,6 +66,22 @@ BAD_ROWS = [
     (json.dumps({**GOOD, "task": 7}).encode(), "task", "string"),
     (json.dumps({**GOOD, "id": 1, "meta": {"id": 2}}).encode(), "id",
      "both a top-level field and a meta key"),
+    # Lone surrogates (valid JSON escapes, not text; issue 35.3).
+    (b'{"prompt": "x", "answer": "69\\ud800", "verifier": "math"}', "answer",
+     "not valid UTF-8 text: '\\ud800' at character 2"),
+    (b'{"prompt": "x\\udc00", "answer": "1", "verifier": "math"}', "prompt",
+     "not valid UTF-8 text"),
+    (b'{"messages": [{"role": "user", "content": "\\ud83d"}], "answer": "1",'
+     b' "verifier": "math"}', "messages", "not valid UTF-8 text"),
+    (json.dumps({**GOOD, "meta": {"k": ["ok", "\ud800"]}}).encode(), "meta",
+     "not valid UTF-8 text"),
+    (json.dumps({**GOOD, "x\udfff": 1}).encode(), None,
+     "a field name is not valid UTF-8 text"),
+    # Non-finite numbers (Python's json reads these literals).
+    (b'{"prompt": "x", "answer": NaN, "verifier": "numeric"}', "answer",
+     "finite number"),
+    (b'{"prompt": "x", "answer": -Infinity, "verifier": "numeric"}', "answer",
+     "finite number"),
 ]
 
 
@@ -170,3 +186,11 @@ def test_file_spec_parse():
   assert spec.weight == 2.0
   with pytest.raises(ValueError, match="needs 'path'"):
     records.FileSpec.parse({"file": "a.jsonl"})
+
+
+def test_number_answers_read_in_their_shortest_form(tmp_path):
+  lines = [json.dumps({**GOOD, "answer": a}).encode()
+           for a in (69.0, 69, 0.5, -3.0, 1e300, "69.0")]
+  answers = [r.answer for r in records.read_records(
+      _write(tmp_path / "d.jsonl", lines)).records]
+  assert answers == ["69", "69", "0.5", "-3", "1e+300", "69.0"]

@@ -213,3 +213,13 @@ def test_append_time_brorl_sized_step(tmp_path):
   print(f"append P=8 G=64 T=256: {[round(s * 1e3, 1) for s in seconds]} ms")
   assert max(seconds) < 5.0      # generous: a shared, noisy CPU
   assert len(RolloutArchive(tmp_path).read_step(2)["logprobs"]) == 512
+
+
+def test_samples_survive_text_utf8_cannot_encode(tmp_path):
+  # A lone surrogate (e.g. from a data row) once crashed step 1 here.
+  archive = RolloutArchive(tmp_path)
+  archive.write_text_samples(1, [{"prompt": "p\ud800", "completion": "c",
+                                  "answer": "69\udfff", "reward": 1.0,
+                                  "status": "ok"}])
+  sample = RolloutArchive(tmp_path).read_text_samples()[0]
+  assert (sample["prompt"], sample["answer"]) == ("p\\ud800", "69\\udfff")

@@ -2,7 +2,9 @@
 
 Test-only: the sampler caches keys and values with `SharedPrefixAttention`
 (rollout/shared_prefix.py); this simplest cache checks that the decoder's
-cached incremental forward equals its full forward.
+cached incremental forward equals its full forward. `attend_lse`, plain
+attention over the whole cache, is the tests' reference for the
+shared-prefix merge too.
 """
 
 from __future__ import annotations
@@ -13,7 +15,40 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from brorl_jax.model.attention import attend_lse
+from brorl_jax.model.attention import masked_softmax_lse
+
+
+def _group(q: jax.Array, num_kv_heads: int) -> jax.Array:
+  """[..., T, N, H] -> [..., T, K, Q, H]."""
+  *lead, t, n, h = q.shape
+  return q.reshape(*lead, t, num_kv_heads, n // num_kv_heads, h)
+
+
+def attend_lse(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
+               ) -> tuple[jax.Array, jax.Array]:
+  """Softmax attention that also returns the log-sum-exp of the scores.
+
+  Args:
+    q: [B, T, N, H] queries.
+    k: [B, S, K, H] keys.
+    v: [B, S, K, H] values.
+    mask: [B, T, S] bool, True where a query may attend to a key.
+
+  Returns:
+    out: [B, T, N, H] normalized attention output, in q's dtype (rows with no
+      visible key give 0).
+    lse: [B, T, N] float32 log-sum-exp of the scaled scores (NEG_INF where no
+      key is visible), for merging with attention over other keys.
+  """
+  b, t, n, h = q.shape
+  qg = _group(q, k.shape[-2])                               # [B, T, K, Q, H]
+  scores = jnp.einsum("btkqh,bskh->bkqts", qg, k,
+                      preferred_element_type=jnp.float32) * h ** -0.5
+  probs, lse = masked_softmax_lse(scores, mask[:, None, None, :, :])
+  out = jnp.einsum("bkqts,bskh->btkqh", probs.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(b, t, n)
+  return out.reshape(b, t, n, h).astype(q.dtype), lse
 
 
 @struct.dataclass

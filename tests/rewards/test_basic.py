@@ -1,6 +1,10 @@
 """The numeric, choice and exact verifiers."""
 
+import time
+
 import pytest
+
+from brorl_jax.rewards import registry
 
 from brorl_jax.rewards.basic import (parse_number, verify_choice,
                                      verify_exact, verify_numeric)
@@ -80,3 +84,32 @@ def test_choice_letters_and_bad_gold():
 ])
 def test_exact(gold, completion, config, expected):
   assert verify_exact(completion, gold, config=config) == expected
+
+
+# Answers that took the old parser seconds (quadratic backtracking after a
+# long digit run; 5.8 s for the first), and 10k digits / 20k characters.
+HOSTILE = ["1" * 10_000 + " apples", "1" * 10_000 + "/" + "2" * 10_000,
+           "1" * 10_000 + ".5x", "1" * 10_000, "1+" * 10_000,
+           "9" * 5_000 + r" \times 10^{5}"]
+
+
+@pytest.mark.parametrize("answer", HOSTILE, ids=lambda a: a[:3] + a[-3:])
+def test_long_answers_are_bounded_for_every_verifier(answer):
+  meta = {"countdown": {"numbers": [1, 2, 3], "target": 6}}
+  for name in ("numeric", "math", "exact", "choice", "countdown"):
+    item = registry.VerifyItem(f"\\boxed{{{answer}}}", "B" if name == "choice"
+                               else "69", name, None, meta.get(name, {}))
+    start = time.perf_counter()
+    assert registry.score(item, RewardsConfig()) == 0.0
+    assert time.perf_counter() - start < 1.0, name  # the timeout is 10 s
+
+
+def test_numeric_length_cap_and_non_finite_gold():
+  padded = "0" * 999 + "69"  # 1001 characters
+  assert verify_numeric(f"\\boxed{{{padded[2:]}}}", "69") == 1.0
+  assert verify_numeric(f"\\boxed{{{padded}}}", "69") == 0.0  # > 1000
+  longer = RewardsConfig(numeric=NumericConfig(max_answer_chars=2000))
+  assert verify_numeric(f"\\boxed{{{padded}}}", "69", config=longer) == 1.0
+  for gold in ("1e999", "9" * 400, "nan", "inf"):
+    with pytest.raises(ValueError, match="is not a (finite )?number"):
+      verify_numeric(r"\boxed{1e999}", gold)

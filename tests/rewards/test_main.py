@@ -82,6 +82,10 @@ def test_timeout_flag_derives_the_code_budget(tmp_path, capsys, timeout,
      + b"\n", "unknown verifier 'mth'"),
     (json.dumps({"completion": "1", "answer": "1", "verifier": "math",
                  "meta": [1]}).encode() + b"\n", "'meta' must be an object"),
+    (b'{"completion": "1\\ud800", "answer": "1", "verifier": "math"}\n',
+     "field 'completion' is not valid UTF-8 text"),
+    (b'{"completion": "1", "answer": NaN, "verifier": "numeric"}\n',
+     "field 'answer' must be a finite number"),
 ])
 def test_bad_line_names_file_and_line(tmp_path, capsys, bad, message):
   src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
@@ -113,3 +117,15 @@ def test_set_options_and_bad_options(tmp_path, capsys):
   assert cli.main(["--input", str(src), "--output", str(dst),
                    "--set", "math.nope=1"]) == 2
   assert "'rewards.math.nope'" in capsys.readouterr().err
+
+
+def test_an_integral_float_answer_reads_as_an_integer(tmp_path):
+  # `69.0` in a JSON row is 69 (pandas writes integers so); `exact` compares
+  # strings, so it once scored `\\boxed{69}` 0 against "69.0".
+  src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+  _write(src, [{"completion": "\\boxed{69}", "answer": 69.0,
+                "verifier": v} for v in ("exact", "numeric", "math")])
+  assert cli.main(["--input", str(src), "--output", str(dst), "--workers",
+                   "1"]) == 0
+  scored = [json.loads(line) for line in dst.read_text().splitlines()]
+  assert [(s["answer"], s["reward"]) for s in scored] == [("69", 1.0)] * 3

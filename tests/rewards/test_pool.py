@@ -4,18 +4,20 @@ memory limits, counters, no JAX in workers, a close() that never hangs."""
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import types
 
 import pytest
 
-from brorl_jax.rewards import registry
+from brorl_jax.rewards import registry, sandbox
 from brorl_jax.rewards.config import CodeConfig, RewardsConfig
 from brorl_jax.rewards.pool import RewardPool
 from brorl_jax.rewards.registry import VerifyItem
 from tests.rewards import hostile_verifiers
-from tests.rewards.sandbox_marks import needs_sandbox
+from tests.rewards.sandbox_marks import (BACKENDS, fresh_choices,
+                                         needs_sandbox)
 
 T = 2.0         # per-item timeout of these tests
 GRACE = 0.5
@@ -228,3 +230,25 @@ def test_hostile_code_leaves_no_process_behind_the_pool():
     except OSError:
       pass
   assert leftovers == []
+
+
+def test_a_worker_killed_mid_item_leaves_no_scratch_directory(tmp_path,
+                                                              monkeypatch):
+  # Every worker killed mid-item once left an empty brorl_code_* directory.
+  monkeypatch.setenv("TMPDIR", str(tmp_path))          # the workers'
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # this process'
+  config = RewardsConfig(timeout_s=5.0, kill_grace_s=0.5, code=CodeConfig(
+      time_budget_s=2.0, allow_unsandboxed=True))
+  sleeper = VerifyItem("```python\nimport time\ntime.sleep(60)\n```", "",
+                       "code", {"inputs": [""], "outputs": ["x"]})
+  for backend in ["none"] + BACKENDS:  # "none": unsandboxed, trusted code
+    with fresh_choices():
+      sandbox.use_tested_backend(config.code, backend)
+      pool = RewardPool(config, num_workers=1,
+                        verifiers={"code": registry.VERIFIERS["code"]})
+      assert pool.wait_ready()
+      future = pool.submit([sleeper])
+      time.sleep(1.0)  # the program is running in its sandbox
+      pool.close()     # SIGTERM to the busy worker
+      assert future.exception() is not None
+    assert list(tmp_path.glob("brorl_code_*")) == [], backend

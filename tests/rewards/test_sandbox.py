@@ -19,7 +19,7 @@ from brorl_jax.rewards import code_verifier, sandbox
 from brorl_jax.rewards.code_verifier import verify_code
 from brorl_jax.rewards.config import CodeConfig, RewardsConfig
 from tests.rewards.sandbox_marks import (BACKENDS, FAILURES, REQUIRED,
-                                         needs_sandbox)
+                                         fresh_choices, needs_sandbox)
 
 pytestmark = needs_sandbox
 
@@ -179,19 +179,16 @@ def test_huge_output_is_capped(config):
 
 
 def test_no_isolation_refuses_with_instructions(monkeypatch):
-  sandbox._probe.cache_clear()
   which = sandbox.shutil.which
   monkeypatch.setattr(sandbox.shutil, "which", lambda name: (
       None if name in ("bwrap", "unshare") else which(name)))
-  try:
+  with fresh_choices():
     with pytest.raises(sandbox.SandboxUnavailable,
                        match="apt-get install bubblewrap.*allow_unsandboxed"):
       verify_code(CORRECT, tests=ECHO)
     trusted = RewardsConfig(code=CodeConfig(allow_unsandboxed=True))
     assert sandbox.backend_for(trusted.code) == "none"
     assert verify_code(CORRECT, tests=ECHO, config=trusted) == 1.0
-  finally:
-    sandbox._probe.cache_clear()
 
 
 def test_limits_bind_without_util_linux_launchers(config, monkeypatch):

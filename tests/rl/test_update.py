@@ -60,13 +60,14 @@ def test_micro_batch_accumulation_equals_full_batch(tiny_policy, tiny_params,
     scale = float(jnp.abs(g).max())
     assert scale > 0, path
     np.testing.assert_allclose(other, g, rtol=1e-5, atol=1e-5 * scale)
-  np.testing.assert_allclose(m_acc["loss"], m_full["loss"], rtol=1e-5)
+  np.testing.assert_allclose(m_acc["loss/loss"], m_full["loss/loss"],
+                             rtol=1e-5)
   resp = np.arange(T)[None] < np.asarray(batch.lengths).reshape(-1, 1)
-  assert float(m_full["num_tokens"]) == (
+  assert float(m_full["loss/num_tokens"]) == (
       resp * np.asarray(batch.mask).reshape(-1, 1)).sum()
   # Before any update the trainer's log-probs differ from these made-up
   # "sampler" log-probs; the gap metric must see it.
-  assert m_full["logp_diff_mean"] > 0.1
+  assert m_full["rollout/logp_diff_mean"] > 0.1
 
 
 def test_non_finite_update_is_skipped(tiny_policy, tiny_params):
@@ -80,7 +81,7 @@ def test_non_finite_update_is_skipped(tiny_policy, tiny_params):
   # Row 1 is in the first mini-batch: that update is skipped, the second
   # one (finite) is applied.
   assert int(state.skipped) == 1 and int(state.updates) == 1
-  assert int(metrics["skipped"]) == 1
+  assert int(metrics["optim/skipped"]) == 1
   # With every mini-batch poisoned, nothing changes, bitwise.
   bad = batch.replace(advantages=jnp.full((P, G), jnp.nan),
                       mask=jnp.ones((P, G), bool))
@@ -115,7 +116,7 @@ def test_update_learns_on_the_advantage_sign(tiny_policy, tiny_params):
   after = seq_logp(state.params)
   sign = np.sign(np.asarray(batch.advantages).reshape(-1))
   assert (np.sign(after - before) == sign).all(), (after - before, sign)
-  assert float(metrics["logp_diff_max"]) < 1e-5
+  assert float(metrics["rollout/logp_diff_max"]) < 1e-5
 
 
 def test_rows_must_split_evenly(tiny_policy, tiny_params):
@@ -160,8 +161,10 @@ def test_dropped_groups_cost_nothing_and_change_nothing(tiny_policy,
   for a, b in zip(jax.tree.leaves(full.opt_state),
                   jax.tree.leaves(alone.opt_state)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-  assert float(m_full["num_tokens"]) == float(m_alone["num_tokens"])
-  np.testing.assert_allclose(m_full["loss"], m_alone["loss"], rtol=1e-5)
+  assert float(m_full["loss/num_tokens"]) == float(
+      m_alone["loss/num_tokens"])
+  np.testing.assert_allclose(m_full["loss/loss"], m_alone["loss/loss"],
+                             rtol=1e-5)
 
 
 def _mixed_batch(vocab, t=19, seed=7):
@@ -200,7 +203,8 @@ def test_length_buckets_equal_the_untrimmed_update(tiny_policy, tiny_params,
                            jax.tree.leaves(cut.opt_state)):
     scale = float(jnp.abs(g_full).max())
     np.testing.assert_allclose(g_cut, g_full, rtol=1e-5, atol=1e-5 * scale)
-  for key in ("loss", "pg_loss", "num_tokens", "entropy"):
+  for key in ("loss/loss", "loss/pg_loss", "loss/num_tokens",
+              "loss/entropy"):
     np.testing.assert_allclose(m_cut[key], m_full[key], rtol=1e-5, err_msg=key)
 
 

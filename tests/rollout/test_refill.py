@@ -8,7 +8,7 @@ from brorl_jax.config import ConfigError
 from brorl_jax.model.sharding import (SAMPLE_RULES, MeshRules, make_mesh,
                                       reshard)
 from brorl_jax.rollout import Sampler, SamplerConfig, refill
-from brorl_jax.rollout.sampler import refill_plan
+from brorl_jax.rollout.config import refill_plan
 from brorl_jax.rollout.slots import fixed_chunk_steps, simulate_pools
 
 LP, T, P, N = 10, 12, 3, 6

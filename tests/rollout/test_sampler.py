@@ -12,6 +12,7 @@ from brorl_jax.model.sharding import (SAMPLE_RULES, MeshRules, make_mesh,
 from brorl_jax.model.transformer import positions_from_valid
 from brorl_jax.rollout import Sampler, SamplerConfig, sampling
 from brorl_jax.rollout.shared_prefix import SharedPrefixAttention
+from tests.model import cached_attention
 from tests.rollout import suffix_layout
 
 LP, T = 10, 8
@@ -79,7 +80,7 @@ def test_shared_prefix_equals_repeated_cache(tiny_cfg):
   vals = jnp.concatenate([rep(prefix_v), sv.reshape(p * g, t, k, h)], 1)
   mask = jnp.concatenate([rep(valid), jnp.broadcast_to(
       jnp.arange(t) <= step, (p * g, t))], 1)[:, None, :]
-  ref, _ = attn_lib.attend_lse(q, keys, vals, mask)
+  ref, _ = cached_attention.attend_lse(q, keys, vals, mask)
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(sk[:, :, step].reshape(p * g, k, h),
                                 new_k[:, 0])

@@ -80,15 +80,11 @@ def _per_row_case(backend, interpret):
                                err_msg=f"row {i}, length {n}")
 
 
-@pytest.mark.parametrize("backend", ["blockwise", "pallas_gpu", "splash"])
+# The GPU kernel's per-row case (the same rows, f32 and bf16) is in
+# tests/hardware (`kernel_checks`, decode ... per_row).
+@pytest.mark.parametrize("backend", ["blockwise", "splash"])
 def test_per_row_lengths_read_each_row_to_its_own(backend):
   _per_row_case(backend, interpret=True)
-
-
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
-def test_gpu_decode_kernel_on_hardware():
-  """The GPU decode kernel compiled for the device (not interpreted)."""
-  _per_row_case("pallas_gpu", interpret=False)
 
 
 def _generate(backend, mesh_shape=None, **sampler_kw):
