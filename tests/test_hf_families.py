@@ -19,12 +19,12 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from brorl_jax import checkpointing, cli, hf  # noqa: E402
+from brorl_jax import checkpointing, cli, hf, sample  # noqa: E402
 from brorl_jax.data import tokenizer as tokenizer_lib  # noqa: E402
+from brorl_jax.data import tokenizer_loader  # noqa: E402
 from brorl_jax.model import attention as attn_lib  # noqa: E402
 from brorl_jax.model.layers import Rope  # noqa: E402
 from brorl_jax.model.transformer import Policy, positions_from_valid  # noqa
-from brorl_jax.rollout import Sampler, SamplerConfig  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -110,15 +110,15 @@ def test_family_round_trip_logits_and_greedy_decode(family, tmp_path,
     ref = model(torch.from_numpy(tokens)).logits.numpy()
     ref1 = model(torch.from_numpy(tokens[1:, 15:])).logits.numpy()[0]
 
-  # Import: the family's flags, and logits within 1e-5 of transformers'
-  # (f32), the second row left-padded by 15.
-  cfg = hf.import_hf(path, tmp_path / "init")
+  # `hf import`: the family's flags, and logits within 1e-5 of
+  # transformers' (f32), the second row left-padded by 15.
+  hf.run(["import", "--hf_dir", str(path), "--out", str(tmp_path / "init")])
+  cfg = checkpointing.load_model_config(tmp_path / "init")
   assert (cfg.qk_norm, cfg.qkv_bias) == (family.startswith("qwen3"), False)
   assert cfg.head_dim == (32 if family.startswith("qwen3") else 16)
   assert cfg.rope_type == ("llama3" if family.startswith("llama") else
                            "default")
-  cfg2, params, _ = checkpointing.load_policy_params(tmp_path / "init")
-  assert cfg2 == cfg
+  _, params, _ = checkpointing.load_policy_params(tmp_path / "init")
   valid = np.ones(tokens.shape, bool)
   valid[1, :15] = False
   ours = _logits(cfg, params, jnp.asarray(tokens, jnp.int32),
@@ -128,7 +128,8 @@ def test_family_round_trip_logits_and_greedy_decode(family, tmp_path,
 
   # Export: the same architecture and config fields; transformers loads it
   # with every tensor bitwise equal and the same logits.
-  hf.export_hf(tmp_path / "init", tmp_path / "out")
+  hf.run(["export", "--workdir", str(tmp_path / "init"), "--out",
+          str(tmp_path / "out")])
   original = json.loads((path / "config.json").read_text())
   exported = json.loads((tmp_path / "out" / "config.json").read_text())
   for key in ("architectures", "model_type", "head_dim", "rope_parameters",
@@ -147,25 +148,21 @@ def test_family_round_trip_logits_and_greedy_decode(family, tmp_path,
     again = back(torch.from_numpy(tokens)).logits.numpy()
   np.testing.assert_allclose(again, ref, rtol=0, atol=1e-5)
 
-  # Greedy decode (prefill + shared-prefix decode, two left-padded prompts
-  # of different lengths) equals transformers' greedy generate.
-  steps, lp = 12, 30
-  prompts = [tokens[0, :lp].tolist(), tokens[1, :17].tolist()]
-  batch = np.zeros((2, lp), np.int32)
-  for i, p in enumerate(prompts):
-    batch[i, lp - len(p):] = p
-  eos = 3
-  sampler = Sampler(Policy.create(cfg), SamplerConfig(
-      n=2, max_prompt_len=lp, max_new_tokens=steps, max_decode_rows=4,
-      greedy=True), stop_ids=(eos,), pad_id=0)
-  out = jax.device_get(sampler.generate(
-      params, batch, np.array([len(p) for p in prompts], np.int32),
-      jax.random.key(0)))
-  for i, p in enumerate(prompts):
-    want = _hf_greedy(model, p, steps, eos)
-    for g in range(2):
-      got = out.tokens[i, g, :out.lengths[i, g]].tolist()
-      assert got == want, (i, g)
+  # `sample --hf_dir OUT --greedy` (prefill + shared-prefix decode, two
+  # left-padded prompts of different lengths, 2 rollouts each) gives
+  # transformers' greedy `generate` ids, with the same stop ids.
+  prompts = ["What is 3 + 4?", "What is 12 + 17? 12 + 17 = 29. \\boxed{"]
+  steps = 12
+  sample.run(["--hf_dir", str(tmp_path / "out"), "--greedy", "--n", "2",
+              "--max_new_tokens", str(steps), "--json",
+              str(tmp_path / "s.json"), *(f"--prompt={p}" for p in prompts)])
+  got = json.loads((tmp_path / "s.json").read_text())["tokens"]
+  tok = tokenizer_loader.load_tokenizer(tmp_path / "out")
+  ids = [tok.encode(p) for p in prompts]
+  assert len(ids[0]) < len(ids[1])
+  for i, p in enumerate(ids):
+    want = _hf_greedy(model, p, steps, list(tok.stop_ids))
+    assert got[i] == [want, want], i
 
 
 def test_llama3_frequencies_equal_transformers():
