@@ -17,14 +17,16 @@ file and `prorl_qwen2_1p5b`) moved to Qwen3-4B (Qwen/Qwen3-4B: 36 layers,
     2 bytes = 144 KiB a token, 2.25 GiB for 1,024 + 16,384 tokens (4.8x the
     1.5B's 0.47), so the refilled decode gets 1,280 slots (10 per prompt)
     instead of 8,192: the GPU dry run (`--dry_run_topology=h100:8x1x8`)
-    puts 1,799 rows within an H100's 79.1 GiB and 1,280 keeps the decode
-    near 60 GiB, under the 68 GiB (85 %) bar;
+    lets 1,792 slots fill an H100's 79.1 GiB; 1,280 hold the refill phase
+    at 60.4 GiB, under the 68 GiB (85 %) bar;
   * evaluation slots: a 32k-token evaluation row holds 4.6 GiB of KV, so
-    512 slots instead of 2,048.
+    512 slots instead of 2,048 (evaluation peak 52.2 GiB).
 
 On a v5p-64 (32 chips, mesh (4, 8, 1)) each chip holds twice the rows'
-share of KV: `--config.mesh.shape='(4,8,1)' --config.rollout.max_decode_rows
-=640 --config.eval.max_decode_rows=256` (README, sizing).
+share of KV, so halve the slots: `--config.mesh.shape='(4,8,1)'
+--config.rollout.max_decode_rows=640 --config.eval.max_decode_rows=256`
+(the arithmetic's choice: that TPU compile did not finish on the shared
+machine; README, sizing).
 """
 
 from configs import brorl_qwen2_1p5b
