@@ -4,7 +4,9 @@
   python -m brorl_jax.hf export --workdir runs/demo [--step S] --out HF_DIR
 
 One table (`_MAPPING`) maps every Hugging Face tensor name to our parameter
-path and gives the layout transform both ways. Import reads one tensor at a
+path and gives the layout transform both ways, for Qwen2, Qwen3 and Llama
+alike (they differ in which tensors exist: biases, q/k norms, lm_head);
+config.json is converted in `model/hf_config.py`. Import reads one tensor at a
 time (safetensors memory-maps the file) and writes it straight into its
 target sharding, so a checkpoint never needs twice its size in host RAM.
 """
@@ -28,20 +30,19 @@ from safetensors.numpy import save_file
 
 from brorl_jax import checkpointing, cli
 from brorl_jax.integrity import atomic
+# config.json <-> ModelConfig lives in model/hf_config; re-exported here.
+from brorl_jax.model.hf_config import (  # noqa: F401
+    SUPPORTED_ARCHITECTURES, CheckpointFormatError, architecture_of,
+    config_from_hf, config_to_hf, generation_config)
 from brorl_jax.model.config import ModelConfig
 from brorl_jax.model.transformer import Policy
 from brorl_jax.progress import Progress
 
-SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json",
                    "merges.txt", "special_tokens_map.json",
                    "chat_template.jinja", "tokenizer.model",
                    "added_tokens.json")
 MAX_SHARD_BYTES = 5 * 1024**3
-
-
-class CheckpointFormatError(ValueError):
-  """A Hugging Face checkpoint that does not match the expected layout."""
 
 
 # ---- the name-mapping table ------------------------------------------------
@@ -100,6 +101,10 @@ _MAPPING: tuple[tuple[str, str, Callable, Callable], ...] = (
      _bias_out),
     (_L + r"self_attn\.v_proj\.bias", "layer_{0}/attn/v_bias", _bias_in,
      _bias_out),
+    (_L + r"self_attn\.q_norm\.weight", "layer_{0}/attn/q_norm/scale", _id,
+     _id),
+    (_L + r"self_attn\.k_norm\.weight", "layer_{0}/attn/k_norm/scale", _id,
+     _id),
     (_L + r"self_attn\.o_proj\.weight", "layer_{0}/attn/o_proj", _o_in,
      _o_out),
     (_L + r"post_attention_layernorm\.weight", "layer_{0}/mlp_norm/scale",
@@ -130,70 +135,6 @@ def ours_to_hf(path: str) -> tuple[str, Callable]:
       name = pattern.replace(r"(\d+)", "{0}").replace("\\.", ".")
       return name.format(*m.groups()), to_hf
   raise KeyError(f"parameter {path!r} has no Hugging Face name")
-
-
-# ---- config.json -----------------------------------------------------------
-
-def config_from_hf(hf_config: dict[str, Any], *, param_dtype: str = "float32",
-                   dtype: str = "float32") -> ModelConfig:
-  """A `ModelConfig` from a Hugging Face config.json dict."""
-  archs = hf_config.get("architectures") or [hf_config.get("model_type", "?")]
-  if archs[0] not in SUPPORTED_ARCHITECTURES:
-    raise CheckpointFormatError(
-        f"unsupported architecture {archs[0]!r} in config.json; supported: "
-        f"{', '.join(SUPPORTED_ARCHITECTURES)}")
-  if hf_config.get("use_sliding_window"):
-    raise CheckpointFormatError(
-        "config.json sets use_sliding_window=true; sliding-window attention "
-        "is not implemented (Qwen2 checkpoints ship it disabled)")
-  rope = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
-  if rope.get("rope_type", rope.get("type", "default")) not in ("default",):
-    raise CheckpointFormatError(
-        f"config.json rope scaling {rope} is not supported (only default RoPE)")
-  theta = rope.get("rope_theta", hf_config.get("rope_theta", 10_000.0))
-  n = hf_config["num_attention_heads"]
-  d = hf_config["hidden_size"]
-  qwen = archs[0] == "Qwen2ForCausalLM"
-  return ModelConfig(
-      vocab_size=hf_config["vocab_size"], embed_dim=d,
-      num_layers=hf_config["num_hidden_layers"], num_heads=n,
-      num_kv_heads=hf_config.get("num_key_value_heads", n),
-      head_dim=hf_config.get("head_dim") or d // n,
-      mlp_dim=hf_config["intermediate_size"], rope_theta=float(theta),
-      rms_norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
-      tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
-      qkv_bias=qwen or bool(hf_config.get("attention_bias", False)),
-      max_position_embeddings=hf_config.get("max_position_embeddings", 32768),
-      param_dtype=param_dtype, dtype=dtype,
-      bos_id=hf_config.get("bos_token_id"),
-      eos_id=_first(hf_config.get("eos_token_id")))
-
-
-def _first(x):
-  return x[0] if isinstance(x, (list, tuple)) else x
-
-
-def config_to_hf(cfg: ModelConfig, torch_dtype: str) -> dict[str, Any]:
-  """A config.json that transformers (v4 and v5) and vLLM load as Qwen2."""
-  return {
-      "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
-      "vocab_size": cfg.vocab_size, "hidden_size": cfg.embed_dim,
-      "intermediate_size": cfg.mlp_dim,
-      "num_hidden_layers": cfg.num_layers,
-      "num_attention_heads": cfg.num_heads,
-      "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
-      "hidden_act": "silu", "max_position_embeddings":
-          cfg.max_position_embeddings,
-      "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
-      "rope_parameters": {"rope_theta": cfg.rope_theta,
-                          "rope_type": "default"},
-      "tie_word_embeddings": cfg.tie_embeddings,
-      "use_sliding_window": False, "sliding_window": None,
-      "attention_dropout": 0.0, "initializer_range": 0.02,
-      "use_cache": True, "bos_token_id": cfg.bos_id,
-      "eos_token_id": cfg.eos_id, "torch_dtype": torch_dtype,
-      "dtype": torch_dtype,
-  }
 
 
 # ---- reading safetensors ---------------------------------------------------
@@ -283,8 +224,8 @@ def load_hf_params(hf_dir: str | os.PathLike, cfg: ModelConfig,
     if mapped is None or mapped[0] not in expected:
       raise CheckpointFormatError(
           f"unexpected tensor {name!r} with shape {tensor.get_shape()} in "
-          f"{hf_dir}: it has no place in a {cfg.num_layers}-layer Qwen2 "
-          "model (wrong architecture or config.json?)")
+          f"{hf_dir}: it has no place in a {cfg.num_layers}-layer "
+          f"{architecture_of(cfg)} (wrong architecture or config.json?)")
     path, to_ours, _ = mapped
     value = to_ours(tensor[:], cfg)
     want = expected[path].shape
@@ -409,12 +350,8 @@ def _write_hf(params, cfg, out: pathlib.Path, writer: bool, *, dtype: str,
         indent=2))
   (out / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype),
                                               indent=2))
-  eos = [cfg.eos_id] if cfg.eos_id is not None else []
-  eos += [i for i in stop_ids if i not in eos]
-  gen = {"bos_token_id": cfg.bos_id,
-         "eos_token_id": eos[0] if len(eos) == 1 else eos,
-         "do_sample": True, "temperature": 0.6, "top_p": 0.95}
-  (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+  (out / "generation_config.json").write_text(json.dumps(
+      generation_config(cfg, stop_ids), indent=2))
   if tokenizer_dir is not None:
     copy_tokenizer_files(pathlib.Path(tokenizer_dir), out)
 

@@ -44,6 +44,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.rms_norm_eps = ml_collections.FieldReference(None, float)
   c.model.tie_embeddings = ml_collections.FieldReference(None, bool)
   c.model.qkv_bias = ml_collections.FieldReference(None, bool)
+  c.model.qk_norm = ml_collections.FieldReference(None, bool)
+  c.model.rope_type = ml_collections.FieldReference(None, str)
+  c.model.rope_factor = ml_collections.FieldReference(None, float)
+  c.model.rope_low_freq_factor = ml_collections.FieldReference(None, float)
+  c.model.rope_high_freq_factor = ml_collections.FieldReference(None, float)
+  c.model.rope_original_max_position_embeddings = (
+      ml_collections.FieldReference(None, int))
   c.model.max_position_embeddings = ml_collections.FieldReference(None, int)
   c.model.bos_id = ml_collections.FieldReference(None, int)
   c.model.eos_id = ml_collections.FieldReference(None, int)

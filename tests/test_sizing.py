@@ -1,5 +1,6 @@
 """`train --dry_run`: compiled per-device memory and the decode-row limit."""
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -24,7 +25,8 @@ from brorl_jax.rl.buckets import bucket_targets
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from configs import brorl_qwen2_1p5b, prorl_qwen2_1p5b  # noqa: E402
+from configs import brorl_qwen2_1p5b, brorl_qwen3_4b  # noqa: E402
+from configs import prorl_qwen2_1p5b  # noqa: E402
 from tests.configs import tiny_rl  # noqa: E402
 
 
@@ -222,6 +224,20 @@ def test_the_two_arms_differ_only_as_the_paper_says():
   assert prorl.loss == brorl.loss and prorl.advantage == brorl.advantage
   assert prorl.rollout.max_new_tokens == 16_384
   assert (prorl.loss.kl_coef, prorl.loss.kl_estimator) == (1e-4, "k2")
+
+
+def test_the_qwen3_4b_recipe_is_the_brorl_arm_on_qwen3_4b():
+  brorl = run_config.load(brorl_qwen2_1p5b.get_config())
+  qwen3 = run_config.load(brorl_qwen3_4b.get_config())
+  assert qwen3.model.num_params() == 4_022_468_096  # Qwen/Qwen3-4B: 4.02B
+  assert qwen3.model.qk_norm and qwen3.model.head_dim == 128
+  assert (qwen3.rollout.max_decode_rows, qwen3.eval.max_decode_rows) == (
+      1280, 512)
+  assert dataclasses.replace(
+      qwen3.rollout, max_decode_rows=brorl.rollout.max_decode_rows) == \
+      brorl.rollout
+  for section in ("loop", "loss", "advantage", "update", "optim", "mesh"):
+    assert getattr(qwen3, section) == getattr(brorl, section), section
 
 
 def test_the_init_path_placeholder_fails_clearly(tmp_path):

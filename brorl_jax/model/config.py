@@ -1,4 +1,8 @@
-"""Model configuration and presets for the Qwen2-family decoder.
+"""Model configuration and presets of the decoder (Qwen2, Qwen3, Llama 3.x).
+
+One decoder covers the three families with flags: q/k/v biases (Qwen2),
+per-head q/k RMSNorm (Qwen3), Llama 3's RoPE frequency scaling, an explicit
+head dim (Qwen3: 128 for any width), tied or untied embeddings.
 
 Dimension letters used in einsum strings and shape comments everywhere in
 brorl_jax (one legend, after gemma's):
@@ -26,6 +30,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 # "auto": blockwise on CPU, cuDNN on GPU, splash on TPU.
 ATTENTION_BACKENDS = ("auto", "reference", "blockwise", "splash", "cudnn",
                       "pallas_gpu")
+# RoPE frequency schemes: "default" (inv_freq = theta^(-2i/H)) and Llama 3.1's
+# "llama3" (low frequencies divided by `rope_factor`, a smooth band between).
+ROPE_TYPES = ("default", "llama3")
+_LLAMA3_KEYS = ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                "rope_original_max_position_embeddings")
 # The Pallas kernels' blocks (model/pallas_attention.py runs them; the
 # update's length buckets round to them through attention_kernels, which
 # defers importing the kernels). Splash: 512 (ENV.md §12's measured AOT
@@ -37,7 +46,7 @@ GPU_BLOCK = 128
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Shape and numerics of a Qwen2-architecture decoder.
+  """Shape and numerics of the decoder.
 
   Attributes:
     vocab_size: V, rows of the embedding (HF `vocab_size`; may exceed the
@@ -46,12 +55,23 @@ class ModelConfig:
     num_layers: HF `num_hidden_layers`.
     num_heads: N, query heads.
     num_kv_heads: K, key/value heads (GQA when K < N).
-    head_dim: H.
+    head_dim: H (HF `head_dim`; Qwen3 uses 128 whatever D / N is).
     mlp_dim: F, HF `intermediate_size` (SwiGLU).
     rope_theta: RoPE base.
     rms_norm_eps: RMSNorm epsilon.
     tie_embeddings: share the input embedding with the output projection.
-    qkv_bias: q/k/v projections carry a bias (Qwen2: True; Llama: False).
+    qkv_bias: q/k/v projections carry a bias (Qwen2: True; Qwen3, Llama:
+      False).
+    qk_norm: an RMSNorm over H on every query and key head, after the
+      projection and before RoPE (Qwen3's q_norm / k_norm; one [H] scale
+      shared by the heads). Exclusive with `qkv_bias` (no HF architecture has
+      both).
+    rope_type: one of `ROPE_TYPES` (HF `rope_parameters.rope_type`).
+    rope_factor / rope_low_freq_factor / rope_high_freq_factor /
+      rope_original_max_position_embeddings: the "llama3" scaling's
+      parameters (HF `factor`, `low_freq_factor`, `high_freq_factor`,
+      `original_max_position_embeddings`; Llama 3.1: 8, 1, 4, 8192); None
+      with "default".
     max_position_embeddings: longest position the checkpoint supports.
     param_dtype: storage dtype of the parameters.
     dtype: compute dtype of matmuls (bf16 on accelerators, f32 in CPU tests).
@@ -63,7 +83,8 @@ class ModelConfig:
       platform (cpu: blockwise, gpu: cudnn, tpu: splash). A run choice like
       `dtype`: not part of the checkpoint.
     bos_id / eos_id: the checkpoint's config.json token ids (informational;
-      the tokenizer decides what is prepended and where sampling stops).
+      the tokenizer decides what is prepended and where sampling stops);
+      eos_id may be a tuple (Llama 3.1 Instruct lists three).
   """
 
   vocab_size: int
@@ -77,15 +98,23 @@ class ModelConfig:
   rms_norm_eps: float = 1e-6
   tie_embeddings: bool = False
   qkv_bias: bool = True
+  qk_norm: bool = False
+  rope_type: str = "default"
+  rope_factor: float | None = None
+  rope_low_freq_factor: float | None = None
+  rope_high_freq_factor: float | None = None
+  rope_original_max_position_embeddings: int | None = None
   max_position_embeddings: int = 32_768
   param_dtype: str = "float32"
   dtype: str = "float32"
   remat: bool = False
   attention_backend: str = "auto"
   bos_id: int | None = None
-  eos_id: int | None = None
+  eos_id: int | tuple[int, ...] | None = None
 
   def __post_init__(self):
+    if isinstance(self.eos_id, list):  # from model_config.json
+      object.__setattr__(self, "eos_id", tuple(self.eos_id))
     for key in ("vocab_size", "embed_dim", "num_layers", "num_heads",
                 "num_kv_heads", "head_dim", "mlp_dim",
                 "max_position_embeddings"):
@@ -101,6 +130,29 @@ class ModelConfig:
     check_choice(self.dtype, "model.dtype", DTYPES)
     check_choice(self.attention_backend, "model.attention_backend",
                  ATTENTION_BACKENDS)
+    check(not (self.qk_norm and self.qkv_bias), "model.qkv_bias",
+          "must be False with model.qk_norm=True (Qwen3 has q/k norms and no "
+          "biases; no Hugging Face architecture has both)")
+    check_choice(self.rope_type, "model.rope_type", ROPE_TYPES)
+    if self.rope_type == "default":
+      for key in _LLAMA3_KEYS:
+        check(getattr(self, key) is None, f"model.{key}",
+              "is only used with model.rope_type='llama3' (None here)")
+    else:
+      for key in _LLAMA3_KEYS:
+        check(getattr(self, key) is not None, f"model.{key}",
+              "is required with model.rope_type='llama3'")
+      check(self.rope_factor > 0, "model.rope_factor",
+            f"must be > 0, got {self.rope_factor}")
+      check(0 < self.rope_low_freq_factor < self.rope_high_freq_factor,
+            "model.rope_low_freq_factor",
+            "must be > 0 and below model.rope_high_freq_factor, got "
+            f"{self.rope_low_freq_factor} and {self.rope_high_freq_factor}")
+      check(isinstance(self.rope_original_max_position_embeddings, int)
+            and self.rope_original_max_position_embeddings > 0,
+            "model.rope_original_max_position_embeddings",
+            "must be a positive integer, got "
+            f"{self.rope_original_max_position_embeddings!r}")
 
   def num_params(self) -> int:
     """Number of parameters (embedding counted once when tied)."""
@@ -109,6 +161,8 @@ class ModelConfig:
     attn += self.num_heads * h * d
     if self.qkv_bias:
       attn += h * (self.num_heads + 2 * self.num_kv_heads)
+    if self.qk_norm:
+      attn += 2 * h
     mlp = 3 * d * self.mlp_dim
     per_layer = attn + mlp + 2 * d
     embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
@@ -122,6 +176,18 @@ _QWEN2_1P5B = dict(
     vocab_size=151_936, embed_dim=1536, num_layers=28, num_heads=12,
     num_kv_heads=2, head_dim=128, mlp_dim=8960, rms_norm_eps=1e-6,
     qkv_bias=True)
+
+_QWEN3 = dict(
+    vocab_size=151_936, num_kv_heads=8, head_dim=128, rope_theta=1_000_000.0,
+    rms_norm_eps=1e-6, qkv_bias=False, qk_norm=True,
+    max_position_embeddings=40_960, bos_id=151_643, eos_id=151_645)
+
+_LLAMA3 = dict(
+    vocab_size=128_256, num_kv_heads=8, rope_theta=500_000.0,
+    rms_norm_eps=1e-5, qkv_bias=False, max_position_embeddings=131_072,
+    rope_type="llama3", rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+    rope_original_max_position_embeddings=8192, bos_id=128_000,
+    eos_id=128_001)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Tests: the real classes at toy size (GQA ratio 2, untied, biases).
@@ -152,6 +218,30 @@ PRESETS: dict[str, dict[str, Any]] = {
                        mlp_dim=18_944, rope_theta=1_000_000.0,
                        tie_embeddings=False, max_position_embeddings=32_768,
                        bos_id=151_643, eos_id=151_645),
+    # Qwen3 dense (Qwen/Qwen3-{0.6B,1.7B,4B,8B} config.json): q/k norms, no
+    # biases, head_dim 128 at every width, rope_theta 1e6, 40,960 positions,
+    # eos 151645 (the post-trained models; the -Base ones end with 151643).
+    "qwen3_0p6b": dict(_QWEN3, embed_dim=1024, num_layers=28, num_heads=16,
+                       mlp_dim=3072, tie_embeddings=True),
+    "qwen3_1p7b": dict(_QWEN3, embed_dim=2048, num_layers=28, num_heads=16,
+                       mlp_dim=6144, tie_embeddings=True),
+    "qwen3_4b": dict(_QWEN3, embed_dim=2560, num_layers=36, num_heads=32,
+                     mlp_dim=9728, tie_embeddings=True),
+    "qwen3_8b": dict(_QWEN3, embed_dim=4096, num_layers=36, num_heads=32,
+                     mlp_dim=12_288, tie_embeddings=False),
+    # Llama 3.x base models (meta-llama/Llama-3.2-1B, -3.2-3B, -3.1-8B
+    # config.json): no biases, rope_theta 5e5 with the "llama3" scaling
+    # (factor 32 for 3.2, 8 for 3.1), 128k positions, eps 1e-5, bos 128000,
+    # eos 128001 (the Instruct models list 128001, 128008, 128009).
+    "llama3_2_1b": dict(_LLAMA3, embed_dim=2048, num_layers=16, num_heads=32,
+                        head_dim=64, mlp_dim=8192, rope_factor=32.0,
+                        tie_embeddings=True),
+    "llama3_2_3b": dict(_LLAMA3, embed_dim=3072, num_layers=28, num_heads=24,
+                        head_dim=128, mlp_dim=8192, rope_factor=32.0,
+                        tie_embeddings=True),
+    "llama3_1_8b": dict(_LLAMA3, embed_dim=4096, num_layers=32, num_heads=32,
+                        head_dim=128, mlp_dim=14_336, rope_factor=8.0,
+                        tie_embeddings=False),
 }
 
 

@@ -1,4 +1,5 @@
-"""Qwen2 building blocks: RMSNorm, RoPE, GQA attention projections, SwiGLU.
+"""Decoder building blocks: RMSNorm, RoPE (default and Llama 3 scaling), GQA
+attention projections (optional q/k/v biases and per-head q/k norms), SwiGLU.
 
 Every parameter is an `nnx.Param` whose `axes` metadata holds its logical axis
 names (see `model/sharding.py`); computations cast parameters to the compute
@@ -7,6 +8,7 @@ dtype and keep norms, RoPE and softmax in float32.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, Sequence
@@ -98,19 +100,65 @@ class RMSNorm(nnx.Module):
     return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding, "rotate half" layout (HF Llama/Qwen2).
+@dataclasses.dataclass(frozen=True)
+class Rope:
+  """RoPE's frequencies (a static part of the module, hashable).
+
+  Attributes:
+    theta: the base.
+    kind: "default" or "llama3" (`ModelConfig.rope_type`).
+    factor, low_freq_factor, high_freq_factor, original_max_positions: the
+      "llama3" scaling's parameters (unused by "default").
+  """
+
+  theta: float
+  kind: str = "default"
+  factor: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_positions: int = 8192
+
+  @classmethod
+  def of(cls, cfg: ModelConfig) -> "Rope":
+    if cfg.rope_type == "default":
+      return cls(cfg.rope_theta)
+    return cls(cfg.rope_theta, cfg.rope_type, cfg.rope_factor,
+               cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+               cfg.rope_original_max_position_embeddings)
+
+  def inv_freq(self, h: int) -> jax.Array:
+    """[H/2] float32 inverse frequencies, in transformers' order of f32 ops
+    (`_compute_default_rope_parameters`, `_compute_llama3_parameters`)."""
+    inv = 1.0 / (self.theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    if self.kind == "default":
+      return inv
+    # Llama 3.1: wavelengths above original/low_freq_factor are divided by
+    # `factor`, those below original/high_freq_factor kept, and the band
+    # between interpolated smoothly.
+    low_wavelen = self.original_max_positions / self.low_freq_factor
+    high_wavelen = self.original_max_positions / self.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = jnp.where(wavelen > low_wavelen, inv / self.factor, inv)
+    smooth = ((self.original_max_positions / wavelen - self.low_freq_factor)
+              / (self.high_freq_factor - self.low_freq_factor))
+    smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def rope(x: jax.Array, positions: jax.Array, spec: Rope) -> jax.Array:
+  """Rotary embedding, "rotate half" layout (HF Llama/Qwen2/Qwen3).
 
   Args:
     x: [B, T, N, H].
     positions: [B, T] int32.
-    theta: RoPE base.
+    spec: the frequencies.
 
   Returns:
     [B, T, N, H] in x's dtype.
   """
   h = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  inv_freq = spec.inv_freq(h)                                  # [H/2]
   freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
   cos = jnp.cos(freqs)[:, :, None, :]
   sin = jnp.sin(freqs)[:, :, None, :]
@@ -133,8 +181,12 @@ class Attention(nnx.Module):
       self.q_bias = param(None, (n, h), pd, ("q_heads", "head_dim"), _zeros)
       self.k_bias = param(None, (k, h), pd, ("kv_heads", "head_dim"), _zeros)
       self.v_bias = param(None, (k, h), pd, ("kv_heads", "head_dim"), _zeros)
+    if cfg.qk_norm:  # Qwen3: one [H] scale shared by the heads
+      self.q_norm = RMSNorm(h, cfg.rms_norm_eps, pd)
+      self.k_norm = RMSNorm(h, cfg.rms_norm_eps, pd)
     self.qkv_bias = cfg.qkv_bias
-    self.theta = cfg.rope_theta
+    self.qk_norm = cfg.qk_norm
+    self.rope = Rope.of(cfg)
 
   def __call__(self, x: jax.Array, positions: jax.Array, attention: Any,
                cache: Any) -> tuple[jax.Array, Any]:
@@ -147,9 +199,12 @@ class Attention(nnx.Module):
       q = q + self.q_bias[...].astype(dt)
       k = k + self.k_bias[...].astype(dt)
       v = v + self.v_bias[...].astype(dt)
-    q = constrain(rope(q, positions, self.theta),
+    if self.qk_norm:  # per head, before RoPE (HF Qwen3Attention)
+      q = self.q_norm(q)
+      k = self.k_norm(k)
+    q = constrain(rope(q, positions, self.rope),
                   ("batch", "length", "act_heads", None))
-    k = rope(k, positions, self.theta)
+    k = rope(k, positions, self.rope)
     out, cache = attention(q, k, v, cache)                   # [B, T, N, H]
     out = dense(out, self.o_proj[...].astype(dt), contract=2)  # [B, T, D]
     return out, cache

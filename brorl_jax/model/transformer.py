@@ -1,4 +1,4 @@
-"""The Qwen2-family decoder (NNX) and its functional wrapper.
+"""The decoder (NNX) of Qwen2, Qwen3 and Llama 3.x, and its functional wrapper.
 
 Modules are defined with NNX; at jit boundaries the parameters travel as a
 plain nested dict of arrays (`params`), and `Policy.bind(params)` merges them
@@ -8,6 +8,7 @@ are stable and mapped to Hugging Face names in one table (`hf.py`):
   embedder/embedding                     [V, D]
   layer_{i}/attn_norm/scale              [D]
   layer_{i}/attn/{q,k,v}_proj            [D, N|K, H]   (+ {q,k,v}_bias [N|K, H])
+  layer_{i}/attn/{q,k}_norm/scale        [H]           (qk_norm: Qwen3)
   layer_{i}/attn/o_proj                  [N, H, D]
   layer_{i}/mlp_norm/scale               [D]
   layer_{i}/mlp/{gate,up}_proj           [D, F];  down_proj [F, D]
@@ -50,7 +51,7 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-  """Qwen2 decoder: embedding, blocks, final norm, (un)tied output head."""
+  """Decoder: embedding, blocks, final norm, (un)tied output head."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
