@@ -327,7 +327,7 @@ def run_update(sizes: Sizes, backend: str, peaks: dict, results: dict
   flops = update_model_flops(mcfg, rows, lp + t - 1)
   c = cost(compiled)
   expected = expected_seconds(c, peaks)
-  skipped = int(metrics["skipped"])
+  skipped = int(metrics["optim/skipped"])
   results["update"] = {
       "rows": rows, "tokens_per_row": lp + t - 1, "seconds": sec,
       "compile_s": compile_s, "timed_calls": len(times),
@@ -337,7 +337,7 @@ def run_update(sizes: Sizes, backend: str, peaks: dict, results: dict
       "expected_s": expected,
       "expected_tflops_per_s": flops / max(expected, 1e-12) / 1e12,
       "skipped_minibatches": skipped,
-      "loss": float(metrics["loss"])}
+      "loss": float(metrics["loss/loss"])}
   results["update_tflops_per_s"] = flops / sec / 1e12
   print(f"  update: {sec:.3f} s for {flops / 1e12:.2f} TFLOP -> "
         f"{flops / sec / 1e12:.1f} TFLOP/s (expected {expected:.3f} s; "
