@@ -9,6 +9,7 @@ import pytest
 from jax.experimental import topologies
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from brorl_jax.model import attention_kernels
 from brorl_jax.model.config import model_config
 from brorl_jax.model.sharding import SAMPLE_RULES, MeshRules, make_mesh, reshard
 from brorl_jax.model.transformer import Policy
@@ -16,7 +17,15 @@ from brorl_jax.rollout import Sampler, SamplerConfig
 from brorl_jax.rollout import suffix_attention as sa
 
 
-@pytest.mark.parametrize("backend", ["blockwise", "pallas_gpu", "splash"])
+# JAX 0.12 no longer ships the Pallas Triton kernels: `pallas_gpu` is then
+# refused by design (attention_kernels), so its cases are skipped there.
+_NO_TRITON = pytest.mark.skipif(
+    not attention_kernels.triton_kernels_available(),
+    reason="this JAX ships no Pallas Triton kernels (removed in 0.12)")
+
+
+@pytest.mark.parametrize("backend", [
+    "blockwise", pytest.param("pallas_gpu", marks=_NO_TRITON), "splash"])
 def test_backends_read_only_written_blocks(backend):
   """Equal to the reference, with NaN in every slot past the last block read.
 
@@ -113,9 +122,10 @@ def reference_rollouts():
 
 
 @pytest.mark.parametrize("backend,mesh_shape,refill", [
-    ("blockwise", None, False), ("pallas_gpu", (4, 1, 2), False),
+    ("blockwise", None, False),
+    pytest.param("pallas_gpu", (4, 1, 2), False, marks=_NO_TRITON),
     ("blockwise", None, True), ("splash", None, True),
-    ("pallas_gpu", (4, 1, 2), True)])
+    pytest.param("pallas_gpu", (4, 1, 2), True, marks=_NO_TRITON)])
 def test_decode_equals_reference_decode(backend, mesh_shape, refill,
                                         reference_rollouts):
   """Sampler level, f32: equal tokens, log-probs within 1e-5.
